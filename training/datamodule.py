@@ -1,0 +1,192 @@
+"""LightningDataModule over a labelled folder with a leak-free split.
+
+Near-duplicates are grouped by perceptual hash before the stratified 64/16/20 split, so that no
+copy of a training image lands in the test set and the reported accuracy means something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from human_face_emotions.bundle import ModelSpec
+from human_face_emotions.dataset import LabelledImage, ScanResult, scan_labelled_folder
+from human_face_emotions.images import decode_image
+from human_face_emotions.labels import EMOTIONS, NUM_CLASSES
+from human_face_emotions.splits import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SEED,
+    near_duplicate_groups,
+    perceptual_hashes,
+    stratified_group_split,
+    summarise_split,
+)
+from training.transforms import Transform, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class FaceDataset(Dataset):
+    def __init__(self, items: Sequence[LabelledImage], transform: Transform) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.items[index]
+        return self.transform(decode_image(item.path)), item.label
+
+
+@dataclass
+class SplitData:
+    train: list[LabelledImage]
+    val: list[LabelledImage]
+    test: list[LabelledImage]
+    scan: ScanResult
+    unreadable: list[Path]
+    groups: int
+    duplicate_images: int
+
+    def fingerprint(self, split: str) -> str:
+        """Identity of one split, so two models' test metrics are only compared when equal."""
+        items = getattr(self, split)
+        digest = hashlib.sha256()
+        for item in sorted(items, key=lambda i: str(i.path)):
+            digest.update(f"{item.path}\0{item.label}\0".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        counts = np.bincount([i.label for i in getattr(self, split)], minlength=NUM_CLASSES)
+        return {name: int(n) for name, n in zip(EMOTIONS, counts, strict=True)}
+
+
+def split_folder(
+    root: str | Path,
+    *,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    seed: int = DEFAULT_SEED,
+    dedup_distance: int = 4,
+    hash_cache: Path | None = None,
+    progress: bool = True,
+) -> SplitData:
+    scan = scan_labelled_folder(root)
+    paths = [item.path for item in scan.items]
+    unreadable: list[int] = []
+    hashes = perceptual_hashes(
+        paths, cache_file=hash_cache, progress=progress, unreadable=unreadable
+    )
+    if unreadable:
+        log.warning(
+            "skipping %d unreadable images (first: %s)", len(unreadable), paths[unreadable[0]]
+        )
+    keep = np.ones(len(paths), dtype=bool)
+    keep[unreadable] = False
+    items = [item for item, k in zip(scan.items, keep, strict=True) if k]
+    labels = np.array([item.label for item in items], dtype=np.int64)
+    groups = near_duplicate_groups(hashes[keep], max_distance=dedup_distance)
+    assignment = stratified_group_split(labels, groups, fractions=fractions, seed=seed)
+    summary = summarise_split(labels, groups, assignment)
+    by_split = {
+        name: [item for item, s in zip(items, assignment, strict=True) if s == name]
+        for name in ("train", "val", "test")
+    }
+    for name, split_items in by_split.items():
+        if not split_items:
+            raise ValueError(
+                f"the {name} split is empty: {len(items)} images are too few for a "
+                f"{fractions} split; add images"
+            )
+    log.info(
+        "split %d images in %d near-duplicate groups (%d images have a near-duplicate): %s",
+        len(items),
+        summary.groups,
+        summary.duplicate_images,
+        {k: len(v) for k, v in by_split.items()},
+    )
+    return SplitData(
+        **by_split,
+        scan=scan,
+        unreadable=[paths[i] for i in unreadable],
+        groups=summary.groups,
+        duplicate_images=summary.duplicate_images,
+    )
+
+
+class EmotionDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | Path,
+        spec: ModelSpec,
+        *,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        augment: bool = True,
+        fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+        seed: int = DEFAULT_SEED,
+        dedup_distance: int = 4,
+        hash_cache: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.fractions = tuple(fractions)
+        self.seed = seed
+        self.dedup_distance = dedup_distance
+        self.hash_cache = Path(hash_cache) if hash_cache else None
+        self.split: SplitData | None = None
+
+    def prepare_split(self) -> SplitData:
+        """Scan, hash and split once; called eagerly so train.py can log the split first."""
+        if self.split is None:
+            self.split = split_folder(
+                self.path,
+                fractions=self.fractions,  # type: ignore[arg-type]
+                seed=self.seed,
+                dedup_distance=self.dedup_distance,
+                hash_cache=self.hash_cache,
+            )
+        return self.split
+
+    def setup(self, stage: str | None = None) -> None:
+        split = self.prepare_split()
+        self.train_set = FaceDataset(split.train, train_transform(self.spec, augment=self.augment))
+        self.val_set = FaceDataset(split.val, eval_transform(self.spec))
+        self.test_set = FaceDataset(split.test, eval_transform(self.spec))
+
+    def class_weights(self) -> list[float]:
+        """Inverse-frequency weights (mean 1) against the 2.2:1 imbalance of the real data."""
+        counts = np.array(list(self.prepare_split().class_counts("train").values()), dtype=float)
+        weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+        return [float(w) for w in weights]
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

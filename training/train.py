@@ -1,0 +1,346 @@
+"""Train, evaluate, register and (maybe) promote a face-emotion model.
+
+``python -m training.train [hydra overrides]``, e.g.::
+
+    python -m training.train data.path=data/ training.accelerator=gpu
+    python -m training.train model=cnn training=fast training.accelerator=cpu promote=never
+
+The story of a run: seed -> split -> model -> loggers and callbacks -> fit -> export the best
+checkpoint as a bundle -> evaluate the bundle on the test split -> register it in MLflow ->
+apply the promotion policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from human_face_emotions.evaluation import EvaluationReport, plot_confusion_matrix
+from human_face_emotions.registry import PromotionDecision, VersionInfo
+
+log = logging.getLogger("training.train")
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    output_dir: Path
+    checkpoint: Path
+    report: EvaluationReport
+    version: VersionInfo | None = None
+    promotion: PromotionDecision | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "checkpoint": str(self.checkpoint),
+            "version": self.version.version if self.version else None,
+            "promoted": bool(self.promotion and self.promotion.promote),
+            "promotion_reason": self.promotion.reason if self.promotion else None,
+            "passed_targets": self.report.passed,
+            **{f"test_{k}": round(v, 4) for k, v in self.metrics.items()},
+        }
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The config ``python -m training.train`` would see; for tests and the training queue."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def resolve_precision(accelerator: str, precision: str | int) -> str | int:
+    """Mixed precision only where it pays off: bf16 on GPUs that have it, fp16 on the others."""
+    if str(precision) != "auto":
+        return precision
+    import torch
+
+    on_gpu = accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def run_training(cfg: DictConfig) -> TrainingResult:
+    import lightning as L
+
+    from human_face_emotions.bundle import ModelSpec
+    from human_face_emotions.registry import Registry
+    from human_face_emotions.settings import Settings
+    from training.datamodule import EmotionDataModule
+    from training.module import EmotionClassifier
+
+    output_dir = Path(cfg.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # Data: scan, hash, split before anything expensive, so a bad folder fails in seconds.
+    spec = ModelSpec.for_architecture(cfg.model.name, cfg.model.image_size)
+    spec = ModelSpec.from_dict({**spec.to_dict(), "dropout": cfg.model.dropout})
+    datamodule = EmotionDataModule(
+        cfg.data.path,
+        spec,
+        batch_size=cfg.training.batch_size,
+        num_workers=cfg.training.num_workers,
+        augment=cfg.training.augment,
+        fractions=tuple(cfg.data.fractions),
+        seed=cfg.data.split_seed,
+        dedup_distance=cfg.data.dedup_distance,
+        hash_cache=cfg.data.hash_cache,
+    )
+    split = datamodule.prepare_split()
+    class_weights = datamodule.class_weights() if cfg.training.class_weighting else None
+
+    model = EmotionClassifier(
+        spec.to_dict(),
+        pretrained=cfg.model.pretrained,
+        lr=cfg.training.lr,
+        weight_decay=cfg.training.weight_decay,
+        max_epochs=cfg.training.max_epochs,
+        class_weights=class_weights,
+        label_smoothing=cfg.training.label_smoothing,
+    )
+
+    settings = Settings()
+    registry = Registry(settings)
+    experiment_id = registry.experiment_id(cfg.logging.experiment)
+    run = registry.client.create_run(
+        experiment_id,
+        run_name=cfg.run_name or f"{cfg.model.name}-{output_dir.name}",
+        tags={"data_path": str(Path(cfg.data.path).resolve()), "output_dir": str(output_dir)},
+    )
+    run_id = run.info.run_id
+    log.info("MLflow run %s (tracking %s)", run_id, registry.tracking_uri)
+    try:
+        result = _fit_and_publish(cfg, model, datamodule, split, registry, run_id, output_dir)
+    except BaseException:
+        registry.client.set_terminated(run_id, status="FAILED")
+        raise
+    registry.client.set_terminated(run_id, status="FINISHED")
+    return result
+
+
+def _fit_and_publish(
+    cfg: DictConfig,
+    model: Any,
+    datamodule: Any,
+    split: Any,
+    registry: Any,
+    run_id: str,
+    output_dir: Path,
+) -> TrainingResult:
+    import lightning as L
+    from lightning.pytorch.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        TQDMProgressBar,
+    )
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from human_face_emotions.bundle import load_bundle, load_checkpoint, save_bundle
+    from human_face_emotions.registry import (
+        TAG_ARCHITECTURE,
+        TAG_DATA_FINGERPRINT,
+        TAG_IMAGE_SIZE,
+        TAG_TEST_SPLIT,
+    )
+    from training.evaluate import evaluate_bundle
+
+    client = registry.client
+    _log_params(client, run_id, cfg, split)
+
+    checkpoint_cb = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="emotion-epoch={epoch:02d}-val_loss={val_loss:.2f}",
+        auto_insert_metric_name=False,
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+    )
+    trainer_callbacks = [
+        checkpoint_cb,
+        EarlyStopping(monitor="val_loss", mode="min", patience=cfg.training.patience),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.training.progress_bar:
+        trainer_callbacks.append(TQDMProgressBar(refresh_rate=max(1, _refresh_rate())))
+    loggers: list[Any] = [
+        MLFlowLogger(
+            experiment_name=cfg.logging.experiment,
+            tracking_uri=registry.tracking_uri,
+            run_id=run_id,
+        )
+    ]
+    if cfg.logging.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tensorboard"))
+
+    trainer = L.Trainer(
+        accelerator=cfg.training.accelerator,
+        devices=cfg.training.devices,
+        precision=resolve_precision(cfg.training.accelerator, cfg.training.precision),
+        max_epochs=cfg.training.max_epochs,
+        limit_train_batches=cfg.training.limit_train_batches,
+        callbacks=trainer_callbacks,
+        logger=loggers,
+        enable_progress_bar=cfg.training.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=str(output_dir),
+        deterministic=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+    best = Path(checkpoint_cb.best_model_path or checkpoint_cb.last_model_path)
+    if not best.is_file():
+        raise RuntimeError("training produced no checkpoint (was the validation loop skipped?)")
+    log.info("best checkpoint: %s", best)
+    bundle = load_checkpoint(best)
+
+    device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+    report = evaluate_bundle(bundle, split.test, batch_size=cfg.training.batch_size, device=device)
+    report_path = report.write_json(output_dir / "evaluation.json")
+    matrix_path = plot_confusion_matrix(
+        report.confusion_matrix, output_dir / "confusion_matrix.png"
+    )
+    metrics = report.metrics()
+    for key, value in metrics.items():
+        client.log_metric(run_id, f"test_{key}", value)
+    client.log_metric(run_id, "test_passed_targets", float(report.passed))
+    client.log_artifact(run_id, str(report_path), "evaluation")
+    client.log_artifact(run_id, str(matrix_path), "evaluation")
+    log.info(
+        "test split: accuracy %.4f, weighted F1 %.4f, macro F1 %.4f -> %s",
+        report.accuracy,
+        report.weighted_f1,
+        report.macro_f1,
+        "PASS" if report.passed else "FAIL (" + "; ".join(report.failures) + ")",
+    )
+
+    result = TrainingResult(run_id, output_dir, best, report, metrics=metrics)
+    if not cfg.register:
+        return result
+
+    test_fingerprint = split.fingerprint("test")
+    bundle_dir = save_bundle(
+        output_dir / "bundle",
+        bundle.model,
+        bundle.spec,
+        metadata={
+            "run_id": run_id,
+            "checkpoint": best.name,
+            "data_fingerprint": split.scan.fingerprint(),
+            "test_split_fingerprint": test_fingerprint,
+            "metrics": metrics,
+        },
+        export_onnx=cfg.export_onnx,
+    )
+    tags = {
+        **{k: f"{metrics[k]:.6f}" for k in ("accuracy", "weighted_f1", "macro_f1")},
+        "passed_targets": str(report.passed).lower(),
+        TAG_DATA_FINGERPRINT: split.scan.fingerprint(),
+        TAG_TEST_SPLIT: test_fingerprint,
+        TAG_ARCHITECTURE: bundle.spec.architecture,
+        TAG_IMAGE_SIZE: bundle.spec.image_size,
+        "num_test_images": report.num_images,
+        "num_train_images": len(split.train),
+    }
+    version = registry.publish(
+        bundle_dir,
+        run_id=run_id,
+        tags=tags,
+        description=f"{bundle.spec.architecture} @ {bundle.spec.image_size}px, test accuracy "
+        f"{report.accuracy:.4f}",
+    )
+    result.version = version
+
+    champion = registry.alias_version()
+    champion_metrics = None
+    if (
+        str(cfg.promote) == "auto"
+        and champion is not None
+        and champion.version != version.version
+        and champion.tags.get(TAG_TEST_SPLIT) != test_fingerprint
+    ):
+        log.info("evaluating champion v%s on this run's test split", champion.version)
+        champion_report = evaluate_bundle(
+            load_bundle(registry.download(champion)), split.test, device=device
+        )
+        champion_metrics = champion_report.metrics()
+        client.log_metric(run_id, "champion_test_accuracy", champion_report.accuracy)
+    result.promotion = registry.promote(
+        version, str(cfg.promote), champion_metrics=champion_metrics
+    )
+    client.set_tag(run_id, "registered_version", str(version.version))
+    client.set_tag(run_id, "promoted", str(result.promotion.promote).lower())
+    return result
+
+
+def _log_params(client: Any, run_id: str, cfg: DictConfig, split: Any) -> None:
+    from mlflow.entities import Param
+
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat.update(
+        {
+            "split.train": len(split.train),
+            "split.val": len(split.val),
+            "split.test": len(split.test),
+            "split.groups": split.groups,
+            "split.duplicate_images": split.duplicate_images,
+            "split.unreadable": len(split.unreadable),
+            "data.fingerprint": split.scan.fingerprint(),
+            "data.unknown_folders": ",".join(sorted(split.scan.unknown_folders)) or "-",
+        }
+    )
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _refresh_rate() -> int:
+    """Redraw often on a terminal, rarely in CI logs where each redraw is a new line."""
+    return 1 if sys.stderr.isatty() else 20
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from human_face_emotions.dataset import DatasetError
+    from human_face_emotions.models import PretrainedWeightsUnavailable
+
+    try:
+        result = run_training(cfg)
+    except (DatasetError, PretrainedWeightsUnavailable, ValueError) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    import json
+
+    print(json.dumps(result.summary(), indent=2))
+    return result.report.accuracy
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
