@@ -56,7 +56,9 @@ def sample_data(out: Path, per_class: int, seed: int, quiet: bool) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
 @click.option("--quiet", is_flag=True, help="No configuration block, progress or summary.")
@@ -189,7 +191,7 @@ def promote(version: int, mode: str) -> None:
     click.echo(("promoted: " if decision.promote else "not promoted: ") + decision.reason)
 
 
-def _stderr_console():  # noqa: ANN202 - rich is imported lazily
+def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)

@@ -115,9 +115,6 @@ class EmotionCNN(nn.Module):
                 nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
             ]
         self.features = nn.Sequential(*blocks)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from human_face_emotions.labels import EMOTIONS
 
@@ -99,7 +101,7 @@ def _rgb(values: np.ndarray | list[float]) -> tuple[int, int, int]:
     return int(arr[0]), int(arr[1]), int(arr[2])
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=MAX_SIZE + 1)
 def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates in [-1, 1]; cached because every image at a given size needs the same grid."""
     axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
@@ -214,6 +216,8 @@ def _draw_mouth(
     lips: tuple[int, int, int],
     thick: int,
 ) -> None:
+    """Draw the mouth; ``kind`` picks the shape because expressions differ in topology, not
+    just in a curve parameter (an "O" cannot be reached by bending a line)."""
     dark = (60, 15, 20)
     teeth = (240, 238, 225)
     n = 11
@@ -233,7 +237,7 @@ def _draw_mouth(
         tpoly = list(zip(mx + w * xs, upper, strict=True))
         tpoly += list(zip(mx + w * xs[::-1], band[::-1], strict=True))
         draw.polygon(tpoly, fill=teeth)
-        draw.line(poly + [poly[0]], fill=lips, width=max(2, thick // 2), joint="curve")
+        draw.line([*poly, poly[0]], fill=lips, width=max(2, thick // 2), joint="curve")
         return
     if kind == "o":
         h = opening
@@ -259,7 +263,7 @@ def _draw_mouth(
             + list(zip(mx + w * xs[::-1], lower[::-1], strict=True)),
             fill=teeth,
         )
-        draw.line(poly + [poly[0]], fill=lips, width=max(2, thick // 2), joint="curve")
+        draw.line([*poly, poly[0]], fill=lips, width=max(2, thick // 2), joint="curve")
         return
     if kind == "teeth":
         # Angry, bared: clenched teeth in a flat box with a grid of tooth gaps.
@@ -358,7 +362,7 @@ def _draw_face_layer(emotion: str, rng: np.random.Generator) -> Image.Image:
             _quadratic(p_in, p_out, u * brow_arch), fill=brow, width=brow_thick, joint="curve"
         )
 
-    # Nose: a soft shadow line and nostril hint, carries no class information.
+    # Nose: a soft shadow line; it carries no class information but gives faces structure.
     nose_y = cy + ry * rng.uniform(0.2, 0.3)
     nose_w = u * rng.uniform(0.08, 0.13)
     draw.line(
@@ -414,8 +418,8 @@ def render_face(emotion: str, rng: np.random.Generator, size: int | None = None)
     image = background.resize((size, size), Image.Resampling.HAMMING)
 
     # Lighting and sensor noise are applied at the output resolution: it is cheaper, and real
-    # noise lives at the pixel scale the model actually sees.
-    # Grayscale is decided first so the float work below runs on one channel when it can.
+    # noise lives at the pixel scale the model actually sees. Grayscale is decided first so the
+    # float work runs on one channel when it can.
     grayscale = bool(rng.random() < GRAYSCALE_PROBABILITY)
     if grayscale:
         image = image.convert("L")
@@ -456,16 +460,6 @@ def write_sample_dataset(
         raise ValueError(f"jpeg_fraction must be in [0, 1], got {jpeg_fraction}")
     root = Path(out_dir)
     counts: dict[str, int] = {}
-
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     bar = Progress(
         TextColumn("[bold]sample faces"),
         BarColumn(),

@@ -38,7 +38,55 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="Decompression-bomb guard, pixels per image."
     )
-    batch_size: int = Field(default=32, gt=0, le=4096, description="Images per micro-batch.")
+    batch_size: int = Field(
+        default=32, gt=0, le=4096, description="Images per forward pass (micro-batch)."
+    )
+    chunk_batches: int = Field(
+        default=4,
+        gt=0,
+        le=1000,
+        description="Micro-batches per queued task: bigger chunks amortise per-task overhead, "
+        "smaller ones spread a job over more workers.",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default a SQLite file var/emotions.db."
+    )
+    broker_url: str = Field(
+        default="redis://localhost:6379/0", description="Celery broker (Redis) URL."
+    )
+    storage_root: Path | None = Field(
+        default=None, description="Where uploads are stored (default var/storage)."
+    )
+    data_root: Path = Field(
+        default=Path("data"), description="Folder jobs may only read below this directory."
+    )
+    model_refresh_seconds: float = Field(
+        default=10.0, ge=0, description="How often workers check the serving alias."
+    )
+    pinned_model_cache: int = Field(
+        default=2, ge=1, le=16, description="Pinned model versions a worker keeps loaded."
+    )
+    backend: Literal["torch", "onnx", "auto"] = Field(
+        default="auto",
+        description="Inference backend; auto = ONNX Runtime on CPU when the "
+        "version has an ONNX artefact, torch otherwise.",
+    )
+    decode_threads: int = Field(default=2, ge=1, le=64, description="Image decode threads.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256, description="Intra-op threads (default: all cores)."
+    )
+    visibility_timeout: int = Field(
+        default=3600,
+        ge=60,
+        description="Seconds before Redis redelivers an unacknowledged task; must exceed the "
+        "longest chunk.",
+    )
+    max_upload_mb: int = Field(default=512, gt=0, description="Largest request body, MiB.")
+    max_images_per_job: int = Field(default=100_000, gt=0, description="Images per job.")
+    max_page_size: int = Field(default=1000, gt=0, description="Largest results page.")
+    migrate_on_start: bool = Field(
+        default=True, description="The API applies pending migrations when it starts."
+    )
 
     @field_validator("var_dir", mode="after")
     @classmethod
@@ -52,6 +100,22 @@ class Settings(BaseSettings):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{self.var_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'emotions.db'}"
+
+    @property
+    def resolved_storage_root(self) -> Path:
+        return (self.storage_root or self.var_dir / "storage").expanduser().resolve()
+
+    @property
+    def resolved_data_root(self) -> Path:
+        return self.data_root.expanduser().resolve()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.batch_size * self.chunk_batches
 
     @property
     def artifact_root(self) -> Path:

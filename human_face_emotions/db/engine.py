@@ -1,0 +1,80 @@
+"""Engine and session construction with the settings every service needs.
+
+Pool pre-ping drops connections the server closed (PostgreSQL restart, idle timeout) before a
+request uses them; SQLite gets WAL and a busy timeout so the API and worker processes can write
+the same file concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def create_db_engine(url: str, *, echo: bool = False) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_recycle=1800)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def with_db_retry(operation: Callable[[], T], *, attempts: int = 4, first_delay: float = 0.2) -> T:
+    """Retry a whole transaction on connection loss; the caller makes it idempotent."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except (OperationalError, DBAPIError) as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+            log.warning("database error (attempt %d/%d), retrying: %s", attempt, attempts, exc)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig).lower()
+    return any(
+        marker in text
+        for marker in (
+            "database is locked",
+            "server closed the connection",
+            "connection refused",
+            "terminating connection",
+            "could not connect",
+            "connection reset",
+            "deadlock detected",
+            "ssl connection has been closed",
+        )
+    )

@@ -1,0 +1,362 @@
+"""The queries the API and the workers share: create a job, record results, read progress.
+
+Every write that a redelivered task could repeat is idempotent: results are inserted with
+``ON CONFLICT DO NOTHING`` and only rows that were really inserted move the job's counters.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from human_face_emotions.db.schema import (
+    TERMINAL_STATUSES,
+    Image,
+    Job,
+    JobStatus,
+    Result,
+    WorkerState,
+    utcnow,
+)
+from human_face_emotions.labels import EMOTIONS
+
+
+@dataclass(frozen=True)
+class NewImage:
+    path: str  # shown to the user
+    location: str  # read by the worker
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    image_id: int
+    probabilities: Sequence[float] | None = None
+    error: str | None = None
+
+
+def create_job(
+    session: Session,
+    *,
+    source_type: str,
+    source: str,
+    images: Sequence[NewImage],
+    batch_size: int,
+    chunk_size: int,
+    owner: str = "",
+    idempotency_key: str | None = None,
+    model_version: int | None = None,
+    job_id: uuid.UUID | None = None,
+) -> Job:
+    """Insert the job and all its images (caller commits: one transaction for both)."""
+    if not images:
+        raise ValueError("a job needs at least one image")
+    chunk_size = max(chunk_size, 1)
+    job = Job(
+        id=job_id or uuid.uuid4(),
+        status=JobStatus.QUEUED,
+        source_type=source_type,
+        source=source,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        batch_size=batch_size,
+        model_version=model_version,
+        total=len(images),
+        done=0,
+        failed=0,
+        chunks=(len(images) + chunk_size - 1) // chunk_size,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    session.execute(
+        Image.__table__.insert(),
+        [
+            {
+                "job_id": job.id,
+                "position": i,
+                "chunk": i // chunk_size,
+                "path": image.path,
+                "location": image.location,
+                "attempts": 0,
+            }
+            for i, image in enumerate(images)
+        ],
+    )
+    return job
+
+
+def chunk_image_ids(
+    session: Session, job_id: uuid.UUID, *, only_pending: bool = False
+) -> dict[int, list[int]]:
+    """Image ids per chunk, in position order (pending = without a result)."""
+    query = select(Image.chunk, Image.id).where(Image.job_id == job_id).order_by(Image.position)
+    if only_pending:
+        query = query.outerjoin(Result, Result.image_id == Image.id).where(
+            Result.image_id.is_(None)
+        )
+    chunks: dict[int, list[int]] = {}
+    for chunk, image_id in session.execute(query):
+        chunks.setdefault(chunk, []).append(image_id)
+    return chunks
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def get_job(session: Session, job_id: uuid.UUID, *, owner: str | None = None) -> Job | None:
+    """``owner=None`` means any owner (admins); otherwise other owners' jobs do not exist."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
+
+
+def list_jobs(
+    session: Session, *, owner: str | None, offset: int, limit: int
+) -> tuple[list[Job], int]:
+    query = select(Job)
+    count = select(func.count()).select_from(Job)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+        count = count.where(Job.owner == owner)
+    jobs = session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)
+    ).all()
+    return list(jobs), int(session.scalar(count) or 0)
+
+
+def cancel_job(session: Session, job: Job) -> bool:
+    """Cancel a job that has not finished; chunks not yet started will skip it."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    ).rowcount
+    session.refresh(job)
+    return bool(changed)
+
+
+def start_chunk(session: Session, job_id: uuid.UUID) -> Job | None:
+    """Mark the job running; ``None`` tells the task to skip (cancelled, finished or gone)."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=now, progressed_at=now)
+    )
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or JobStatus(job.status) in TERMINAL_STATUSES:
+        return None
+    return job
+
+
+def pending_images(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> list[Image]:
+    """Images of this chunk that still have no result, in position order."""
+    ids = list(image_ids)
+    if not ids:
+        return []
+    return list(
+        session.scalars(
+            select(Image)
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.job_id == job_id, Image.id.in_(ids), Result.image_id.is_(None))
+            .order_by(Image.position)
+        )
+    )
+
+
+def record_results(
+    session: Session,
+    job_id: uuid.UUID,
+    rows: Sequence[ResultRow],
+    *,
+    model_version: int | None,
+    worker: str | None,
+) -> tuple[int, int]:
+    """Insert one micro-batch of results and move the counters by what was really new.
+
+    Returns (newly succeeded, newly failed). The caller commits; together with the unique
+    image id this is what makes a repeated task write nothing twice.
+    """
+    if not rows:
+        return 0, 0
+    now = utcnow()
+    values: list[dict[str, Any]] = []
+    for row in rows:
+        value: dict[str, Any] = {
+            "image_id": row.image_id,
+            "job_id": job_id,
+            "model_version": model_version,
+            "worker": worker,
+            "created_at": now,
+            "predicted_class": None,
+            "predicted_emotion": None,
+            "confidence": None,
+            "probabilities": None,
+            "error": None,
+        }
+        if row.error is not None or row.probabilities is None:
+            value.update(status="failed", error=row.error or "no prediction")
+        else:
+            probs = [float(p) for p in row.probabilities]
+            index = max(range(len(probs)), key=probs.__getitem__)
+            value.update(
+                status="succeeded",
+                predicted_class=index,
+                predicted_emotion=EMOTIONS[index],
+                confidence=probs[index],
+                probabilities={name: p for name, p in zip(EMOTIONS, probs, strict=True)},
+            )
+        values.append(value)
+    insert = _insert_for(session)
+    inserted = session.execute(
+        insert(Result)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["image_id"])
+        .returning(Result.image_id, Result.status)
+    ).all()
+    statuses = Counter(status for _, status in inserted)
+    new_done, new_failed = statuses.get("succeeded", 0), statuses.get("failed", 0)
+    if new_done or new_failed:
+        _advance_job(session, job_id, new_done, new_failed, now)
+    return new_done, new_failed
+
+
+def _advance_job(
+    session: Session, job_id: uuid.UUID, done: int, failed: int, now: datetime
+) -> None:
+    total, done_now, failed_now = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(done=Job.done + done, failed=Job.failed + failed, progressed_at=now)
+        .returning(Job.total, Job.done, Job.failed)
+    ).one()
+    if done_now + failed_now >= total:
+        if done_now == 0:
+            status = JobStatus.FAILED
+        elif failed_now:
+            status = JobStatus.COMPLETED_WITH_ERRORS
+        else:
+            status = JobStatus.SUCCEEDED
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.not_in(list(TERMINAL_STATUSES)))
+            .values(
+                status=status,
+                finished_at=now,
+                error="every image failed" if status is JobStatus.FAILED else None,
+            )
+        )
+
+
+def _insert_for(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only PostgreSQL and SQLite are supported
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    return insert
+
+
+def model_versions_used(session: Session, job_id: uuid.UUID) -> list[int]:
+    rows = session.scalars(
+        select(Result.model_version)
+        .where(Result.job_id == job_id, Result.model_version.is_not(None))
+        .distinct()
+    )
+    return sorted(int(v) for v in rows)
+
+
+def results_query(job_id: uuid.UUID, *, emotion: str | None = None, status: str | None = None):
+    """(Image, Result) rows of a job in position order; images without a result are left out."""
+    query = (
+        select(Image, Result)
+        .join(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id)
+        .order_by(Image.position)
+    )
+    if emotion is not None:
+        query = query.where(Result.predicted_emotion == emotion)
+    if status is not None:
+        query = query.where(Result.status == status)
+    return query
+
+
+def count_results(
+    session: Session, job_id: uuid.UUID, *, emotion: str | None = None, status: str | None = None
+) -> int:
+    query = select(func.count()).select_from(Result).where(Result.job_id == job_id)
+    if emotion is not None:
+        query = query.where(Result.predicted_emotion == emotion)
+    if status is not None:
+        query = query.where(Result.status == status)
+    return int(session.scalar(query) or 0)
+
+
+def emotion_summary(session: Session, job_id: uuid.UUID) -> dict[str, dict[str, float | int]]:
+    rows = session.execute(
+        select(Result.predicted_emotion, func.count(), func.avg(Result.confidence))
+        .where(Result.job_id == job_id, Result.status == "succeeded")
+        .group_by(Result.predicted_emotion)
+    ).all()
+    found = {emotion: (int(n), float(mean or 0.0)) for emotion, n, mean in rows}
+    return {
+        name: {
+            "count": found.get(name, (0, 0.0))[0],
+            "mean_confidence": found.get(name, (0, 0.0))[1],
+        }
+        for name in EMOTIONS
+    }
+
+
+def touch_worker(
+    session: Session,
+    name: str,
+    *,
+    model_version: int | None,
+    device: str | None,
+    backend: str | None,
+    processed: int = 0,
+) -> None:
+    """Upsert the worker's heartbeat row (what it serves, how much it has done)."""
+    insert = _insert_for(session)
+    now = utcnow()
+    stmt = insert(WorkerState).values(
+        name=name,
+        model_version=model_version,
+        device=device,
+        backend=backend,
+        images_processed=processed,
+        started_at=now,
+        last_seen=now,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={
+                "model_version": model_version,
+                "device": device,
+                "backend": backend,
+                "images_processed": WorkerState.images_processed + processed,
+                "last_seen": now,
+            },
+        )
+    )
+
+
+def live_workers(session: Session, *, since: datetime) -> list[WorkerState]:
+    return list(
+        session.scalars(
+            select(WorkerState).where(WorkerState.last_seen >= since).order_by(WorkerState.name)
+        )
+    )

@@ -1,0 +1,1 @@
+"""Alembic migrations for the jobs database (applied by `face-emotions db upgrade`)."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: generated faces and an isolated MLflow store per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from human_face_emotions.sample_data import write_sample_dataset
+
+
+@pytest.fixture(scope="session")
+def sample_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled folder with Kaggle's spelling of the surprise folder."""
+    root = tmp_path_factory.mktemp("faces")
+    write_sample_dataset(
+        root, per_class=int(os.environ.get("TEST_FACES_PER_CLASS", 80)), seed=7, progress=False
+    )
+    (root / "Surprised").rename(root / "Suprise")
+    return root
+
+
+@pytest.fixture(scope="session")
+def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture
+def isolated_env(monkeypatch: pytest.MonkeyPatch, var_dir: Path) -> Path:
+    """Point every EMOTIONS_* default (MLflow store, caches) at the session's var dir."""
+    from human_face_emotions.settings import get_settings
+
+    monkeypatch.setenv("EMOTIONS_VAR_DIR", str(var_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("EMOTIONS_MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    yield var_dir
+    get_settings.cache_clear()
