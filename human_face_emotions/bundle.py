@@ -39,15 +39,25 @@ class ModelSpec:
     std: tuple[float, float, float]
     classes: tuple[str, ...] = EMOTIONS
     dropout: float = DEFAULT_DROPOUT
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_architecture(cls, architecture: str, image_size: int | None = None) -> ModelSpec:
+    def for_architecture(
+        cls,
+        architecture: str,
+        image_size: int | None = None,
+        *,
+        dropout: float = DEFAULT_DROPOUT,
+        options: dict[str, Any] | None = None,
+    ) -> ModelSpec:
         arch = get_architecture(architecture)
         return cls(
             architecture=architecture,
             image_size=image_size or arch.default_image_size,
             mean=arch.mean,
             std=arch.std,
+            dropout=dropout,
+            options=dict(options or {}),
         )
 
     @classmethod
@@ -60,9 +70,14 @@ class ModelSpec:
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
                 classes=tuple(data.get("classes", EMOTIONS)),
                 dropout=float(data.get("dropout", DEFAULT_DROPOUT)),
+                options=dict(data.get("options") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"invalid model spec {data!r}: {exc}") from exc
+        try:
+            get_architecture(spec.architecture)
+        except ValueError as exc:
+            raise BundleError(f"model spec names an unknown architecture: {exc}") from exc
         if spec.classes != EMOTIONS:
             raise BundleError(
                 f"model predicts classes {list(spec.classes)}, "
@@ -80,7 +95,9 @@ class ModelSpec:
         return data
 
     def build(self) -> nn.Module:
-        return create_model(self.architecture, pretrained=False, dropout=self.dropout)
+        return create_model(
+            self.architecture, pretrained=False, dropout=self.dropout, **self.options
+        )
 
 
 @dataclass
@@ -165,8 +182,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
         raise BundleError(f"cannot read checkpoint {path}: {exc}") from exc
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "spec" not in hparams:
+    if not isinstance(checkpoint, dict):
+        raise BundleError(f"{path} is not a Lightning checkpoint ({type(checkpoint).__name__})")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "spec" not in hparams or "state_dict" not in checkpoint:
         raise BundleError(f"{path} was not written by face-emotions training (no model spec)")
     spec = ModelSpec.from_dict(dict(hparams["spec"]))
     prefix = "model."

@@ -92,7 +92,8 @@ def evaluate_predictions(
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = support > 0
+    # Like sklearn: classes that occur in the truth or the predictions count for macro F1.
+    present = (support > 0) | (predicted > 0)
     per_class = {
         name: ClassMetrics(float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
         for i, name in enumerate(EMOTIONS)

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -77,7 +78,6 @@ class Registry:
     settings: Settings = field(default_factory=get_settings)
 
     def __post_init__(self) -> None:
-        import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri = self.settings.tracking_uri
@@ -85,7 +85,8 @@ class Registry:
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
                 parents=True, exist_ok=True
             )
-        mlflow.set_tracking_uri(self.tracking_uri)
+        # No mlflow.set_tracking_uri(): it writes MLFLOW_TRACKING_URI into os.environ and would
+        # leak this store into every other Settings/Registry of the process.
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.model_name = self.settings.model_name
 
@@ -125,7 +126,9 @@ class Registry:
         """Log ``bundle_dir`` into run ``run_id`` and register it as a new version."""
         from mlflow.exceptions import MlflowException
 
-        self.client.log_artifacts(run_id, str(bundle_dir), artifact_path="model")
+        # A unique path per publish: versions are immutable, even two from the same run.
+        artifact_path = f"model-{uuid.uuid4().hex[:12]}"
+        self.client.log_artifacts(run_id, str(bundle_dir), artifact_path=artifact_path)
         run = self.client.get_run(run_id)
         try:
             self.client.create_registered_model(
@@ -136,7 +139,7 @@ class Registry:
                 raise
         version = self.client.create_model_version(
             self.model_name,
-            source=f"{run.info.artifact_uri}/model",
+            source=f"{run.info.artifact_uri}/{artifact_path}",
             run_id=run_id,
             tags={k: str(v) for k, v in tags.items()},
             description=description,
@@ -224,7 +227,11 @@ class Registry:
             reference = f"@{self.settings.model_alias}"
         text = str(reference)
         if text.startswith("models:/"):
-            _, text = parse_model_uri(text)
+            name, text = parse_model_uri(text)
+            if name != self.model_name:
+                raise RegistryError(
+                    f"{reference!r} names model {name!r}, this registry serves {self.model_name!r}"
+                )
         if text.startswith("@") or not text.isdigit():
             alias = text.lstrip("@")
             found = self.alias_version(alias)
@@ -310,7 +317,11 @@ def download_bundle(uri: str, settings: Settings | None = None) -> Path:
     if uri.startswith("runs:/"):
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, tracking_uri=registry.tracking_uri
+            )
+        )
     name, reference = parse_model_uri(uri)
     registry.model_name = name
     return registry.download(registry.resolve(reference))

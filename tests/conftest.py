@@ -15,7 +15,7 @@ def sample_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small labelled folder with Kaggle's spelling of the surprise folder."""
     root = tmp_path_factory.mktemp("faces")
     write_sample_dataset(
-        root, per_class=int(os.environ.get("TEST_FACES_PER_CLASS", 80)), seed=7, progress=False
+        root, per_class=int(os.environ.get("TEST_FACES_PER_CLASS", 120)), seed=7, progress=False
     )
     (root / "Surprised").rename(root / "Suprise")
     return root

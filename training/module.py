@@ -31,7 +31,10 @@ class EmotionClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.spec = ModelSpec.from_dict(spec)
         self.model = create_model(
-            self.spec.architecture, pretrained=pretrained, dropout=self.spec.dropout
+            self.spec.architecture,
+            pretrained=pretrained,
+            dropout=self.spec.dropout,
+            **self.spec.options,
         )
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

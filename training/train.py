@@ -86,8 +86,12 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     L.seed_everything(cfg.seed, workers=True)
 
     # Data: scan, hash, split before anything expensive, so a bad folder fails in seconds.
-    spec = ModelSpec.for_architecture(cfg.model.name, cfg.model.image_size)
-    spec = ModelSpec.from_dict({**spec.to_dict(), "dropout": cfg.model.dropout})
+    spec = ModelSpec.for_architecture(
+        cfg.model.name,
+        cfg.model.image_size,
+        dropout=cfg.model.dropout,
+        options=OmegaConf.to_container(cfg.model.get("options") or {}),  # type: ignore[arg-type]
+    )
     datamodule = EmotionDataModule(
         cfg.data.path,
         spec,

@@ -180,6 +180,7 @@ def record_results(
     *,
     model_version: int | None,
     worker: str | None,
+    forward_batch: int | None = None,
 ) -> tuple[int, int]:
     """Insert one micro-batch of results and move the counters by what was really new.
 
@@ -196,6 +197,7 @@ def record_results(
             "job_id": job_id,
             "model_version": model_version,
             "worker": worker,
+            "forward_batch": forward_batch,
             "created_at": now,
             "predicted_class": None,
             "predicted_emotion": None,

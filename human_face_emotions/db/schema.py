@@ -140,6 +140,8 @@ class Result(Base):
     error: Mapped[str | None] = mapped_column(Text)
     model_version: Mapped[int | None] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # Size of the forward pass that produced this prediction: shows micro-batching at work.
+    forward_batch: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="result")

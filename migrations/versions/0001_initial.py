@@ -92,6 +92,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("model_version", sa.Integer(), nullable=True),
         sa.Column("worker", sa.String(length=255), nullable=True),
+        sa.Column("forward_batch", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["image_id"], ["images.id"], name=op.f("fk_results_image_id_images"), ondelete="CASCADE"

@@ -184,11 +184,6 @@ def test_spec_for_other_classes_is_rejected(
     assert str(list(EMOTIONS)) in str(info.value)
 
 
-@pytest.mark.xfail(
-    reason="bundle.py load_bundle: an unknown architecture in model.json escapes as a plain "
-    "ValueError from models.get_architecture (via ModelSpec.build) instead of BundleError",
-    strict=True,
-)
 def test_unknown_architecture_in_bundle_is_a_bundle_error(
     tmp_path: Path, model: nn.Module, spec: ModelSpec
 ) -> None:
@@ -250,11 +245,6 @@ def test_unreadable_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-@pytest.mark.xfail(
-    reason="bundle.py load_checkpoint: a readable torch file that is not a dict (a pickled "
-    "module, a tensor) raises AttributeError at checkpoint.get(...) instead of BundleError",
-    strict=True,
-)
 def test_non_dict_checkpoint_is_a_bundle_error(tmp_path: Path) -> None:
     path = tmp_path / "tensor.ckpt"
     torch.save(torch.zeros(3), path)

@@ -162,12 +162,6 @@ def test_infer_cuda_without_cuda_exits_2(bundle_dir: Path, images_dir: Path) -> 
     assert "CUDA is not available" in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="a bundle naming an unknown architecture makes load_bundle raise a plain ValueError "
-    "(models.get_architecture), which cli.py infer does not catch (it catches BundleError, "
-    "RegistryError, RuntimeError): traceback and exit 1 instead of a usage error with exit 2",
-    strict=True,
-)
 def test_infer_bundle_with_unknown_architecture_exits_2(
     tmp_path: Path, bundle_dir: Path, images_dir: Path
 ) -> None:

@@ -63,12 +63,6 @@ def test_class_missing_from_both_sides_matches_sklearn_over_present_labels() -> 
     assert report.weighted_f1 == pytest.approx(skm.f1_score(y_true, y_pred, average="weighted"))
 
 
-@pytest.mark.xfail(
-    reason="evaluation.py evaluate_predictions: macro_f1 averages only classes with support "
-    "(f1[present]), so a class that is predicted but absent from y_true is dropped instead of "
-    "counting as F1 0 the way sklearn (and torchmetrics) do; the macro F1 comes out inflated",
-    strict=True,
-)
 def test_macro_f1_counts_a_class_that_is_only_predicted() -> None:
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 2, 1, 1])  # "Happy" predicted once but never true

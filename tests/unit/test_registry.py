@@ -297,11 +297,6 @@ def test_resolve_unknown_version(store: Store) -> None:
         store.registry.resolve(42)
 
 
-@pytest.mark.xfail(
-    reason="registry.py Registry.resolve: the model name of a models:/ URI is parsed and then "
-    "ignored, so models:/some-other-model@champion silently resolves face-emotion's champion",
-    strict=True,
-)
 def test_resolve_uri_of_another_model_does_not_return_ours(store: Store) -> None:
     store.registry.set_alias(2)
     with pytest.raises(RegistryError):
@@ -340,12 +335,6 @@ def test_load_model_source_from_registry_uri(store: Store, monkeypatch: pytest.M
         get_settings.cache_clear()
 
 
-@pytest.mark.xfail(
-    reason="settings.py Settings.tracking_uri falls back to os.environ['MLFLOW_TRACKING_URI'], "
-    "which registry.py Registry.__post_init__ itself exports via mlflow.set_tracking_uri; "
-    "after one Registry exists, Settings(var_dir=OTHER) still points at the first store",
-    strict=True,
-)
 def test_second_settings_is_not_hijacked_by_the_first_registry(
     store: Store, tmp_path: Path
 ) -> None:
@@ -354,12 +343,6 @@ def test_second_settings_is_not_hijacked_by_the_first_registry(
     assert other.tracking_uri == f"sqlite:///{(tmp_path / 'other').resolve()}/mlflow/mlflow.db"
 
 
-@pytest.mark.xfail(
-    reason="registry.py Registry.publish: every bundle is logged to artifact_path='model' of the "
-    "run, so publishing a second version from the same run overwrites the files of the first "
-    "version (both versions get the same source URI) and version 1 then serves version 2's weights",
-    strict=True,
-)
 def test_two_versions_from_one_run_keep_their_own_weights(store: Store, tmp_path: Path) -> None:
     registry = Registry(Settings(var_dir=store.var_dir, model_name="face-emotion-same-run"))
     assert registry.tracking_uri == store.registry.tracking_uri

@@ -1,0 +1,80 @@
+"""The Flask application factory: one app per call, configured only from :class:`Settings`.
+
+``job_queue`` and ``registry_factory`` are injectable so tests (and embedded setups) run
+the API without a broker or an MLflow server; production passes nothing and gets Celery and
+the MLflow registry from the same ``EMOTIONS_*`` settings the workers read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from apiflask import APIFlask
+
+from api import errors, extensions, health, jobs, models
+from api.queue import CeleryJobQueue, JobQueue
+from api.schemas import ErrorOut
+from human_face_emotions import __version__
+from human_face_emotions.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    job_queue: JobQueue | None = None,
+    registry_factory: Callable[[], Any] | None = None,
+) -> APIFlask:
+    """Build the API: config, migrations, error handlers, services, blueprints."""
+    settings = settings or get_settings()
+    app = APIFlask(
+        __name__,
+        title="face-emotions",
+        version=__version__,
+        spec_path="/openapi.json",
+        docs_path="/docs",
+    )
+    app.config.update(
+        # The limit is enforced by Werkzeug while reading the body: an oversized upload is
+        # refused with 413 before it fills the disk.
+        MAX_CONTENT_LENGTH=settings.max_upload_mb * MIB,
+        # Werkzeug's default of 1000 multipart parts would cap uploads below the job limit.
+        MAX_FORM_PARTS=settings.max_images_per_job + 16,
+        VALIDATION_ERROR_STATUS_CODE=400,
+        VALIDATION_ERROR_DESCRIPTION="Invalid input",
+        VALIDATION_ERROR_SCHEMA=ErrorOut,
+        HTTP_ERROR_SCHEMA=ErrorOut,
+    )
+    app.json.sort_keys = False  # keep the documented field order (seed record shape)
+
+    if settings.migrate_on_start:
+        from human_face_emotions.db.migrate import upgrade
+
+        upgrade(settings.resolved_database_url)
+
+    if job_queue is None:
+        job_queue = CeleryJobQueue(settings)
+    if registry_factory is None:
+        registry_factory = _default_registry_factory(settings)
+
+    errors.init_app(app)
+    extensions.init_app(app, settings, job_queue=job_queue, registry_factory=registry_factory)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(models.bp)
+    return app
+
+
+def _default_registry_factory(settings: Settings) -> Callable[[], Any]:
+    def factory() -> Any:
+        # Imported here: MLflow is heavy, and the API must start while the registry is down.
+        from human_face_emotions.registry import Registry
+
+        return Registry(settings)
+
+    return factory

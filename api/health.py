@@ -1,0 +1,95 @@
+"""Liveness (``/healthz``: the process answers) and readiness (``/readyz``: it can work).
+
+Orchestrators restart a container whose liveness fails, so it checks nothing external: a
+database outage must not restart every API replica. Readiness checks the three dependencies
+a request needs and takes the replica out of rotation while one is down; each check has a
+deadline so a hanging dependency can't hang the probe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from apiflask import APIBlueprint
+from sqlalchemy import text
+
+from api.extensions import Services, services
+from api.schemas import HealthOut, ReadyOut
+
+bp = APIBlueprint("health", __name__, tag="health")
+
+CHECK_TIMEOUT_SECONDS = 5.0
+
+
+@bp.get("/healthz")
+@bp.output(HealthOut)
+def healthz() -> dict[str, str]:
+    """Liveness: the process is up"""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+@bp.output(ReadyOut, description="Every dependency answers")
+@bp.doc(responses={503: {"description": "A dependency is down (see checks)"}})
+def readyz() -> tuple[dict[str, Any], int]:
+    """Readiness: database, broker and model registry answer"""
+    state = services()
+    checks = run_checks(
+        {
+            "database": lambda: _check_database(state),
+            "broker": state.job_queue.ping,
+            "registry": lambda: _check_registry(state),
+        },
+        timeout=CHECK_TIMEOUT_SECONDS,
+    )
+    ready = all(value == "ok" for value in checks.values())
+    return {"status": "ready" if ready else "unavailable", "checks": checks}, (
+        200 if ready else 503
+    )
+
+
+def _check_database(state: Services) -> bool:
+    with state.sessions() as session:
+        session.execute(text("SELECT 1"))
+    return True
+
+
+def _check_registry(state: Services) -> bool:
+    registry = state.registry()
+    client = getattr(registry, "client", None)
+    if client is not None:
+        client.search_registered_models(max_results=1)
+    return True
+
+
+def run_checks(checks: dict[str, Callable[[], bool]], *, timeout: float) -> dict[str, str]:
+    """Run the checks in parallel; each reports "ok", "unreachable", "failed: X" or a timeout.
+
+    Daemon threads, because a check stuck in a connect() can't be cancelled: it is abandoned
+    and the probe answers on time.
+    """
+    outcomes: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def runner(name: str, check: Callable[[], bool]) -> None:
+        try:
+            outcome = "ok" if check() else "unreachable"
+        except Exception as exc:
+            outcome = f"failed: {type(exc).__name__}"
+        with lock:
+            outcomes[name] = outcome
+
+    threads = [
+        threading.Thread(target=runner, args=(name, check), daemon=True, name=f"readyz-{name}")
+        for name, check in checks.items()
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    with lock:
+        return {name: outcomes.get(name, f"timed out after {timeout:g}s") for name in checks}

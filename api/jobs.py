@@ -1,0 +1,542 @@
+"""``/api/v1/jobs``: submit a batch, follow it, cancel it, read and export its results.
+
+Submission order matters for failure handling: the request is validated and its files stored
+first, then the job and all image rows are committed in one transaction, and only then are
+chunk tasks sent. A crash before the commit leaves no job and (after cleanup) no files; a
+broker outage after it leaves a queued job that the recovery sweeper dispatches later, so the
+client still gets its job id and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response, request, url_for
+from marshmallow import Schema, ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.datastructures import FileStorage
+
+from api.errors import ApiError, validation_message
+from api.extensions import db_session, services
+from api.schemas import (
+    MAX_BATCH_SIZE,
+    ErrorOut,
+    JobCreatedOut,
+    JobCreateIn,
+    JobFolderIn,
+    JobOut,
+    JobPageOut,
+    JobUploadForm,
+    PageQuery,
+    ResultPageOut,
+    ResultsQuery,
+    SummaryOut,
+)
+from api.serialize import CSV_COLUMNS, csv_row, job_dict, model_versions_by_job, result_dict
+from human_face_emotions.db import jobs as db_jobs
+from human_face_emotions.db.jobs import NewImage
+from human_face_emotions.db.schema import Image, Job
+from human_face_emotions.intake import (
+    IntakeError,
+    extract_zip,
+    resolve_folder,
+    secure_name,
+    store_uploads,
+)
+from human_face_emotions.labels import EMOTIONS, canonical_emotion
+from human_face_emotions.settings import Settings
+
+log = logging.getLogger(__name__)
+
+bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="jobs")
+
+#: Jobs belong to an owner (API token); authentication is not enabled yet, so everyone is "".
+OWNER = ""
+BROKER_WARNING = (
+    "queued in the database; the broker is unreachable, the job will be dispatched when it recovers"
+)
+#: Images are already compressed, so an honest archive inflates little; this bounds what a
+#: zip of ``max_upload_mb`` may expand to on disk.
+ZIP_EXPANSION_LIMIT = 4
+#: Keeps ``OFFSET`` inside a 64-bit integer whatever page a client asks for.
+MAX_PAGE = 2**31 - 1
+EXPORT_BATCH = 1000
+MIB = 1024 * 1024
+MAX_IDEMPOTENCY_KEY = 255
+#: IntakeError codes that are not plain 400s.
+INTAKE_STATUS = {"too_large": 413}
+
+JSON_TYPES = {"application/json"}
+MULTIPART = "multipart/form-data"
+
+
+def _error_responses(*codes: int) -> dict[int, dict[str, Any]]:
+    descriptions = {
+        400: "Invalid input",
+        404: "Job not found",
+        409: "Conflict",
+        413: "Request body too large",
+        415: "Unsupported content type",
+    }
+    return {
+        code: {
+            "description": descriptions[code],
+            "content": {"application/json": {"schema": ErrorOut}},
+        }
+        for code in codes
+    }
+
+
+def document_body(schema: type[Schema], content_types: list[str]) -> Callable:
+    """Document a request body that views parse themselves.
+
+    ``POST /api/v1/jobs`` takes multipart *or* JSON; APIFlask's ``input`` parses a single
+    location, so the view dispatches on the content type and this only fills the OpenAPI
+    request body (the same ``_spec`` annotation ``input`` writes).
+    """
+    from apiflask.scaffold import _annotate
+
+    def decorator(view: Callable) -> Callable:
+        _annotate(view, body=schema(), content_type=content_types)
+        return view
+
+    return decorator
+
+
+# -- submission ------------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    source_type: str
+    source: str
+    images: list[NewImage]
+    batch_size: int
+    model_version: int | None
+    skipped: int | None = None
+
+
+@bp.post("")
+@bp.output(JobCreatedOut, status_code=202, description="Job accepted and queued")
+@bp.doc(
+    responses={
+        200: {
+            "description": "A job with this Idempotency-Key already exists: it is returned "
+            "and nothing new is stored or queued",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobOut"}}},
+        },
+        **_error_responses(400, 413, 415),
+    }
+)
+@document_body(JobCreateIn, [MULTIPART, "application/json"])
+def create_job() -> Any:
+    """Submit a batch job
+
+    multipart/form-data: `files` (one or more images, or exactly one .zip) and optional
+    `batch_size` and `model_version` form fields. application/json: `{"folder": "<path under
+    EMOTIONS_DATA_ROOT>", "recursive": true, "batch_size": 32, "model_version": 3}`.
+    An `Idempotency-Key` header makes retries safe: the same key returns the same job (200).
+    """
+    state = services()
+    settings = state.settings
+    session = db_session()
+    key = _idempotency_key()
+    if key is not None:
+        existing = db_jobs.find_by_idempotency_key(session, OWNER, key)
+        if existing is not None:
+            return _job_payload(session, existing), 200, _location(existing.id)
+
+    job_id = uuid.uuid4()
+    job_dir = settings.resolved_storage_root / "jobs" / str(job_id)
+    try:
+        submission = _read_submission(settings, job_dir)
+        job = db_jobs.create_job(
+            session,
+            job_id=job_id,
+            source_type=submission.source_type,
+            source=submission.source,
+            images=submission.images,
+            batch_size=submission.batch_size,
+            chunk_size=submission.batch_size * settings.chunk_batches,
+            owner=OWNER,
+            idempotency_key=key,
+            model_version=submission.model_version,
+        )
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same key raced past the lookup; the other one won.
+        session.rollback()
+        shutil.rmtree(job_dir, ignore_errors=True)
+        existing = db_jobs.find_by_idempotency_key(session, OWNER, key) if key else None
+        if existing is None:
+            raise
+        return _job_payload(session, existing), 200, _location(existing.id)
+    except BaseException:
+        session.rollback()
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+
+    payload = _job_payload(session, job, model_versions=[])
+    if submission.skipped is not None:
+        payload["skipped"] = submission.skipped
+    if not _dispatch(session, job):
+        payload["warning"] = BROKER_WARNING
+    log.info(
+        "job %s: %d images from %s %r, %d chunks",
+        job.id,
+        job.total,
+        job.source_type,
+        job.source,
+        job.chunks,
+    )
+    return payload, 202, _location(job.id)
+
+
+def _dispatch(session: Session, job: Job) -> bool:
+    """Send one task per chunk; False when the broker refused (the job stays queued)."""
+    queue = services().job_queue
+    chunks = db_jobs.chunk_image_ids(session, job.id)
+    session.commit()  # end the read transaction before talking to the broker
+    sent = 0
+    try:
+        for chunk in sorted(chunks):
+            queue.enqueue_chunk(str(job.id), chunks[chunk])
+            sent += 1
+    except Exception as exc:
+        log.warning(
+            "job %s: broker unreachable after %d/%d chunks, left queued for recovery: %s",
+            job.id,
+            sent,
+            len(chunks),
+            exc,
+        )
+        return False
+    return True
+
+
+def _idempotency_key() -> str | None:
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters",
+        )
+    return key
+
+
+def _read_submission(settings: Settings, job_dir: Path) -> Submission:
+    mimetype = request.mimetype
+    try:
+        if mimetype == MULTIPART:
+            return _read_upload(settings, job_dir)
+        if mimetype in JSON_TYPES or mimetype.endswith("+json"):
+            return _read_folder(settings)
+    except IntakeError as exc:
+        raise ApiError(INTAKE_STATUS.get(exc.code, 400), exc.code, exc.message) from exc
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send multipart/form-data (field 'files': images or one .zip) or application/json "
+        '({"folder": "..."})',
+    )
+
+
+def _load_options(schema: Schema, data: dict[str, Any], location: str) -> dict[str, Any]:
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise ApiError(
+            400, "validation_error", validation_message({location: exc.messages})
+        ) from exc
+
+
+def _default_batch_size(settings: Settings) -> int:
+    return min(settings.batch_size, MAX_BATCH_SIZE)
+
+
+def _read_upload(settings: Settings, job_dir: Path) -> Submission:
+    # Browsers send empty strings for untouched optional fields; treat them as absent.
+    form = {key: value for key, value in request.form.items() if value.strip() != ""}
+    options = _load_options(JobUploadForm(), form, "form")
+    files: list[FileStorage] = [f for f in request.files.getlist("files") if f.filename]
+    if not files:
+        other = sorted(name for name in request.files if name != "files")
+        hint = f" (got file fields {', '.join(other)})" if other else ""
+        raise ApiError(400, "no_files", f"upload one or more images in field 'files'{hint}")
+    batch_size = options.get("batch_size", _default_batch_size(settings))
+    model_version = options.get("model_version")
+    zips = [f for f in files if (f.filename or "").lower().endswith(".zip")]
+    if zips:
+        if len(files) > 1:
+            raise ApiError(
+                400, "unsupported_file", "upload a .zip on its own, not together with other files"
+            )
+        archive = zips[0]
+        extraction = extract_zip(
+            archive.stream,
+            job_dir,
+            max_images=settings.max_images_per_job,
+            max_total_bytes=settings.max_upload_mb * MIB * ZIP_EXPANSION_LIMIT,
+        )
+        return Submission(
+            source_type="zip",
+            source=secure_name(archive.filename or "upload.zip"),
+            images=extraction.images,
+            batch_size=batch_size,
+            model_version=model_version,
+            skipped=extraction.skipped,
+        )
+    images = store_uploads(
+        ((f.filename or "", f.stream) for f in files),
+        job_dir,
+        max_images=settings.max_images_per_job,
+    )
+    return Submission(
+        source_type="upload",
+        source=f"{len(images)} file{'s' if len(images) != 1 else ''}",
+        images=images,
+        batch_size=batch_size,
+        model_version=model_version,
+    )
+
+
+def _read_folder(settings: Settings) -> Submission:
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_json", 'the body must be a JSON object like {"folder": "..."}')
+    options = _load_options(JobFolderIn(), payload, "json")
+    folder = options["folder"].strip()
+    images = resolve_folder(
+        settings.resolved_data_root,
+        folder,
+        recursive=options["recursive"],
+        max_images=settings.max_images_per_job,
+    )
+    return Submission(
+        source_type="folder",
+        source=folder,
+        images=images,
+        batch_size=options.get("batch_size", _default_batch_size(settings)),
+        model_version=options.get("model_version"),
+    )
+
+
+# -- reading jobs ----------------------------------------------------------------------------
+
+
+@bp.get("")
+@bp.input(PageQuery, location="query")
+@bp.output(JobPageOut)
+def list_jobs(query_data: dict[str, int]) -> dict[str, Any]:
+    """List jobs, newest first
+
+    `limit` is clamped to 1..EMOTIONS_MAX_PAGE_SIZE and `page` to >= 1.
+    """
+    page, limit = _page(query_data)
+    session = db_session()
+    jobs, total = db_jobs.list_jobs(session, owner=OWNER, offset=(page - 1) * limit, limit=limit)
+    versions = model_versions_by_job(session, [job.id for job in jobs])
+    return {
+        "items": [job_dict(job, versions.get(job.id, [])) for job in jobs],
+        "page": page,
+        "limit": limit,
+        "total": total,
+    }
+
+
+@bp.get("/<uuid:job_id>")
+@bp.output(JobOut)
+@bp.doc(responses=_error_responses(404))
+def get_job(job_id: uuid.UUID) -> dict[str, Any]:
+    """Status, counts, progress, model versions used and timings of a job"""
+    session = db_session()
+    return _job_payload(session, _job_or_404(session, job_id))
+
+
+@bp.delete("/<uuid:job_id>")
+@bp.output(JobOut, description="The cancelled job")
+@bp.doc(responses=_error_responses(404, 409))
+def cancel_job(job_id: uuid.UUID) -> dict[str, Any]:
+    """Cancel a queued or running job
+
+    Images already classified keep their results; chunks not yet started skip the job.
+    """
+    session = db_session()
+    job = _job_or_404(session, job_id)
+    cancelled = db_jobs.cancel_job(session, job)
+    session.commit()
+    if not cancelled:
+        raise ApiError(409, "not_cancellable", f"job {job_id} is already {job.status}")
+    return _job_payload(session, job)
+
+
+@bp.get("/<uuid:job_id>/results")
+@bp.input(ResultsQuery, location="query")
+@bp.output(ResultPageOut)
+@bp.doc(
+    responses={
+        200: {
+            "description": "format=json: one page of results. format=jsonl or csv: every "
+            "result, streamed as an attachment",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ResultPageOut"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
+        },
+        **_error_responses(400, 404),
+    }
+)
+def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
+    """Per-image results of a job
+
+    Items keep the seed's record shape (`image_path, predicted_class, predicted_emotion,
+    confidence, all_probabilities`) plus `status`, `model_version` and, for failed images,
+    `error`. Filter with `emotion` (aliases accepted) and `status`.
+    """
+    session = db_session()
+    job = _job_or_404(session, job_id)
+    emotion = _emotion_filter(query_data.get("emotion"))
+    status = query_data.get("status")
+    fmt = query_data["format"]
+    if fmt != "json":
+        sessions = services().sessions
+        records = _iter_records(sessions, job.id, emotion=emotion, status=status)
+        if fmt == "jsonl":
+            body: Iterator[str] = (json.dumps(record) + "\n" for record in records)
+            mimetype = "application/x-ndjson"
+        else:
+            body = _csv_lines(records)
+            mimetype = "text/csv"
+        return Response(
+            body,
+            mimetype=mimetype,
+            headers={"Content-Disposition": f'attachment; filename="{job.id}-results.{fmt}"'},
+        )
+
+    page, limit = _page(query_data)
+    rows = session.execute(
+        db_jobs.results_query(job.id, emotion=emotion, status=status)
+        .offset((page - 1) * limit)
+        .limit(limit)
+    ).all()
+    return {
+        "items": [result_dict(image, result) for image, result in rows],
+        "page": page,
+        "limit": limit,
+        "total": db_jobs.count_results(session, job.id, emotion=emotion, status=status),
+    }
+
+
+@bp.get("/<uuid:job_id>/summary")
+@bp.output(SummaryOut)
+@bp.doc(responses=_error_responses(404))
+def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
+    """Counts and mean confidence per predicted emotion"""
+    session = db_session()
+    job = _job_or_404(session, job_id)
+    return {
+        "job_id": str(job.id),
+        "status": str(job.status),
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "emotions": db_jobs.emotion_summary(session, job.id),
+    }
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _job_or_404(session: Session, job_id: uuid.UUID) -> Job:
+    job = db_jobs.get_job(session, job_id, owner=OWNER)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return job
+
+
+def _job_payload(
+    session: Session, job: Job, *, model_versions: list[int] | None = None
+) -> dict[str, Any]:
+    if model_versions is None:
+        model_versions = db_jobs.model_versions_used(session, job.id)
+    return job_dict(job, model_versions)
+
+
+def _location(job_id: uuid.UUID) -> dict[str, str]:
+    return {"Location": url_for("jobs.get_job", job_id=job_id)}
+
+
+def _page(query: dict[str, Any]) -> tuple[int, int]:
+    """Clamp rather than refuse: a client asking for 10^6 rows gets the largest page."""
+    limit = min(max(int(query.get("limit", 20)), 1), services().settings.max_page_size)
+    page = min(max(int(query.get("page", 1)), 1), MAX_PAGE)
+    return page, limit
+
+
+def _emotion_filter(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    canonical = canonical_emotion(value)
+    if canonical is None:
+        raise ApiError(
+            400,
+            "invalid_emotion",
+            f"unknown emotion {value!r}; valid emotions are {', '.join(EMOTIONS)}",
+        )
+    return canonical
+
+
+def _iter_records(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    *,
+    emotion: str | None,
+    status: str | None,
+) -> Iterator[dict[str, Any]]:
+    """Every result in position order, read in keyset pages with short-lived sessions.
+
+    The export outlives the request's session (the body streams after the view returns) and
+    may be millions of rows; keyset paging keeps memory flat and no transaction open long.
+    """
+    last = -1
+    while True:
+        with sessions() as session:
+            rows = session.execute(
+                db_jobs.results_query(job_id, emotion=emotion, status=status)
+                .where(Image.position > last)
+                .limit(EXPORT_BATCH)
+            ).all()
+            records = [result_dict(image, result) for image, result in rows]
+        yield from records
+        if len(rows) < EXPORT_BATCH:
+            return
+        last = rows[-1][0].position
+
+
+def _csv_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for count, record in enumerate(records, start=1):
+        writer.writerow(csv_row(record))
+        if count % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()

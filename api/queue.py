@@ -1,0 +1,89 @@
+"""Dispatching chunks of a job to the inference workers.
+
+The API depends on the :class:`JobQueue` protocol, not on Celery, so tests pass an in-memory
+fake and the job logic never waits on a broker. :class:`CeleryJobQueue` is the production
+implementation: a *client-only* Celery app that sends tasks by name, so the API process never
+imports the worker code (torch, the model) just to enqueue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, runtime_checkable
+
+from celery import Celery
+
+from human_face_emotions.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "emotions.classify_chunk"
+QUEUE_NAME = "inference"
+CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+        """Send one chunk task; raise if the broker did not take it."""
+
+    def ping(self) -> bool:
+        """Whether the broker answers now (readiness)."""
+
+
+class CeleryJobQueue:
+    """Send ``emotions.classify_chunk`` tasks to queue ``inference`` through the broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = Celery("face_emotions", broker=settings.broker_url, set_as_current=False)
+        self.app.conf.update(
+            # Must match the workers': Redis redelivers unacked tasks after this many seconds.
+            broker_transport_options={
+                "visibility_timeout": settings.visibility_timeout,
+                "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            },
+            broker_connection_timeout=CONNECT_TIMEOUT_SECONDS,
+            task_ignore_result=True,
+            task_serializer="json",
+            accept_content=["json"],
+        )
+
+    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+        # A bounded publish retry: with the broker down the request must answer in seconds
+        # (the job is already committed and is dispatched again when the broker is back).
+        self.app.send_task(
+            TASK_NAME,
+            kwargs={"job_id": job_id, "image_ids": list(image_ids)},
+            queue=QUEUE_NAME,
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0,
+                "interval_step": 0.5,
+                "interval_max": 1,
+            },
+        )
+
+    def ping(self) -> bool:
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(
+                    max_retries=1,
+                    interval_start=0,
+                    interval_step=0.5,
+                    interval_max=0.5,
+                    timeout=CONNECT_TIMEOUT_SECONDS,
+                )
+            return True
+        except Exception as exc:
+            log.warning("broker %s unreachable: %s", _redacted(self.settings.broker_url), exc)
+            return False
+
+
+def _redacted(url: str) -> str:
+    """Broker URLs can embed a password; keep it out of logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -1,0 +1,215 @@
+"""Classify one chunk of a job: the work behind a queued task, free of any Celery code.
+
+A chunk is a few micro-batches. Each micro-batch is decoded in a thread pool while the previous
+one runs through the model, then written in one transaction. Images that already have a result
+are skipped, so a redelivered chunk (worker crash, broker redelivery, sweeper) only finishes
+what is missing. The model is asked for at every micro-batch: that is where a hot reload lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from human_face_emotions.batching import iter_decoded_batches
+from human_face_emotions.db.engine import with_db_retry
+from human_face_emotions.db.jobs import (
+    ResultRow,
+    pending_images,
+    record_results,
+    start_chunk,
+    touch_worker,
+)
+from human_face_emotions.db.schema import TERMINAL_STATUSES, Job, JobStatus
+from human_face_emotions.images import ImageDecodeError, decode_image
+from human_face_emotions.model_holder import ModelHolder, ModelUnavailable, ServingModel
+from human_face_emotions.registry import RegistryError
+from human_face_emotions.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ImageLoader = Callable[[str, int], PILImage.Image | str]
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_local_image(location: str, max_pixels: int) -> PILImage.Image | str:
+    try:
+        return decode_image(location, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return exc.reason
+
+
+@dataclass
+class ChunkOutcome:
+    job_id: str
+    skipped: str | None = None
+    succeeded: int = 0
+    failed: int = 0
+    already_done: int = 0
+    forward_batches: list[int] = field(default_factory=list)
+    model_versions: set[int] = field(default_factory=set)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "skipped": self.skipped,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "already_done": self.already_done,
+            "forward_batches": self.forward_batches,
+            "model_versions": sorted(self.model_versions),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def classify_chunk(
+    sessions: sessionmaker[Session],
+    holder: ModelHolder,
+    job_id: uuid.UUID,
+    image_ids: Sequence[int],
+    *,
+    settings: Settings,
+    worker_name: str | None = None,
+    load_image: ImageLoader = load_local_image,
+) -> ChunkOutcome:
+    """Classify the images of ``image_ids`` that have no result yet.
+
+    Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
+    later and no image is marked failed for it).
+    """
+    started = time.perf_counter()
+    worker_name = worker_name or default_worker_name()
+    outcome = ChunkOutcome(str(job_id))
+
+    def begin() -> tuple[Job | None, list[tuple[int, str]]]:
+        with sessions() as session:
+            job = start_chunk(session, job_id)
+            session.commit()
+            if job is None:
+                return None, []
+            images = pending_images(session, job_id, image_ids)
+            return job, [(image.id, image.location) for image in images]
+
+    job, pending = with_db_retry(begin)
+    if job is None:
+        outcome.skipped = "job is cancelled, finished or gone"
+        return outcome
+    outcome.already_done = len(image_ids) - len(pending)
+    if not pending:
+        outcome.skipped = "every image already has a result"
+        return outcome
+
+    # Fail fast before decoding anything if there is no model at all.
+    model = _model_for(holder, job.model_version)
+    ids = [image_id for image_id, _ in pending]
+    locations = [location for _, location in pending]
+    batches = iter_decoded_batches(
+        locations,
+        job.batch_size,
+        workers=settings.decode_threads,
+        max_pixels=settings.max_image_pixels,
+        loader=load_image,
+        keys=ids,
+    )
+    for batch in batches:
+        if _cancelled(sessions, job_id):
+            outcome.skipped = "job was cancelled"
+            break
+        if isinstance(model, str):
+            rows = [ResultRow(i, error=model) for i in batch.keys]
+            version = None
+        else:
+            model = _model_for(holder, job.model_version)  # the hot-reload swap point
+            rows = []
+            if batch.images:
+                probabilities = model.predictor.predict_images(batch.images)
+                rows = [
+                    ResultRow(i, probabilities=p)
+                    for i, p in zip(batch.keys, probabilities, strict=True)
+                ]
+                outcome.forward_batches.append(len(batch.images))
+                outcome.model_versions.add(model.version)
+            version = model.version
+        rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
+        done, failed = _write(sessions, job_id, rows, version, worker_name, len(batch.images))
+        outcome.succeeded += done
+        outcome.failed += failed
+        _heartbeat(sessions, holder, worker_name, done + failed)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _model_for(holder: ModelHolder, pinned: int | None) -> ServingModel | str:
+    """The model, or for a pinned version that does not exist the per-image error text."""
+    try:
+        return holder.for_job(pinned)
+    except RegistryError as exc:
+        if pinned is None:
+            raise ModelUnavailable(str(exc)) from exc
+        return f"model version {pinned} is not available: {exc}"
+
+
+def _cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> bool:
+    def read() -> bool:
+        with sessions() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            return status is None or JobStatus(status) in TERMINAL_STATUSES
+
+    return with_db_retry(read)
+
+
+def _write(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    rows: list[ResultRow],
+    version: int | None,
+    worker_name: str,
+    forward_batch: int,
+) -> tuple[int, int]:
+    def write() -> tuple[int, int]:
+        with sessions() as session:
+            counts = record_results(
+                session,
+                job_id,
+                rows,
+                model_version=version,
+                worker=worker_name,
+                forward_batch=forward_batch or None,
+            )
+            session.commit()
+            return counts
+
+    # Retrying the whole transaction is safe: results already written are not written twice.
+    return with_db_retry(write)
+
+
+def _heartbeat(
+    sessions: sessionmaker[Session], holder: ModelHolder, worker_name: str, processed: int
+) -> None:
+    described = holder.describe()
+    try:
+        with sessions() as session:
+            touch_worker(
+                session,
+                worker_name,
+                model_version=described["version"],
+                device=described["device"],
+                backend=described["backend"],
+                processed=processed,
+            )
+            session.commit()
+    except Exception as exc:
+        log.warning("worker heartbeat failed: %s", exc)

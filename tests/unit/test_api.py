@@ -1,0 +1,829 @@
+"""The REST API against a temporary SQLite database, a fake queue and a fake registry."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from api import create_app
+from api.extensions import services
+from api.jobs import BROKER_WARNING
+from human_face_emotions.db import jobs as db_jobs
+from human_face_emotions.db.schema import Image, Job
+from human_face_emotions.labels import EMOTIONS
+from human_face_emotions.registry import VersionInfo
+from human_face_emotions.settings import Settings
+
+CSV_HEADER = [
+    "image_path",
+    "status",
+    "predicted_class",
+    "predicted_emotion",
+    "confidence",
+    *EMOTIONS,
+    "model_version",
+    "error",
+]
+
+
+class FakeQueue:
+    """Records every chunk; ``up = False`` simulates a broker outage."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.up = True
+
+    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+        if not self.up:
+            raise ConnectionError("broker down")
+        self.calls.append((job_id, list(image_ids)))
+
+    def ping(self) -> bool:
+        return self.up
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.up = True
+
+    def search_registered_models(self, max_results: int = 100) -> list[Any]:
+        if not self.up:
+            raise ConnectionError("registry down")
+        return []
+
+
+class FakeRegistry:
+    model_name = "face-emotion"
+
+    def __init__(self, versions: list[VersionInfo]) -> None:
+        self.versions = versions
+        self.client = FakeClient()
+        self.up = True
+
+    def list_versions(self) -> list[VersionInfo]:
+        if not self.up:
+            raise ConnectionError("registry down")
+        return self.versions
+
+
+def version(number: int, aliases: tuple[str, ...] = (), **tags: str) -> VersionInfo:
+    return VersionInfo(
+        name="face-emotion",
+        version=number,
+        source=f"file:///artifacts/{number}/model",
+        run_id=f"run{number}",
+        tags=tags,
+        aliases=aliases,
+        created_ms=1_700_000_000_000 + number,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    (tmp_path / "data").mkdir()
+    return Settings(
+        var_dir=tmp_path / "var",
+        data_root=tmp_path / "data",
+        batch_size=2,
+        chunk_batches=1,
+        max_upload_mb=1,
+    )
+
+
+@pytest.fixture
+def queue() -> FakeQueue:
+    return FakeQueue()
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry(
+        [
+            version(
+                2,
+                ("champion",),
+                architecture="efficientnet_lite0",
+                image_size="224",
+                accuracy="0.93",
+                weighted_f1="0.92",
+                macro_f1="0.91",
+            ),
+            version(1, architecture="cnn", image_size="oops"),
+        ]
+    )
+
+
+@pytest.fixture
+def app(settings: Settings, queue: FakeQueue, registry: FakeRegistry):
+    return create_app(settings, job_queue=queue, registry_factory=lambda: registry)
+
+
+@pytest.fixture
+def client(app) -> FlaskClient:
+    return app.test_client()
+
+
+def png(color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(client: FlaskClient, names: list[str], headers=None, **fields: str):
+    data: dict[str, Any] = {
+        "files": [(io.BytesIO(png((i * 40, 0, 0))), n) for i, n in enumerate(names)]
+    }
+    data.update(fields)
+    return client.post(
+        "/api/v1/jobs", data=data, content_type="multipart/form-data", headers=headers or {}
+    )
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    root = settings.resolved_storage_root / "jobs"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def job_images(app, job_id: str) -> list[Image]:
+    with app.app_context(), services().sessions() as session:
+        return list(
+            session.scalars(
+                select(Image).where(Image.job_id == uuid.UUID(job_id)).order_by(Image.position)
+            )
+        )
+
+
+def count_jobs(app) -> int:
+    with app.app_context(), services().sessions() as session:
+        return len(session.scalars(select(Job)).all())
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict[str, str]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+# -- submission ------------------------------------------------------------------------------
+
+
+def test_upload_job_is_stored_committed_and_chunked(
+    app, client: FlaskClient, settings: Settings, queue: FakeQueue
+) -> None:
+    names = [f"face{i}.png" for i in range(5)]
+    response = upload(client, names, batch_size="2")
+    assert response.status_code == 202, response.get_json()
+    body = response.get_json()
+    assert response.headers["Location"] == f"/api/v1/jobs/{body['id']}"
+    assert body["status"] == "queued"
+    assert (body["source_type"], body["source"], body["total"]) == ("upload", "5 files", 5)
+    assert (body["batch_size"], body["model_version"], body["progress"]) == (2, None, 0.0)
+    assert body["links"]["self"] == f"/api/v1/jobs/{body['id']}"
+    assert "warning" not in body
+
+    job_dir = settings.resolved_storage_root / "jobs" / body["id"]
+    assert sorted(p.name for p in job_dir.iterdir()) == names
+    images = job_images(app, body["id"])
+    assert [image.path for image in images] == names
+    assert all(Path(image.location).parent == job_dir for image in images)
+    ids = [image.id for image in images]
+    assert queue.calls == [
+        (body["id"], ids[0:2]),
+        (body["id"], ids[2:4]),
+        (body["id"], ids[4:5]),
+    ]
+
+
+def test_default_batch_size_and_pinned_model(client: FlaskClient, settings: Settings) -> None:
+    response = upload(client, ["a.png"], model_version="3")
+    assert response.status_code == 202
+    body = response.get_json()
+    assert (body["batch_size"], body["model_version"], body["source"]) == (2, 3, "1 file")
+
+
+def test_zip_job(app, client: FlaskClient, queue: FakeQueue) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("happy/a.png", "sad/b.png", "c.png"):
+            archive.writestr(name, png())
+        archive.writestr("readme.txt", "hello")
+        archive.writestr("__MACOSX/._c.png", "meta")
+    buffer.seek(0)
+    response = client.post(
+        "/api/v1/jobs",
+        data={"files": [(buffer, "faces.zip")], "batch_size": "3"},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 202, response.get_json()
+    body = response.get_json()
+    assert (body["source_type"], body["source"], body["total"], body["skipped"]) == (
+        "zip",
+        "faces.zip",
+        3,
+        2,
+    )
+    assert [image.path for image in job_images(app, body["id"])] == [
+        "happy/a.png",
+        "sad/b.png",
+        "c.png",
+    ]
+    assert [len(ids) for _, ids in queue.calls] == [3]  # chunk = batch_size * chunk_batches
+
+
+def test_folder_job(app, client: FlaskClient, settings: Settings, queue: FakeQueue) -> None:
+    folder = settings.resolved_data_root / "batch" / "happy"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (folder / name).write_bytes(png())
+    (settings.resolved_data_root / "batch" / "top.png").write_bytes(png())
+    response = client.post(
+        "/api/v1/jobs", json={"folder": "batch", "recursive": True, "batch_size": 4}
+    )
+    assert response.status_code == 202, response.get_json()
+    body = response.get_json()
+    assert (body["source_type"], body["source"], body["total"]) == ("folder", "batch", 4)
+    images = job_images(app, body["id"])
+    assert [image.path for image in images] == [
+        "happy/a.png",
+        "happy/b.png",
+        "happy/c.png",
+        "top.png",
+    ]
+    assert Path(images[0].location) == folder / "a.png"
+    assert stored_files(settings) == []  # folder jobs copy nothing
+    assert [len(ids) for _, ids in queue.calls] == [4]
+
+    flat = client.post("/api/v1/jobs", json={"folder": "batch", "recursive": False})
+    assert flat.get_json()["total"] == 1
+
+
+def test_idempotency_key_returns_the_same_job(
+    app, client: FlaskClient, settings: Settings, queue: FakeQueue
+) -> None:
+    headers = {"Idempotency-Key": "retry-me-123"}
+    first = upload(client, ["a.png", "b.png"], headers=headers)
+    assert first.status_code == 202
+    calls, files = list(queue.calls), stored_files(settings)
+
+    second = upload(client, ["x.png", "y.png", "z.png"], headers=headers)
+    assert second.status_code == 200
+    assert second.get_json()["id"] == first.get_json()["id"]
+    assert second.get_json()["total"] == 2
+    assert second.headers["Location"] == first.headers["Location"]
+    assert queue.calls == calls  # nothing enqueued again
+    assert stored_files(settings) == files  # nothing stored again
+    assert count_jobs(app) == 1
+
+    other = upload(client, ["a.png"], headers={"Idempotency-Key": "another"})
+    assert other.status_code == 202
+    assert other.get_json()["id"] != first.get_json()["id"]
+    assert_error(
+        upload(client, ["a.png"], headers={"Idempotency-Key": "k" * 256}),
+        400,
+        "invalid_idempotency_key",
+    )
+
+
+def test_idempotency_race_returns_the_winner_and_removes_files(
+    app,
+    client: FlaskClient,
+    settings: Settings,
+    queue: FakeQueue,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two requests with one key both pass the lookup; the unique constraint decides."""
+    headers = {"Idempotency-Key": "racy"}
+    first = upload(client, ["a.png"], headers=headers)
+    files, calls = stored_files(settings), list(queue.calls)
+    real_lookup = db_jobs.find_by_idempotency_key
+    lookups: list[str] = []
+
+    def late_lookup(session, owner: str, key: str):
+        lookups.append(key)
+        return None if len(lookups) == 1 else real_lookup(session, owner, key)
+
+    monkeypatch.setattr(db_jobs, "find_by_idempotency_key", late_lookup)
+    second = upload(client, ["b.png", "c.png"], headers=headers)
+    assert second.status_code == 200, second.get_json()
+    assert second.get_json()["id"] == first.get_json()["id"]
+    assert len(lookups) == 2
+    assert stored_files(settings) == files
+    assert queue.calls == calls
+    assert count_jobs(app) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "mentions"),
+    [
+        (
+            {"data": {"batch_size": "2"}, "content_type": "multipart/form-data"},
+            400,
+            "no_files",
+            "files",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"hi"), "notes.txt")]}},
+            400,
+            "unsupported_file",
+            "notes.txt",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"x"), "a.zip"), (io.BytesIO(b"x"), "b.png")]}},
+            400,
+            "unsupported_file",
+            ".zip",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"not a zip"), "a.zip")]}},
+            400,
+            "invalid_zip",
+            "zip",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"x"), "a.png")], "batch_size": "abc"}},
+            400,
+            "validation_error",
+            "batch_size",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"x"), "a.png")], "batch_size": "0"}},
+            400,
+            "validation_error",
+            "batch_size",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"x"), "a.png")], "batch_size": "1025"}},
+            400,
+            "validation_error",
+            "batch_size",
+        ),
+        (
+            {"data": {"files": [(io.BytesIO(b"x"), "a.png")], "model_version": "0"}},
+            400,
+            "validation_error",
+            "model_version",
+        ),
+        ({"json": {"folder": "/etc"}}, 400, "invalid_path", "/etc"),
+        ({"json": {"folder": "../outside"}}, 400, "invalid_path", ".."),
+        ({"json": {"folder": "ok/../../x"}}, 400, "invalid_path", ".."),
+        ({"json": {"folder": "missing"}}, 400, "not_found", "missing"),
+        ({"json": {"recursive": True}}, 400, "validation_error", "folder"),
+        ({"json": {"folder": "x", "batch_size": 0}}, 400, "validation_error", "batch_size"),
+        ({"json": {"folder": "x", "bogus": 1}}, 400, "validation_error", "bogus"),
+        ({"json": ["folder"]}, 400, "invalid_json", "JSON"),
+        (
+            {"data": "{not json", "content_type": "application/json"},
+            400,
+            "invalid_json",
+            "JSON",
+        ),
+        ({"data": "hello", "content_type": "text/plain"}, 415, "unsupported_media_type", None),
+    ],
+    ids=[
+        "no-files",
+        "txt-upload",
+        "zip-with-others",
+        "bad-zip",
+        "batch-size-abc",
+        "batch-size-0",
+        "batch-size-too-big",
+        "model-version-0",
+        "absolute-folder",
+        "dotdot-folder",
+        "nested-dotdot",
+        "missing-folder",
+        "json-without-folder",
+        "json-batch-size-0",
+        "json-unknown-field",
+        "json-not-object",
+        "malformed-json",
+        "plain-text",
+    ],
+)
+def test_invalid_submissions(
+    app,
+    client: FlaskClient,
+    settings: Settings,
+    queue: FakeQueue,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+    mentions: str | None,
+) -> None:
+    kwargs = dict(kwargs)
+    if "data" in kwargs and isinstance(kwargs["data"], dict):
+        kwargs.setdefault("content_type", "multipart/form-data")
+    error = assert_error(client.post("/api/v1/jobs", **kwargs), status, code)
+    if mentions is not None:
+        assert mentions in error["message"]
+    assert count_jobs(app) == 0
+    assert stored_files(settings) == []
+    assert queue.calls == []
+
+
+def test_folder_symlink_escape_is_refused(
+    client: FlaskClient, settings: Settings, tmp_path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "x.png").write_bytes(png())
+    (settings.resolved_data_root / "escape").symlink_to(secret, target_is_directory=True)
+    assert_error(client.post("/api/v1/jobs", json={"folder": "escape"}), 400, "invalid_path")
+
+
+def test_body_over_the_upload_limit_is_413(app, client: FlaskClient, settings: Settings) -> None:
+    big = io.BytesIO(b"\x00" * (1024 * 1024 + 1))
+    response = client.post(
+        "/api/v1/jobs", data={"files": [(big, "big.png")]}, content_type="multipart/form-data"
+    )
+    assert_error(response, 413, "payload_too_large")
+    assert stored_files(settings) == []
+    assert count_jobs(app) == 0
+
+
+def test_failure_before_commit_removes_stored_files(
+    app, client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Job:
+        raise RuntimeError("database exploded at /secret/internal/path")
+
+    monkeypatch.setattr(db_jobs, "create_job", broken)
+    error = assert_error(upload(client, ["a.png", "b.png"]), 500, "internal_error")
+    assert "/secret" not in error["message"]
+    assert "exploded" not in error["message"]
+    assert stored_files(settings) == []
+    assert not any((settings.resolved_storage_root / "jobs").iterdir())
+
+
+def test_broker_down_keeps_the_job(
+    app, client: FlaskClient, queue: FakeQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue.up = False
+    response = upload(client, ["a.png", "b.png", "c.png"])
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["warning"] == BROKER_WARNING
+    assert "broker unreachable" in caplog.text
+    persisted = client.get(f"/api/v1/jobs/{body['id']}")
+    assert persisted.status_code == 200
+    assert persisted.get_json()["status"] == "queued"
+    assert persisted.get_json()["total"] == 3
+    assert len(job_images(app, body["id"])) == 3
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def simulate_worker(app, job_id: str) -> list[int]:
+    """Write results as a worker would: 4 images succeed (v3), the last one fails."""
+    images = job_images(app, job_id)
+    rows = []
+    probabilities = [
+        [0.1234567, 0.1, 0.5765433, 0.1, 0.1],  # Happy
+        [0.05, 0.05, 0.8, 0.05, 0.05],  # Happy
+        [0.7, 0.1, 0.1, 0.05, 0.05],  # Angry
+        [0.1, 0.1, 0.1, 0.1, 0.6],  # Surprised
+    ]
+    for image, probs in zip(images[:4], probabilities, strict=True):
+        rows.append(db_jobs.ResultRow(image_id=image.id, probabilities=probs))
+    rows.append(db_jobs.ResultRow(image_id=images[4].id, error="not an image"))
+    with app.app_context(), services().sessions() as session:
+        db_jobs.start_chunk(session, uuid.UUID(job_id))
+        db_jobs.record_results(session, uuid.UUID(job_id), rows, model_version=3, worker="worker-1")
+        session.commit()
+    return [image.id for image in images]
+
+
+@pytest.fixture
+def finished_job(app, client: FlaskClient) -> str:
+    response = upload(client, [f"img{i}.png" for i in range(5)])
+    job_id = response.get_json()["id"]
+    simulate_worker(app, job_id)
+    return job_id
+
+
+SEED_KEYS = {
+    "image_path",
+    "predicted_class",
+    "predicted_emotion",
+    "confidence",
+    "all_probabilities",
+}
+
+
+def test_job_detail_after_results(client: FlaskClient, finished_job: str) -> None:
+    body = client.get(f"/api/v1/jobs/{finished_job}").get_json()
+    assert body["status"] == "completed_with_errors"
+    assert (body["total"], body["done"], body["failed"], body["progress"]) == (5, 4, 1, 1.0)
+    assert body["model_versions"] == [3]
+    assert body["started_at"] and body["finished_at"] and body["created_at"]
+    assert body["duration_seconds"] is not None and body["duration_seconds"] >= 0
+    assert set(body["links"]) == {"self", "results", "summary"}
+    assert body["links"]["results"] == f"/api/v1/jobs/{finished_job}/results"
+
+
+def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None:
+    url = f"/api/v1/jobs/{finished_job}/results"
+    first = client.get(f"{url}?page=1&limit=2").get_json()
+    assert (first["page"], first["limit"], first["total"]) == (1, 2, 5)
+    assert [item["image_path"] for item in first["items"]] == ["img0.png", "img1.png"]
+    item = first["items"][0]
+    assert set(item) == SEED_KEYS | {"status", "model_version"}
+    assert item["predicted_class"] == 2
+    assert item["predicted_emotion"] == "Happy"
+    assert item["confidence"] == 0.5765
+    assert item["all_probabilities"] == {
+        "Angry": 0.1235,
+        "Fear": 0.1,
+        "Happy": 0.5765,
+        "Sad": 0.1,
+        "Surprised": 0.1,
+    }
+    assert list(item["all_probabilities"]) == list(EMOTIONS)
+    assert (item["status"], item["model_version"]) == ("succeeded", 3)
+
+    last = client.get(f"{url}?page=3&limit=2").get_json()
+    assert len(last["items"]) == 1
+    failed = last["items"][0]
+    assert set(failed) == SEED_KEYS | {"status", "model_version", "error"}
+    assert failed["status"] == "failed"
+    assert failed["error"] == "not an image"
+    assert failed["predicted_emotion"] is None and failed["all_probabilities"] is None
+
+    beyond = client.get(f"{url}?page=999999999999&limit=999999").get_json()
+    assert beyond["items"] == [] and beyond["limit"] == 1000
+
+
+def test_results_filters(client: FlaskClient, finished_job: str) -> None:
+    url = f"/api/v1/jobs/{finished_job}/results"
+    happy = client.get(f"{url}?emotion=happy").get_json()
+    assert happy["total"] == 2
+    assert {item["predicted_emotion"] for item in happy["items"]} == {"Happy"}
+    surprise = client.get(f"{url}?emotion=Suprise").get_json()  # Kaggle's spelling
+    assert [item["predicted_emotion"] for item in surprise["items"]] == ["Surprised"]
+    failed = client.get(f"{url}?status=failed").get_json()
+    assert [item["image_path"] for item in failed["items"]] == ["img4.png"]
+
+    error = assert_error(client.get(f"{url}?emotion=bored"), 400, "invalid_emotion")
+    assert all(name in error["message"] for name in EMOTIONS)
+    assert_error(client.get(f"{url}?status=maybe"), 400, "validation_error")
+    assert_error(client.get(f"{url}?format=xml"), 400, "validation_error")
+    assert_error(client.get(f"{url}?page=abc"), 400, "validation_error")
+
+
+def test_results_export_jsonl_and_csv(client: FlaskClient, finished_job: str) -> None:
+    url = f"/api/v1/jobs/{finished_job}/results"
+    response = client.get(f"{url}?format=jsonl&limit=1")
+    assert response.status_code == 200
+    assert response.mimetype == "application/x-ndjson"
+    assert response.headers["Content-Disposition"].startswith("attachment;")
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert len(lines) == 5  # every result, no pagination
+    assert lines[0]["confidence"] == 0.5765 and lines[4]["error"] == "not an image"
+
+    response = client.get(f"{url}?format=csv")
+    assert response.mimetype == "text/csv"
+    assert ".csv" in response.headers["Content-Disposition"]
+    rows = list(csv.reader(io.StringIO(response.get_data(as_text=True))))
+    assert rows[0] == CSV_HEADER
+    assert len(rows) == 6
+    record = dict(zip(CSV_HEADER, rows[1], strict=True))
+    assert (record["image_path"], record["predicted_emotion"], record["Happy"]) == (
+        "img0.png",
+        "Happy",
+        "0.5765",
+    )
+    assert (record["model_version"], record["error"]) == ("3", "")
+    assert dict(zip(CSV_HEADER, rows[5], strict=True))["error"] == "not an image"
+
+    happy = client.get(f"{url}?format=csv&emotion=Happy").get_data(as_text=True)
+    assert len(happy.strip().splitlines()) == 3
+
+
+def test_results_export_streams_across_batches(
+    app, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, finished_job: str
+) -> None:
+    import api.jobs
+
+    monkeypatch.setattr(api.jobs, "EXPORT_BATCH", 2)
+    body = client.get(f"/api/v1/jobs/{finished_job}/results?format=jsonl").get_data(as_text=True)
+    paths = [json.loads(line)["image_path"] for line in body.splitlines()]
+    assert paths == [f"img{i}.png" for i in range(5)]
+
+
+def test_summary(client: FlaskClient, finished_job: str) -> None:
+    body = client.get(f"/api/v1/jobs/{finished_job}/summary").get_json()
+    assert (body["job_id"], body["status"]) == (finished_job, "completed_with_errors")
+    assert (body["total"], body["done"], body["failed"]) == (5, 4, 1)
+    assert list(body["emotions"]) == list(EMOTIONS)
+    assert body["emotions"]["Happy"]["count"] == 2
+    assert body["emotions"]["Happy"]["mean_confidence"] == pytest.approx((0.5765433 + 0.8) / 2)
+    assert body["emotions"]["Fear"] == {"count": 0, "mean_confidence": 0.0}
+
+
+def test_cancel(client: FlaskClient, finished_job: str) -> None:
+    job_id = upload(client, ["a.png"]).get_json()["id"]
+    response = client.delete(f"/api/v1/jobs/{job_id}")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "cancelled"
+    assert response.get_json()["finished_at"] is not None
+    assert_error(client.delete(f"/api/v1/jobs/{job_id}"), 409, "not_cancellable")
+    assert_error(client.delete(f"/api/v1/jobs/{finished_job}"), 409, "not_cancellable")
+    assert_error(client.delete(f"/api/v1/jobs/{uuid.uuid4()}"), 404, "not_found")
+
+
+def test_list_jobs_newest_first_with_clamping(client: FlaskClient) -> None:
+    ids = [upload(client, [f"{i}.png"]).get_json()["id"] for i in range(3)]
+    body = client.get("/api/v1/jobs?limit=100000").get_json()
+    assert (body["limit"], body["page"], body["total"]) == (1000, 1, 3)
+    assert [item["id"] for item in body["items"]] == ids[::-1]
+    assert set(body["items"][0]) >= {"id", "status", "progress", "links", "model_versions"}
+
+    page = client.get("/api/v1/jobs?limit=2&page=2").get_json()
+    assert [item["id"] for item in page["items"]] == [ids[0]]
+    low = client.get("/api/v1/jobs?limit=0&page=-5").get_json()
+    assert (low["limit"], low["page"], len(low["items"])) == (1, 1, 1)
+    huge = client.get(f"/api/v1/jobs?page={10**30}").get_json()
+    assert huge["items"] == [] and huge["total"] == 3
+
+
+def test_not_found_and_method_errors(client: FlaskClient) -> None:
+    assert_error(client.get(f"/api/v1/jobs/{uuid.uuid4()}"), 404, "not_found")
+    assert_error(client.get(f"/api/v1/jobs/{uuid.uuid4()}/results"), 404, "not_found")
+    assert_error(client.get(f"/api/v1/jobs/{uuid.uuid4()}/summary"), 404, "not_found")
+    assert_error(client.get("/api/v1/jobs/not-a-uuid"), 404, "not_found")
+    assert_error(client.get("/api/v1/jobs/1234"), 404, "not_found")
+    assert_error(client.get("/api/v1/nothing-here"), 404, "not_found")
+    assert_error(client.get("/nothing"), 404, "not_found")
+    response = client.put("/api/v1/jobs")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_unhandled_exception_is_json_500(settings: Settings, queue: FakeQueue) -> None:
+    app = create_app(settings, job_queue=queue, registry_factory=lambda: None)
+
+    @app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("password=hunter2")
+
+    error = assert_error(app.test_client().get("/boom"), 500, "internal_error")
+    assert "hunter2" not in error["message"]
+
+
+# -- models and health -----------------------------------------------------------------------
+
+
+def test_models(app, client: FlaskClient) -> None:
+    with app.app_context(), services().sessions() as session:
+        db_jobs.touch_worker(
+            session, "worker-1", model_version=2, device="cpu", backend="onnx", processed=7
+        )
+        session.commit()
+    body = client.get("/api/v1/models").get_json()
+    assert (body["model"], body["champion"]) == ("face-emotion", 2)
+    assert [v["version"] for v in body["versions"]] == [2, 1]
+    newest = body["versions"][0]
+    assert newest["aliases"] == ["champion"]
+    assert (newest["architecture"], newest["image_size"], newest["accuracy"]) == (
+        "efficientnet_lite0",
+        224,
+        0.93,
+    )
+    assert (newest["weighted_f1"], newest["macro_f1"], newest["run_id"]) == (0.92, 0.91, "run2")
+    assert newest["created_at"].startswith("2023-11-14")
+    assert body["versions"][1]["image_size"] is None and body["versions"][1]["accuracy"] is None
+    assert body["workers"] == [
+        {
+            "name": "worker-1",
+            "model_version": 2,
+            "device": "cpu",
+            "backend": "onnx",
+            "images_processed": 7,
+            "last_seen": body["workers"][0]["last_seen"],
+        }
+    ]
+
+
+def test_models_registry_down_is_503(client: FlaskClient, registry: FakeRegistry) -> None:
+    registry.up = False
+    assert_error(client.get("/api/v1/models"), 503, "registry_unavailable")
+
+
+def test_registry_factory_failure_is_retried(settings: Settings, queue: FakeQueue) -> None:
+    attempts: list[int] = []
+    working = FakeRegistry([])
+
+    def factory() -> FakeRegistry:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("mlflow down")
+        return working
+
+    client = create_app(settings, job_queue=queue, registry_factory=factory).test_client()
+    assert_error(client.get("/api/v1/models"), 503, "registry_unavailable")
+    assert client.get("/api/v1/models").status_code == 200
+    assert client.get("/api/v1/models").status_code == 200
+    assert len(attempts) == 2  # cached once built
+
+
+def test_health_and_readiness(client: FlaskClient, queue: FakeQueue, registry) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "registry": "ok"},
+    }
+    queue.up = False
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.get_json()["status"] == "unavailable"
+    assert down.get_json()["checks"]["broker"] != "ok"
+    assert down.get_json()["checks"]["database"] == "ok"
+    queue.up = True
+    registry.client.up = False
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.get_json()["checks"]["registry"].startswith("failed")
+    assert client.get("/healthz").status_code == 200  # liveness ignores dependencies
+
+
+def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
+    spec = client.get("/openapi.json").get_json()
+    assert spec["info"]["title"] == "face-emotions"
+    assert client.get("/docs").status_code == 200
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not (rule.rule.startswith("/api/v1") or rule.rule in {"/healthz", "/readyz"}):
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        assert path in spec["paths"], path
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            operation = spec["paths"][path][method.lower()]
+            assert operation["responses"], (path, method)
+            success = [code for code in operation["responses"] if code.startswith("2")]
+            assert success, (path, method)
+            for code in success:
+                content = operation["responses"][code].get("content", {})
+                assert "application/json" in content, (path, method, code)
+            checked += 1
+    assert checked == 9  # jobs: post, list, get, delete, results, summary; models; 2 probes
+    post = spec["paths"]["/api/v1/jobs"]["post"]
+    assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    error_schema = spec["components"]["schemas"]["ErrorOut"]
+    assert "error" in error_schema["properties"]
+
+
+# -- the Celery queue ------------------------------------------------------------------------
+
+
+def test_celery_queue_sends_the_chunk_task() -> None:
+    from api.queue import QUEUE_NAME, TASK_NAME, CeleryJobQueue
+
+    job_queue = CeleryJobQueue(Settings(broker_url="memory://", visibility_timeout=7200))
+    assert job_queue.app.conf.broker_transport_options["visibility_timeout"] == 7200
+    assert job_queue.app.conf.task_ignore_result is True
+    assert job_queue.ping() is True
+    job_queue.enqueue_chunk("job-1", [4, 5, 6])
+    with job_queue.app.connection_for_read() as connection:
+        simple = connection.SimpleQueue(QUEUE_NAME)
+        try:
+            message = simple.get(timeout=2)
+            assert message.headers["task"] == TASK_NAME
+            args, kwargs, _ = message.payload
+            assert (args, kwargs) == ([], {"job_id": "job-1", "image_ids": [4, 5, 6]})
+            message.ack()
+        finally:
+            simple.close()
+
+
+def test_celery_queue_with_the_broker_down_fails_fast() -> None:
+    import time
+
+    from kombu.exceptions import OperationalError
+
+    from api.queue import CeleryJobQueue
+
+    job_queue = CeleryJobQueue(Settings(broker_url="redis://127.0.0.1:1/0"))
+    started = time.monotonic()
+    assert job_queue.ping() is False
+    with pytest.raises(OperationalError):
+        job_queue.enqueue_chunk("job-1", [1])
+    assert time.monotonic() - started < 15

@@ -1,0 +1,364 @@
+"""Hostile and ordinary submissions: uploads, zip archives and server-side folders."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from human_face_emotions.intake import (
+    IntakeError,
+    extract_zip,
+    resolve_folder,
+    secure_name,
+    store_uploads,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # content is never decoded by intake
+
+
+def all_files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Path, Path]:
+    """(dest_dir, outside): anything written to ``outside`` is a traversal."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "a" / "b" / "job"
+    return dest, outside
+
+
+def assert_contained(tmp_path: Path, dest: Path) -> None:
+    """Every file under tmp_path is inside dest (or is a fixture we created on purpose)."""
+    for path in all_files(tmp_path):
+        assert path.is_relative_to(dest) or "fixture" in path.parts, path
+
+
+# -- zip archives ---------------------------------------------------------------------------
+
+
+def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], **kwargs) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, **kwargs) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    buffer.seek(0)
+    return buffer
+
+
+def symlink_entry(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+def encrypted_zip() -> io.BytesIO:
+    buffer = make_zip([("a.png", PNG)])
+    data = bytearray(buffer.getvalue())
+    # Set the "encrypted" general-purpose flag in the local header and the central directory.
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        position = data.find(signature)
+        data[position + offset] |= 0x1
+    return io.BytesIO(bytes(data))
+
+
+def too_many_entries() -> io.BytesIO:
+    return make_zip([(f"{i}.png", PNG) for i in range(6)])
+
+
+HOSTILE_ZIPS: list[tuple[str, Callable[[], io.BytesIO], str, dict]] = [
+    ("zip slip", lambda: make_zip([("../evil.png", PNG)]), "unsafe_zip", {}),
+    ("nested zip slip", lambda: make_zip([("ok/../../evil.png", PNG)]), "unsafe_zip", {}),
+    ("absolute path", lambda: make_zip([("/etc/x.png", PNG)]), "unsafe_zip", {}),
+    ("backslash absolute", lambda: make_zip([("\\evil.png", PNG)]), "unsafe_zip", {}),
+    ("backslash slip", lambda: make_zip([("..\\evil.png", PNG)]), "unsafe_zip", {}),
+    ("drive letter", lambda: make_zip([("C:/evil.png", PNG)]), "unsafe_zip", {}),
+    (
+        "symlink entry",
+        lambda: make_zip([symlink_entry("link.png", "/etc/passwd")]),
+        "unsafe_zip",
+        {},
+    ),
+    ("encrypted", encrypted_zip, "unsafe_zip", {}),
+    (
+        "zip bomb by ratio",
+        lambda: make_zip([("a.png", b"\x00" * (10 * 1024 * 1024))]),
+        "unsafe_zip",
+        {"max_total_bytes": 1 << 30},
+    ),
+    ("too many images", too_many_entries, "too_many_images", {"max_images": 5}),
+    (
+        "too many entries",
+        lambda: make_zip([(f"{i}.txt", b"x") for i in range(50)] + [("a.png", PNG)]),
+        "unsafe_zip",
+        {"max_entries": 20},
+    ),
+    (
+        "total size over the limit",
+        lambda: make_zip([(f"{i}.png", os.urandom(4000)) for i in range(3)]),
+        "too_large",
+        {"max_total_bytes": 10_000},
+    ),
+    ("not a zip", lambda: io.BytesIO(b"this is not a zip file" * 10), "invalid_zip", {}),
+    ("empty stream", lambda: io.BytesIO(b""), "invalid_zip", {}),
+    ("no images", lambda: make_zip([("readme.txt", b"hi")]), "empty", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "limits"),
+    [pytest.param(build, code, limits, id=name) for name, build, code, limits in HOSTILE_ZIPS],
+)
+def test_hostile_zip_is_refused_and_writes_nothing(
+    tmp_path: Path, sandbox: tuple[Path, Path], build, code: str, limits: dict
+) -> None:
+    dest, outside = sandbox
+    options = {"max_images": 100, "max_total_bytes": 1 << 20, **limits}
+    with pytest.raises(IntakeError) as raised:
+        extract_zip(build(), dest, **options)
+    assert raised.value.code == code
+    assert raised.value.message
+    assert not all_files(outside)
+    assert not all_files(tmp_path / "a")  # nothing left behind, not even inside dest
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_declared_sizes_are_not_trusted(tmp_path: Path) -> None:
+    """An entry that lies about its size in the directory is stopped while inflating."""
+    payload = os.urandom(50_000)
+    buffer = make_zip([("a.png", payload), ("b.png", payload)])
+    data = bytearray(buffer.getvalue())
+    # Shrink the declared uncompressed sizes in the central directory (offset 24) to 10 bytes.
+    position = 0
+    while (position := data.find(b"PK\x01\x02", position)) != -1:
+        data[position + 24 : position + 28] = (10).to_bytes(4, "little")
+        position += 4
+    dest = tmp_path / "job"
+    with pytest.raises(IntakeError) as raised:
+        extract_zip(io.BytesIO(bytes(data)), dest, max_images=10, max_total_bytes=60_000)
+    assert raised.value.code in {"unsafe_zip", "too_large", "invalid_zip"}
+    assert not all_files(tmp_path)
+
+
+def test_zip_extracts_images_and_skips_the_rest(tmp_path: Path) -> None:
+    archive = make_zip(
+        [
+            ("happy/a.png", PNG),
+            ("happy/b.JPG", PNG),
+            ("sad/", b""),
+            ("sad/c.jpeg", PNG),
+            ("./d.png", PNG),
+            ("__MACOSX/happy/._a.png", b"meta"),
+            (".hidden.png", PNG),
+            ("happy/.DS_Store", b"x"),
+            ("notes.txt", b"x"),
+        ]
+    )
+    dest = tmp_path / "job"
+    result = extract_zip(archive, dest, max_images=10, max_total_bytes=1 << 20)
+    assert [image.path for image in result.images] == [
+        "happy/a.png",
+        "happy/b.JPG",
+        "sad/c.jpeg",
+        "./d.png",
+    ]
+    assert result.skipped == 5
+    for image in result.images:
+        location = Path(image.location)
+        assert location.parent == dest.resolve()
+        assert location.read_bytes() == PNG
+    assert all_files(tmp_path) == {Path(image.location) for image in result.images}
+
+
+def test_small_highly_compressible_images_are_not_bombs(tmp_path: Path) -> None:
+    """A flat-colour BMP compresses hundreds to one; under 1 MiB the ratio isn't checked."""
+    flat = b"BM" + b"\xff" * 200_000
+    result = extract_zip(
+        make_zip([("flat.bmp", flat)]), tmp_path / "job", max_images=5, max_total_bytes=1 << 20
+    )
+    assert len(result.images) == 1
+
+
+def test_unseekable_stream_is_spooled(tmp_path: Path) -> None:
+    data = make_zip([("a.png", PNG)]).getvalue()
+
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self._inner = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return False
+
+        def readinto(self, buffer) -> int:
+            chunk = self._inner.read(len(buffer))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    result = extract_zip(Pipe(), tmp_path / "job", max_images=5, max_total_bytes=1 << 20)
+    assert [image.path for image in result.images] == ["a.png"]
+
+
+# -- uploads --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("face.png", "face.png"),
+        ("../../etc/passwd.png", "passwd.png"),
+        ("/etc/x.png", "x.png"),
+        ("C:\\Users\\me\\face.JPG", "face.JPG"),
+        ("my face (1).png", "my_face_1.png"),
+        (".hidden.png", "hidden.png"),
+        ("..png", "png"),
+        ("café.png", "cafe.png"),
+        ("笑顔.png", "upload.png"),
+        ("CON.png", "_CON.png"),
+        ("a\x00b.png", "ab.png"),
+        ("", "upload"),
+    ],
+)
+def test_secure_name(name: str, expected: str) -> None:
+    assert secure_name(name) == expected
+
+
+def test_store_uploads_sanitises_and_deduplicates(tmp_path: Path) -> None:
+    dest = tmp_path / "job"
+    files = [
+        ("a.png", io.BytesIO(b"1")),
+        ("../a.png", io.BytesIO(b"2")),
+        ("x/A.png", io.BytesIO(b"3")),
+        ("/etc/b.jpg", io.BytesIO(b"4")),
+    ]
+    images = store_uploads(files, dest, max_images=10)
+    assert [image.path for image in images] == ["a.png", "a (1).png", "A (2).png", "b.jpg"]
+    contents = [Path(image.location).read_bytes() for image in images]
+    assert contents == [b"1", b"2", b"3", b"4"]
+    assert all_files(tmp_path) == {Path(image.location) for image in images}
+    assert all(Path(image.location).parent == dest.resolve() for image in images)
+
+
+def test_store_uploads_streams_large_files(tmp_path: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    images = store_uploads([("big.png", io.BytesIO(payload))], tmp_path / "job", max_images=1)
+    assert Path(images[0].location).read_bytes() == payload
+
+
+@pytest.mark.parametrize(
+    ("files", "code"),
+    [
+        ([("notes.txt", b"x")], "unsupported_file"),
+        ([("a.png", b"x"), ("evil.sh", b"x")], "unsupported_file"),
+        ([("archive.png.exe", b"x")], "unsupported_file"),
+        ([], "empty"),
+        ([(f"{i}.png", b"x") for i in range(4)], "too_many_images"),
+    ],
+)
+def test_store_uploads_refuses_and_writes_nothing(
+    tmp_path: Path, files: list[tuple[str, bytes]], code: str
+) -> None:
+    dest = tmp_path / "job"
+    with pytest.raises(IntakeError) as raised:
+        store_uploads([(n, io.BytesIO(d)) for n, d in files], dest, max_images=3)
+    assert raised.value.code == code
+    assert not all_files(tmp_path)
+
+
+# -- folders --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A data root with images, a secret outside it, and symlinks planted to reach it."""
+    root = tmp_path / "data"
+    (root / "faces" / "happy").mkdir(parents=True)
+    (root / "faces" / "happy" / "a.png").write_bytes(PNG)
+    (root / "faces" / "b.jpg").write_bytes(PNG)
+    (root / "faces" / "notes.txt").write_text("x")
+    (root / "empty").mkdir()
+    secret = tmp_path / "fixture-secret"
+    secret.mkdir()
+    (secret / "secret.png").write_bytes(PNG)
+    (root / "linked-out").symlink_to(secret, target_is_directory=True)
+    (root / "leaky").mkdir()
+    (root / "leaky" / "ok.png").write_bytes(PNG)
+    (root / "leaky" / "stolen.png").symlink_to(secret / "secret.png")
+    (root / "linked-in").symlink_to(root / "faces", target_is_directory=True)
+    return root, secret
+
+
+def test_resolve_folder_lists_images(data_tree: tuple[Path, Path]) -> None:
+    root, _ = data_tree
+    images = resolve_folder(root, "faces", recursive=True, max_images=10)
+    assert [image.path for image in images] == ["b.jpg", "happy/a.png"]
+    assert all(Path(image.location).is_relative_to(root.resolve()) for image in images)
+    flat = resolve_folder(root, "faces/", recursive=False, max_images=10)
+    assert [image.path for image in flat] == ["b.jpg"]
+
+
+def test_symlink_inside_the_root_is_allowed(data_tree: tuple[Path, Path]) -> None:
+    root, _ = data_tree
+    images = resolve_folder(root, "linked-in", recursive=True, max_images=10)
+    assert [image.path for image in images] == ["b.jpg", "happy/a.png"]
+    assert all("faces" in Path(image.location).parts for image in images)
+
+
+@pytest.mark.parametrize(
+    ("folder", "code"),
+    [
+        ("../", "invalid_path"),
+        ("faces/../../", "invalid_path"),
+        ("faces/..", "invalid_path"),
+        ("..\\faces", "invalid_path"),
+        ("/etc", "invalid_path"),
+        ("\\etc", "invalid_path"),
+        ("C:/data", "invalid_path"),
+        ("fa\x00ces", "invalid_path"),
+        ("linked-out", "invalid_path"),  # symlinked folder pointing outside the root
+        ("leaky", "invalid_path"),  # symlinked file pointing outside the root
+        ("missing", "not_found"),
+        ("faces/b.jpg", "not_found"),  # a file, not a folder
+        ("empty", "empty"),
+    ],
+)
+def test_resolve_folder_refusals(data_tree: tuple[Path, Path], folder: str, code: str) -> None:
+    root, _ = data_tree
+    with pytest.raises(IntakeError) as raised:
+        resolve_folder(root, folder, recursive=True, max_images=10)
+    assert raised.value.code == code
+
+
+def test_resolve_folder_too_many(data_tree: tuple[Path, Path]) -> None:
+    root, _ = data_tree
+    with pytest.raises(IntakeError) as raised:
+        resolve_folder(root, "faces", recursive=True, max_images=1)
+    assert raised.value.code == "too_many_images"
+
+
+def test_resolve_folder_root_itself(data_tree: tuple[Path, Path]) -> None:
+    """ "." is the data root; the recursive scan must not follow the outward symlinks."""
+    root, _ = data_tree
+    with pytest.raises(IntakeError) as raised:  # leaky/stolen.png is a file symlink
+        resolve_folder(root, ".", recursive=True, max_images=100)
+    assert raised.value.code == "invalid_path"
+    (root / "leaky" / "stolen.png").unlink()
+    images = resolve_folder(root, ".", recursive=True, max_images=100)
+    assert "linked-out/secret.png" not in {image.path for image in images}
+    assert {image.path for image in images} == {"faces/b.jpg", "faces/happy/a.png", "leaky/ok.png"}
+
+
+def test_intake_error_pickles() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(IntakeError("empty", "nothing")))
+    assert (error.code, error.message) == ("empty", "nothing")

@@ -1,0 +1,1 @@
+"""Celery worker service: runs inference chunks from queue ``inference``."""

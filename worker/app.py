@@ -1,0 +1,73 @@
+"""Celery application of the inference worker.
+
+Start with ``celery -A worker.app worker -Q inference --concurrency 1``. Reliability settings:
+a task is acknowledged only after it finished (``acks_late``), redelivered if its process
+dies (``reject_on_worker_lost``), and each process reserves one task at a time (prefetch 1) so
+a crash strands at most one chunk. Redis redelivers unacknowledged tasks after
+``EMOTIONS_VISIBILITY_TIMEOUT`` seconds, which must exceed the longest chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+
+from celery import Celery
+from celery.signals import worker_process_init
+from celery.worker.control import control_command
+
+from human_face_emotions.allocator import tune_glibc_malloc
+from human_face_emotions.settings import get_settings
+
+# Before torch allocates anything and before the pool forks: children inherit it.
+tune_glibc_malloc()
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+INFERENCE_QUEUE = "inference"
+CLASSIFY_TASK = "emotions.classify_chunk"
+RELOAD_COMMAND = "emotions_reload_model"
+
+# Promotion broadcasts reach the worker's main process; pool processes (forked from it) see
+# this shared counter change at their next micro-batch and re-check the alias.
+RELOAD_GENERATION = multiprocessing.Value("L", 0)
+
+app = Celery("face_emotions", broker=settings.broker_url, include=["worker.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    task_default_queue=INFERENCE_QUEUE,
+    task_routes={CLASSIFY_TASK: {"queue": INFERENCE_QUEUE}},
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    worker_hijack_root_logger=False,
+    # Redis restarts must not kill the worker: keep reconnecting.
+    broker_connection_max_retries=None,
+)
+
+
+@control_command()
+def emotions_reload_model(state, **_kwargs) -> dict:
+    """Broadcast target: ask every pool process to re-check the serving alias now."""
+    with RELOAD_GENERATION.get_lock():
+        RELOAD_GENERATION.value += 1
+        generation = RELOAD_GENERATION.value
+    log.info("model reload requested (generation %s)", generation)
+    return {"ok": f"reload requested (generation {generation})"}
+
+
+@worker_process_init.connect
+def _init_pool_process(**_kwargs) -> None:
+    """Cheap per-process set-up only: Celery kills a child that takes over 4 s here.
+
+    The model itself is loaded by the first task (see worker.runtime), never in the parent:
+    CUDA can't survive a fork and a loaded model would be copied into every child.
+    """
+    from worker.runtime import configure_torch_threads
+
+    configure_torch_threads(settings)
