@@ -90,7 +90,7 @@ def run_training(cfg: DictConfig) -> TrainingResult:
         cfg.model.name,
         cfg.model.image_size,
         dropout=cfg.model.dropout,
-        options=OmegaConf.to_container(cfg.model.get("options") or {}),  # type: ignore[arg-type]
+        options=_options(cfg.model.get("options")),
     )
     datamodule = EmotionDataModule(
         cfg.data.path,
@@ -291,6 +291,12 @@ def _fit_and_publish(
     client.set_tag(run_id, "registered_version", str(version.version))
     client.set_tag(run_id, "promoted", str(result.promotion.promote).lower())
     return result
+
+
+def _options(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    return dict(OmegaConf.to_container(options, resolve=True))  # type: ignore[arg-type]
 
 
 def _log_params(client: Any, run_id: str, cfg: DictConfig, split: Any) -> None:

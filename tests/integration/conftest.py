@@ -1,0 +1,285 @@
+"""Real services for integration tests: the machine's Redis and PostgreSQL, Celery worker
+processes, an MLflow store with published model versions.
+
+Each test run gets its own Redis database number and its own PostgreSQL database (created and
+dropped here), so runs never see each other's queues or rows.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from human_face_emotions.bundle import ModelSpec, save_bundle
+from human_face_emotions.models import create_model
+from human_face_emotions.registry import Registry
+from human_face_emotions.settings import Settings
+
+REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
+PG_DSN = os.environ.get("TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+PG_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _redis_client(db: int = 0):
+    import redis
+
+    return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """An empty Redis database number, flushed again at the end."""
+    try:
+        _redis_client().ping()
+    except Exception as exc:
+        pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable: {exc}")
+    start = os.getpid() % 14 + 1
+    for offset in range(15):
+        db = (start + offset - 1) % 15 + 1
+        client = _redis_client(db)
+        # SET NX claims the number for this run even if a concurrent run probes it too.
+        if client.dbsize() == 0 and client.set("face-emotions-test-claim", os.getpid(), nx=True):
+            break
+    else:
+        pytest.skip("no empty Redis database number (1-15) is free")
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, dropped afterwards."""
+    import psycopg
+
+    name = f"fe_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL is not reachable ({PG_DSN}): {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_URL}/{name}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """An MLflow store with two published versions of a tiny cnn; v1 is champion.
+
+    Serving tests exercise the machinery (queues, batching, reload), not accuracy, so random
+    weights do; training is covered by test_training.py.
+    """
+    var_dir = tmp_path_factory.mktemp("serving-var")
+    settings = Settings(var_dir=var_dir)
+    registry = Registry(settings)
+    spec = ModelSpec.for_architecture("cnn", 32, options={"width": 8})
+    versions = []
+    for seed in (1, 2):
+        import torch
+
+        torch.manual_seed(seed)
+        bundle_dir = save_bundle(
+            var_dir / f"bundle-{seed}", create_model("cnn", width=8).eval(), spec
+        )
+        run = registry.client.create_run(registry.experiment_id())
+        version = registry.publish(
+            bundle_dir,
+            run_id=run.info.run_id,
+            tags={"accuracy": 0.5, "weighted_f1": 0.5, "architecture": "cnn", "image_size": 32},
+        )
+        versions.append(version.version)
+    registry.set_alias(versions[0])
+    return ModelStore(var_dir, registry.tracking_uri, versions)
+
+
+@dataclass
+class ModelStore:
+    var_dir: Path
+    tracking_uri: str
+    versions: list[int]
+
+    def registry(self) -> Registry:
+        return Registry(Settings(var_dir=self.var_dir, mlflow_tracking_uri=self.tracking_uri))
+
+
+@dataclass
+class Services:
+    """Environment shared by the API (in-process) and worker processes of one test."""
+
+    database_url: str
+    broker_url: str
+    var_dir: Path
+    data_root: Path
+    tracking_uri: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTIONS_")}
+        env.update(
+            {
+                "EMOTIONS_DATABASE_URL": self.database_url,
+                "EMOTIONS_BROKER_URL": self.broker_url,
+                "EMOTIONS_VAR_DIR": str(self.var_dir),
+                "EMOTIONS_DATA_ROOT": str(self.data_root),
+                "EMOTIONS_MLFLOW_TRACKING_URI": self.tracking_uri,
+                "EMOTIONS_MODEL_REFRESH_SECONDS": "1",
+                "EMOTIONS_TORCH_THREADS": "1",
+                "EMOTIONS_DEVICE": "cpu",
+                **self.extra_env,
+                **overrides,
+            }
+        )
+        return env
+
+    def settings(self, **overrides) -> Settings:
+        return Settings(
+            database_url=self.database_url,
+            broker_url=self.broker_url,
+            var_dir=self.var_dir,
+            data_root=self.data_root,
+            mlflow_tracking_uri=self.tracking_uri,
+            **overrides,
+        )
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def services(
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    postgres_url: str,
+    model_store: ModelStore,
+    tmp_path: Path,
+) -> Iterator[Services]:
+    """One test's services; parametrised over PostgreSQL and the embedded SQLite."""
+    from sqlalchemy import create_engine, text
+
+    from human_face_emotions.db.migrate import upgrade
+
+    if request.param == "postgresql":
+        database_url = postgres_url
+    else:
+        database_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(database_url)
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    _redis_client(int(redis_url.rsplit("/", 1)[1])).delete("inference", "_kombu.binding.inference")
+    yield Services(
+        database_url, redis_url, model_store.var_dir, data_root, model_store.tracking_uri
+    )
+    if request.param == "postgresql":
+        engine = create_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE jobs, images, results, workers CASCADE"))
+        engine.dispose()
+
+
+class WorkerProcess:
+    """A real ``celery worker`` process; killed (or terminated) by the fixture."""
+
+    def __init__(self, services: Services, name: str, log_dir: Path, **env: str) -> None:
+        self.name = name
+        self.log_path = log_dir / f"worker-{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "-Q",
+                "inference",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"{name}@%h",
+            ],
+            cwd=ROOT,
+            env=services.env(**env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log()}")
+            if b"ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def pool_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(15)
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(services: Services, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def start(name: str | None = None, *, wait: bool = True, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(services, name or f"w{len(workers) + 1}", tmp_path, **env)
+        workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def api(services: Services):
+    """The Flask app with the real Celery queue, served through Flask's test client."""
+    from api.app import create_app
+
+    app = create_app(services.settings())
+    app.config["TESTING"] = True
+    return app.test_client()
+
+
+def wait_for_job(client, job_id: str, *, timeout: float = 120, poll: float = 0.3) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+        if body["status"] in {"succeeded", "completed_with_errors", "failed", "cancelled"}:
+            return body
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout}s: {body}")
