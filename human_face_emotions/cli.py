@@ -191,6 +191,236 @@ def promote(version: int, mode: str) -> None:
     click.echo(("promoted: " if decision.promote else "not promoted: ") + decision.reason)
 
 
+@main.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations to EMOTIONS_DATABASE_URL (default: the SQLite file under var/)."""
+    from human_face_emotions.db.migrate import current_revision, upgrade
+    from human_face_emotions.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    upgrade(url, revision)
+    click.echo(f"database at {_safe_url(url)} is at revision {current_revision(url)}", err=True)
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the applied and the newest revision."""
+    from human_face_emotions.db.migrate import current_revision, head_revision
+    from human_face_emotions.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    click.echo(f"current: {current_revision(url)}  head: {head_revision(url)}")
+
+
+API_OPTIONS = [
+    click.option("--url", envvar="EMOTIONS_API_URL", help="API base URL (default 127.0.0.1:8000)."),
+    click.option("--token", envvar="EMOTIONS_API_TOKEN", help="API token (Bearer)."),
+]
+
+
+def api_options(command):
+    for option in reversed(API_OPTIONS):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@api_options
+@click.option(
+    "--folder",
+    "as_folder",
+    is_flag=True,
+    help="PATH is a folder on the server's shared storage, relative to its EMOTIONS_DATA_ROOT; "
+    "nothing is uploaded.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 1024))
+@click.option("--model-version", type=click.IntRange(min=1), help="Pin a model version.")
+@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option("--wait/--no-wait", default=False, help="Follow the job and print its results.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
+def submit(
+    paths: tuple[Path, ...],
+    url: str | None,
+    token: str | None,
+    as_folder: bool,
+    batch_size: int | None,
+    model_version: int | None,
+    idempotency_key: str | None,
+    wait: bool,
+    output: Path | None,
+    fmt: str,
+) -> None:
+    """Submit images, folders (uploaded) or a .zip as one batch job."""
+    from human_face_emotions.client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        if as_folder:
+            if len(paths) != 1:
+                raise UserError("--folder takes exactly one folder path")
+            job = client.submit_folder(
+                str(paths[0]),
+                batch_size=batch_size,
+                model_version=model_version,
+                idempotency_key=idempotency_key,
+            )
+        else:
+            job = client.submit_files(
+                _upload_files(paths),
+                batch_size=batch_size,
+                model_version=model_version,
+                idempotency_key=idempotency_key,
+            )
+        click.echo(f"job {job['id']}: {job['status']}, {job['total']} images", err=True)
+        if job.get("warning"):
+            click.echo(f"warning: {job['warning']}", err=True)
+        if not wait:
+            click.echo(job["id"])
+            return
+        finished = _follow(client, job["id"])
+        _emit_results(client, finished, fmt, output, source=", ".join(map(str, paths)))
+    except ApiClientError as exc:
+        _client_exit(exc)
+
+
+@main.command()
+@click.argument("job_id")
+@api_options
+@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it ends.")
+def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
+    """Show a job's status, counts and model versions."""
+    from human_face_emotions.client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        job = _follow(client, job_id) if wait else client.job(job_id)
+    except ApiClientError as exc:
+        _client_exit(exc)
+    click.echo(json.dumps(job, indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+@api_options
+@click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+def results(job_id: str, url: str | None, token: str | None, fmt: str, output: Path | None) -> None:
+    """Print or save a job's results (json: the seed's document; jsonl/csv: exports)."""
+    from human_face_emotions.client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        _emit_results(client, client.job(job_id), fmt, output, source=job_id, summary=False)
+    except ApiClientError as exc:
+        _client_exit(exc)
+
+
+def _upload_files(paths: tuple[Path, ...]) -> list[Path]:
+    from human_face_emotions.images import iter_image_files
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += iter_image_files(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    if not files:
+        raise UserError("no image files to upload")
+    return files
+
+
+def _follow(client, job_id: str) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=_stderr_console(), transient=False) as progress:
+        task = progress.add_task(f"job {job_id[:8]}", total=None, state="")
+
+        def update(job: dict) -> None:
+            progress.update(
+                task,
+                total=job["total"],
+                completed=job["done"] + job["failed"],
+                state=f"{job['status']} ({job['failed']} failed)",
+            )
+
+        return client.wait(job_id, on_progress=update)
+
+
+def _emit_results(
+    client,
+    job: dict,
+    fmt: str,
+    output: Path | None,
+    *,
+    source: str,
+    summary: bool = True,
+) -> None:
+    from human_face_emotions.inference_output import inference_document, summary_table
+
+    if fmt != "json":
+        text = client.export(job["id"], fmt)
+    else:
+        items = client.results(job["id"])
+        predictions = [_seed_record(i) for i in items if i.get("status") == "succeeded"]
+        errors = [
+            {"image_path": i["image_path"], "error": i.get("error") or "failed"}
+            for i in items
+            if i.get("status") != "succeeded"
+        ]
+        versions = ",".join(str(v) for v in job.get("model_versions") or []) or "?"
+        document = inference_document(
+            f"models:/face-emotion (versions {versions})", source, predictions, errors
+        )
+        document["job_id"] = job["id"]
+        document["status"] = job["status"]
+        text = json.dumps(document, indent=4)
+        if summary:
+            click.echo(summary_table(predictions, errors), err=True)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text if text.endswith("\n") else text + "\n")
+        click.echo(f"results written to {output}", err=True)
+    else:
+        click.echo(text)
+
+
+def _seed_record(item: dict) -> dict:
+    keys = ("image_path", "predicted_class", "predicted_emotion", "confidence", "all_probabilities")
+    return {key: item[key] for key in keys}
+
+
+def _client_exit(exc) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2 if exc.user_error else 1)
+
+
+def _safe_url(url: str) -> str:
+    """Hide a password in a database URL before printing it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"
+
+
 def _stderr_console():
     from rich.console import Console
 

@@ -1,0 +1,158 @@
+"""HTTP client of the REST API, used by ``face-emotions submit|status|results`` and the demo.
+
+Kept free of Flask and Celery: it only speaks the documented HTTP contract.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = {"succeeded", "completed_with_errors", "failed", "cancelled"}
+
+
+class ApiClientError(RuntimeError):
+    """The API refused the request (4xx) or can't be reached; ``user_error`` picks exit code 2."""
+
+    def __init__(self, message: str, *, status: int | None = None, user_error: bool = True):
+        super().__init__(message)
+        self.status = status
+        self.user_error = user_error
+
+
+class EmotionsClient:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 60
+    ) -> None:
+        self.url = (url or os.environ.get("EMOTIONS_API_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token or os.environ.get("EMOTIONS_API_TOKEN")
+        self.timeout = timeout
+        self.http = requests.Session()
+        if self.token:
+            self.http.headers["Authorization"] = f"Bearer {self.token}"
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.http.request(
+                method, f"{self.url}{path}", timeout=kwargs.pop("timeout", self.timeout), **kwargs
+            )
+        except requests.ConnectionError as exc:
+            raise ApiClientError(
+                f"cannot reach the API at {self.url} (is it running? set --url or "
+                f"EMOTIONS_API_URL): {exc.__class__.__name__}"
+            ) from exc
+        except requests.Timeout as exc:
+            raise ApiClientError(f"the API at {self.url} did not answer in time") from exc
+        if response.status_code >= 400:
+            raise ApiClientError(
+                f"{method} {path} -> {response.status_code}: {_error_text(response)}",
+                status=response.status_code,
+                user_error=response.status_code < 500,
+            )
+        return response
+
+    def submit_files(
+        self,
+        files: Iterable[Path],
+        *,
+        batch_size: int | None = None,
+        model_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Upload images (or one .zip) as one job."""
+        data = _options(batch_size, model_version)
+        with ExitStack() as stack:
+            parts = [("files", (path.name, stack.enter_context(path.open("rb")))) for path in files]
+            if not parts:
+                raise ApiClientError("nothing to upload")
+            return self._request(
+                "POST",
+                "/api/v1/jobs",
+                files=parts,
+                data=data,
+                headers=_idempotency(idempotency_key),
+                timeout=max(self.timeout, 600),
+            ).json()
+
+    def submit_folder(
+        self,
+        folder: str,
+        *,
+        recursive: bool = True,
+        batch_size: int | None = None,
+        model_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A folder on the server's shared storage, relative to its EMOTIONS_DATA_ROOT."""
+        body = {"folder": folder, "recursive": recursive, **_options(batch_size, model_version)}
+        return self._request(
+            "POST", "/api/v1/jobs", json=body, headers=_idempotency(idempotency_key)
+        ).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v1/jobs/{job_id}").json()
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        """Every result of a job, following pagination."""
+        items: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            body = self._request(
+                "GET", f"/api/v1/jobs/{job_id}/results", params={"page": page, "limit": 1000}
+            ).json()
+            items += body["items"]
+            if not body["items"] or len(items) >= body["total"]:
+                return items
+            page += 1
+
+    def export(self, job_id: str, fmt: str) -> str:
+        return self._request("GET", f"/api/v1/jobs/{job_id}/results", params={"format": fmt}).text
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll_seconds: float = 1.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline and time.monotonic() > deadline:
+                raise ApiClientError(f"job {job_id} still {job['status']} after {timeout}s")
+            time.sleep(poll_seconds)
+
+
+def _options(batch_size: int | None, model_version: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if batch_size is not None:
+        options["batch_size"] = batch_size
+    if model_version is not None:
+        options["model_version"] = model_version
+    return options
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key} if key else {}
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{error['message']} ({error['code']})"
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500] or response.reason
