@@ -126,11 +126,20 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     )
     run_id = run.info.run_id
     log.info("MLflow run %s (tracking %s)", run_id, registry.tracking_uri)
+    # Lightning's MLFlowLogger calls mlflow.set_tracking_uri(), which also writes
+    # MLFLOW_TRACKING_URI into os.environ; restore it so this run's store does not leak into
+    # later runs or services of the same process.
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         result = _fit_and_publish(cfg, model, datamodule, split, registry, run_id, output_dir)
     except BaseException:
         registry.client.set_terminated(run_id, status="FAILED")
         raise
+    finally:
+        if saved_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
     registry.client.set_terminated(run_id, status="FINISHED")
     return result
 

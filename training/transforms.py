@@ -56,6 +56,6 @@ def train_transform(spec: ModelSpec, *, augment: bool = True) -> Transform:
     def transform(image: Image.Image) -> torch.Tensor:
         resized = load_batch_array([image], spec.image_size)[0]
         augmented = augmentations(Image.fromarray(resized))
-        return normalise(np.asarray(augmented, dtype=np.uint8))
+        return normalise(np.array(augmented, dtype=np.uint8))
 
     return transform

@@ -270,3 +270,27 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
             select(func.count()).select_from(Result).where(Result.job_id == uuid.UUID(job_id))
         )
     assert count == 10
+
+
+@pytest.mark.parametrize("services", ["postgresql"], indirect=True)
+def test_pinned_version_is_served_alongside_the_champion(
+    services, api, start_worker, model_store
+) -> None:
+    old, new = model_store.versions
+    model_store.registry().set_alias(old)
+    start_worker()
+    write_faces(services.data_root / "pin", 6, size=48)
+    pinned = api.post("/api/v1/jobs", json={"folder": "pin", "model_version": new}).get_json()
+    plain = api.post("/api/v1/jobs", json={"folder": "pin"}).get_json()
+    assert wait_for_job(api, pinned["id"])["model_versions"] == [new]
+    assert wait_for_job(api, plain["id"])["model_versions"] == [old]
+    missing = api.post("/api/v1/jobs", json={"folder": "pin", "model_version": 999}).get_json()
+    job = wait_for_job(api, missing["id"])
+    assert job["status"] == "failed" and job["failed"] == 6
+    errors = {item["error"] for item in all_results(api, missing["id"])}
+    assert len(errors) == 1 and "999" in errors.pop()
+
+    models = api.get("/api/v1/models").get_json()
+    assert models["champion"] == old
+    assert {v["version"] for v in models["versions"]} >= {old, new}
+    assert [w["model_version"] for w in models["workers"]] in ([old], [new])
