@@ -84,6 +84,24 @@ class Settings(BaseSettings):
     max_upload_mb: int = Field(default=512, gt=0, description="Largest request body, MiB.")
     max_images_per_job: int = Field(default=100_000, gt=0, description="Images per job.")
     max_page_size: int = Field(default=1000, gt=0, description="Largest results page.")
+    storage_url: str | None = Field(
+        default=None,
+        description="Where uploads are stored, as a URL: file:///path (default "
+        "file://<var>/storage) or s3://bucket/prefix for workers on other hosts.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, ...) for s3:// URLs; credentials come from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description="Bootstrap admin API token (training runs, promotion); keep it secret.",
+    )
+    training_queue: str = Field(default="training", description="Queue of training runs.")
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="Where clients (and the demo) reach the API."
+    )
     migrate_on_start: bool = Field(
         default=True, description="The API applies pending migrations when it starts."
     )
