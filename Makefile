@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format clean
+.PHONY: setup demo stop test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	@touch $@
+
+# Sample faces -> train + promote a small model -> API + worker in the background -> a batch
+# job through the REST API -> predictions. Re-runnable; `make stop` ends the services.
+demo: setup
+	$(PY) -m scripts.demo
+
+stop:
+	@test -x $(PY) && $(PY) -m scripts.stop || true
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

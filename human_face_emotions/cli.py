@@ -285,8 +285,8 @@ def submit(
         if not wait:
             click.echo(job["id"])
             return
-        finished = _follow(client, job["id"])
-        _emit_results(client, finished, fmt, output, source=", ".join(map(str, paths)))
+        finished = follow_with_progress(client, job["id"])
+        emit_results(client, finished, fmt, output, source=", ".join(map(str, paths)))
     except ApiClientError as exc:
         _client_exit(exc)
 
@@ -301,7 +301,7 @@ def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
 
     client = EmotionsClient(url, token)
     try:
-        job = _follow(client, job_id) if wait else client.job(job_id)
+        job = follow_with_progress(client, job_id) if wait else client.job(job_id)
     except ApiClientError as exc:
         _client_exit(exc)
     click.echo(json.dumps(job, indent=2))
@@ -318,7 +318,7 @@ def results(job_id: str, url: str | None, token: str | None, fmt: str, output: P
 
     client = EmotionsClient(url, token)
     try:
-        _emit_results(client, client.job(job_id), fmt, output, source=job_id, summary=False)
+        emit_results(client, client.job(job_id), fmt, output, source=job_id, summary=False)
     except ApiClientError as exc:
         _client_exit(exc)
 
@@ -339,7 +339,7 @@ def _upload_files(paths: tuple[Path, ...]) -> list[Path]:
     return files
 
 
-def _follow(client, job_id: str) -> dict:
+def follow_with_progress(client, job_id: str) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
@@ -363,7 +363,7 @@ def _follow(client, job_id: str) -> dict:
         return client.wait(job_id, on_progress=update)
 
 
-def _emit_results(
+def emit_results(
     client,
     job: dict,
     fmt: str,

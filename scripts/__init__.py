@@ -1,0 +1,1 @@
+"""Developer and demo tooling (not imported by the services)."""

