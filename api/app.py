@@ -13,7 +13,7 @@ from typing import Any
 
 from apiflask import APIFlask
 
-from api import errors, extensions, health, jobs, models
+from api import errors, extensions, health, jobs, models, training_runs
 from api.queue import CeleryJobQueue, JobQueue
 from api.schemas import ErrorOut
 from human_face_emotions import __version__
@@ -67,6 +67,7 @@ def create_app(
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(training_runs.bp)
     return app
 
 

@@ -13,11 +13,9 @@ import csv
 import io
 import json
 import logging
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -56,6 +54,7 @@ from human_face_emotions.intake import (
 )
 from human_face_emotions.labels import EMOTIONS, canonical_emotion
 from human_face_emotions.settings import Settings
+from human_face_emotions.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +157,12 @@ def create_job() -> Any:
             return _job_payload(session, existing), 200, _location(existing.id)
 
     job_id = uuid.uuid4()
-    job_dir = settings.resolved_storage_root / "jobs" / str(job_id)
+    storage = Storage.from_url(
+        settings.resolved_storage_url, s3_endpoint_url=settings.s3_endpoint_url
+    )
+    prefix = f"jobs/{job_id}"
     try:
-        submission = _read_submission(settings, job_dir)
+        submission = _read_submission(settings, storage, prefix)
         job = db_jobs.create_job(
             session,
             job_id=job_id,
@@ -177,14 +179,14 @@ def create_job() -> Any:
     except IntegrityError:
         # Two requests with the same key raced past the lookup; the other one won.
         session.rollback()
-        shutil.rmtree(job_dir, ignore_errors=True)
+        _remove_uploads(storage, prefix)
         existing = db_jobs.find_by_idempotency_key(session, OWNER, key) if key else None
         if existing is None:
             raise
         return _job_payload(session, existing), 200, _location(existing.id)
     except BaseException:
         session.rollback()
-        shutil.rmtree(job_dir, ignore_errors=True)
+        _remove_uploads(storage, prefix)
         raise
 
     payload = _job_payload(session, job, model_versions=[])
@@ -201,6 +203,15 @@ def create_job() -> Any:
         job.chunks,
     )
     return payload, 202, _location(job.id)
+
+
+def _remove_uploads(storage: Storage, prefix: str) -> None:
+    """Delete a refused job's uploads; a failed cleanup is logged, never raised over the
+    error that made it necessary (a leftover prefix holds no job and can be swept)."""
+    try:
+        storage.delete_prefix(prefix)
+    except Exception as exc:
+        log.warning("could not remove %s/%s: %s", storage.url, prefix, exc)
 
 
 def _dispatch(session: Session, job: Job) -> bool:
@@ -239,11 +250,11 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _read_submission(settings: Settings, job_dir: Path) -> Submission:
+def _read_submission(settings: Settings, storage: Storage, prefix: str) -> Submission:
     mimetype = request.mimetype
     try:
         if mimetype == MULTIPART:
-            return _read_upload(settings, job_dir)
+            return _read_upload(settings, storage, prefix)
         if mimetype in JSON_TYPES or mimetype.endswith("+json"):
             return _read_folder(settings)
     except IntakeError as exc:
@@ -269,7 +280,7 @@ def _default_batch_size(settings: Settings) -> int:
     return min(settings.batch_size, MAX_BATCH_SIZE)
 
 
-def _read_upload(settings: Settings, job_dir: Path) -> Submission:
+def _read_upload(settings: Settings, storage: Storage, prefix: str) -> Submission:
     # Browsers send empty strings for untouched optional fields; treat them as absent.
     form = {key: value for key, value in request.form.items() if value.strip() != ""}
     options = _load_options(JobUploadForm(), form, "form")
@@ -289,7 +300,8 @@ def _read_upload(settings: Settings, job_dir: Path) -> Submission:
         archive = zips[0]
         extraction = extract_zip(
             archive.stream,
-            job_dir,
+            storage,
+            prefix,
             max_images=settings.max_images_per_job,
             max_total_bytes=settings.max_upload_mb * MIB * ZIP_EXPANSION_LIMIT,
         )
@@ -303,7 +315,8 @@ def _read_upload(settings: Settings, job_dir: Path) -> Submission:
         )
     images = store_uploads(
         ((f.filename or "", f.stream) for f in files),
-        job_dir,
+        storage,
+        prefix,
         max_images=settings.max_images_per_job,
     )
     return Submission(
@@ -322,10 +335,11 @@ def _read_folder(settings: Settings) -> Submission:
     options = _load_options(JobFolderIn(), payload, "json")
     folder = options["folder"].strip()
     images = resolve_folder(
-        settings.resolved_data_root,
+        settings.data_root,
         folder,
         recursive=options["recursive"],
         max_images=settings.max_images_per_job,
+        s3_endpoint_url=settings.s3_endpoint_url,
     )
     return Submission(
         source_type="folder",

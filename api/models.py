@@ -2,7 +2,8 @@
 
 Versions come from the MLflow registry; workers from their heartbeat rows in the jobs
 database, so the page shows what is actually live (a promotion is visible here as workers
-move to the new version) and not only what the alias says.
+move to the new version) and not only what the alias says. ``POST .../<v>/promote`` (admin)
+moves the serving alias and broadcasts a reload so workers swap at their next micro-batch.
 """
 
 from __future__ import annotations
@@ -13,16 +14,27 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
+from api.auth import AUTH_RESPONSES, SECURITY_SCHEME, register_security_scheme, require_admin
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.schemas import ErrorOut, ModelsOut
+from api.queue import TrainingQueue
+from api.schemas import ErrorOut, ModelsOut, PromoteOut
 from api.serialize import aware
 from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.registry import TAG_ARCHITECTURE, TAG_IMAGE_SIZE, VersionInfo
+from human_face_emotions.registry import (
+    TAG_ARCHITECTURE,
+    TAG_IMAGE_SIZE,
+    RegistryError,
+    VersionInfo,
+)
 
 log = logging.getLogger(__name__)
 
 bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="models")
+bp.record_once(register_security_scheme)
+
+#: MLflow's code for "no such version"; any other registry failure means it is unreachable.
+MISSING_VERSION_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 #: Workers heartbeat far more often; one silent this long is gone (or stuck).
 WORKER_LIVENESS = timedelta(minutes=5)
@@ -69,6 +81,75 @@ def list_models() -> dict[str, Any]:
             for w in workers
         ],
     }
+
+
+@bp.post("/<int:version>/promote")
+@require_admin
+@bp.output(PromoteOut, description="The serving alias now points at this version")
+@bp.doc(
+    security=SECURITY_SCHEME,
+    responses={
+        **AUTH_RESPONSES,
+        404: {
+            "description": "No such version",
+            "content": {"application/json": {"schema": ErrorOut}},
+        },
+        503: {
+            "description": "The model registry is unreachable",
+            "content": {"application/json": {"schema": ErrorOut}},
+        },
+    },
+)
+def promote_model(version: int) -> dict[str, Any]:
+    """Make a version the one workers serve
+
+    Moves the serving alias (`champion`) to `version` whatever its metrics (a training run's
+    `promote=auto` is the guarded path) and broadcasts a reload, so running workers swap to it
+    at their next micro-batch; workers that miss the broadcast still pick it up at their next
+    poll (EMOTIONS_MODEL_REFRESH_SECONDS).
+    """
+    state = services()
+    alias = state.settings.model_alias
+    try:
+        registry = state.registry()
+        previous = registry.alias_version(alias)
+        registry.set_alias(version, alias)
+    except RegistryError as exc:
+        if _missing_version(exc):
+            raise ApiError(404, "not_found", f"model has no version {version}") from exc
+        log.warning("model registry unreachable: %s", exc)
+        raise ApiError(
+            503, "registry_unavailable", "the model registry is unreachable; try again later"
+        ) from exc
+    except Exception as exc:
+        log.warning("model registry unreachable: %s", exc)
+        raise ApiError(
+            503, "registry_unavailable", "the model registry is unreachable; try again later"
+        ) from exc
+    previous_version = previous.version if previous is not None else None
+    log.info("promoted version %s to %s (was %s)", version, alias, previous_version)
+    _broadcast_reload()
+    return {"version": version, "previous": previous_version, "alias": alias}
+
+
+def _missing_version(exc: RegistryError) -> bool:
+    """``Registry.get_version`` wraps every MLflow error; only some mean "no such version"."""
+    cause = exc.__cause__
+    if cause is None:
+        return True
+    return getattr(cause, "error_code", None) in MISSING_VERSION_CODES
+
+
+def _broadcast_reload() -> None:
+    """Best effort: a lost broadcast only delays the swap until the workers' next poll."""
+    queue = services().job_queue
+    if not isinstance(queue, TrainingQueue):
+        log.info("no broadcast channel configured; workers pick the version up when they poll")
+        return
+    try:
+        queue.broadcast_reload()
+    except Exception as exc:
+        log.warning("could not broadcast the model reload (workers will poll): %s", exc)
 
 
 def _version_dict(version: VersionInfo) -> dict[str, Any]:

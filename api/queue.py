@@ -1,9 +1,10 @@
-"""Dispatching chunks of a job to the inference workers.
+"""Dispatching chunks of a job to the inference workers, and training runs to the trainer.
 
-The API depends on the :class:`JobQueue` protocol, not on Celery, so tests pass an in-memory
-fake and the job logic never waits on a broker. :class:`CeleryJobQueue` is the production
-implementation: a *client-only* Celery app that sends tasks by name, so the API process never
-imports the worker code (torch, the model) just to enqueue.
+The API depends on the :class:`JobQueue` and :class:`TrainingQueue` protocols, not on Celery,
+so tests pass an in-memory fake and the job logic never waits on a broker.
+:class:`CeleryJobQueue` is the production implementation of both: a *client-only* Celery app
+that sends tasks by name, so the API process never imports the worker or trainer code (torch,
+the model) just to enqueue.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 TASK_NAME = "emotions.classify_chunk"
 QUEUE_NAME = "inference"
 CONNECT_TIMEOUT_SECONDS = 3.0
+#: Must match ``training.service.TRAIN_TASK`` and ``worker.app.RELOAD_COMMAND``.
+TRAIN_TASK_NAME = "emotions.train"
+RELOAD_COMMAND = "emotions_reload_model"
+#: Bounded publish retry: with the broker down a request must answer in seconds.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 @runtime_checkable
@@ -31,8 +37,24 @@ class JobQueue(Protocol):
         """Whether the broker answers now (readiness)."""
 
 
+@runtime_checkable
+class TrainingQueue(Protocol):
+    """What the training-run and promotion routes need from the broker.
+
+    A separate protocol (not more methods on :class:`JobQueue`) so that a job queue that can't
+    train, such as a test's fake, still serves every job route; those routes check for it.
+    """
+
+    def enqueue_training(self, run_id: str) -> None:
+        """Send ``emotions.train`` for one run; raise if the broker did not take it."""
+
+    def broadcast_reload(self) -> None:
+        """Ask every inference worker to re-check the serving alias; raise if not sent."""
+
+
 class CeleryJobQueue:
-    """Send ``emotions.classify_chunk`` tasks to queue ``inference`` through the broker."""
+    """Send chunk tasks to queue ``inference``, training runs to the training queue, and
+    reload broadcasts, all through the one broker the workers and trainers share."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,13 +79,29 @@ class CeleryJobQueue:
             kwargs={"job_id": job_id, "image_ids": list(image_ids)},
             queue=QUEUE_NAME,
             retry=True,
-            retry_policy={
-                "max_retries": 2,
-                "interval_start": 0,
-                "interval_step": 0.5,
-                "interval_max": 1,
-            },
+            retry_policy=PUBLISH_RETRY,
         )
+
+    def enqueue_training(self, run_id: str) -> None:
+        self.app.send_task(
+            TRAIN_TASK_NAME,
+            kwargs={"run_id": run_id},
+            queue=self.settings.training_queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY,
+        )
+
+    def broadcast_reload(self) -> None:
+        # ensure_connection first: broadcast() itself would keep retrying a dead broker.
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(
+                max_retries=1,
+                interval_start=0,
+                interval_step=0.5,
+                interval_max=0.5,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+            self.app.control.broadcast(RELOAD_COMMAND, connection=connection)
 
     def ping(self) -> bool:
         try:

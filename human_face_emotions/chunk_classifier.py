@@ -8,6 +8,7 @@ what is missing. The model is asked for at every micro-batch: that is where a ho
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from human_face_emotions.images import ImageDecodeError, decode_image
 from human_face_emotions.model_holder import ModelHolder, ModelUnavailable, ServingModel
 from human_face_emotions.registry import RegistryError
 from human_face_emotions.settings import Settings
+from human_face_emotions.storage import StorageLimitError, StorageReader, local_path
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,64 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def load_local_image(location: str, max_pixels: int) -> PILImage.Image | str:
+#: Headroom over the pixel limit for file headers, metadata and embedded thumbnails.
+_HEADER_ALLOWANCE = 1024 * 1024
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The largest object worth downloading for an image of at most ``max_pixels`` pixels.
+
+    Uncompressed 4-byte pixels plus headers bound every legitimate image file, so anything
+    larger is refused before it is read into a worker's memory (the pixel limit only guards
+    decoding, which comes after the download).
+    """
+    return 4 * max_pixels + _HEADER_ALLOWANCE
+
+
+def load_stored_image(
+    location: str, max_pixels: int, *, reader: StorageReader | None = None
+) -> PILImage.Image | str:
+    """Decode the image at ``location`` (path, ``file://`` or ``s3://`` URL), or say why not.
+
+    Local files are decoded straight from disk (the fast path: no copy into memory); other
+    locations are read through the storage reader, so a worker can classify uploads an API on
+    another host stored in S3, and folder jobs on an ``s3://`` data root. A missing or
+    unreadable object is a per-image error, like a missing file; only a failure that is not
+    about the object itself (no connection to the store at all) propagates.
+    """
     try:
-        return decode_image(location, max_pixels=max_pixels)
+        path = local_path(location)
+    except ValueError as exc:  # an unsupported scheme in a row written by another version
+        return f"unsupported location: {exc}"
+    try:
+        if path is not None:
+            return decode_image(path, max_pixels=max_pixels)
+        data = (reader or StorageReader()).read_bytes(
+            location, max_bytes=max_image_bytes(max_pixels)
+        )
+        return decode_image(data, path=location, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         return exc.reason
+    except StorageLimitError as exc:
+        return f"file is larger than {exc.limit} bytes"
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+
+
+def storage_image_loader(settings: Settings) -> ImageLoader:
+    """The :data:`ImageLoader` for ``settings``: local paths and URLs on its S3 endpoint."""
+    reader = StorageReader(s3_endpoint_url=settings.s3_endpoint_url)
+    return functools.partial(load_stored_image, reader=reader)
+
+
+#: Kept for callers of the local-only loader; it reads every kind of location now.
+load_local_image = load_stored_image
 
 
 @dataclass
@@ -83,9 +138,12 @@ def classify_chunk(
     *,
     settings: Settings,
     worker_name: str | None = None,
-    load_image: ImageLoader = load_local_image,
+    load_image: ImageLoader | None = None,
 ) -> ChunkOutcome:
     """Classify the images of ``image_ids`` that have no result yet.
+
+    ``load_image`` defaults to :func:`storage_image_loader` for ``settings``; workers pass
+    their per-process one.
 
     Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
     later and no image is marked failed for it).
@@ -121,7 +179,7 @@ def classify_chunk(
         job.batch_size,
         workers=settings.decode_threads,
         max_pixels=settings.max_image_pixels,
-        loader=load_image,
+        loader=load_image or storage_image_loader(settings),
         keys=ids,
     )
     for batch in batches:

@@ -12,6 +12,7 @@ API only maps :class:`IntakeError` to HTTP responses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,13 +20,20 @@ import stat
 import tempfile
 import unicodedata
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
 from human_face_emotions.db.jobs import NewImage
 from human_face_emotions.images import IMAGE_EXTENSIONS, iter_image_files
+from human_face_emotions.storage import (
+    Storage,
+    StorageLimitError,
+    check_key,
+    is_remote,
+    local_path,
+)
 
 COPY_BUFFER: Final[int] = 1024 * 1024
 #: Entries smaller than this are not ratio-checked: a tiny flat-colour BMP legitimately
@@ -107,13 +115,14 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 
 def store_uploads(
-    files: Iterable[tuple[str, BinaryIO]], dest_dir: Path, *, max_images: int
+    files: Iterable[tuple[str, BinaryIO]], storage: Storage, prefix: str, *, max_images: int
 ) -> list[NewImage]:
-    """Write uploaded image files into ``dest_dir``; ``path`` is the sanitised original name.
+    """Write uploaded image files below ``prefix`` in ``storage``; ``path`` is the sanitised name.
 
     Every name is checked before the first byte is written, so a batch with one bad file
-    leaves nothing behind; files are copied in 1 MiB blocks (a 500 MiB upload never sits in
-    memory) and created exclusively, so nothing already on disk is ever overwritten.
+    leaves nothing behind; files are streamed in 1 MiB blocks (a 500 MiB upload never sits in
+    memory) and, on a local disk, created exclusively, so nothing already stored is ever
+    overwritten. ``location`` is the object's URL, readable by a worker on another host.
     """
     entries = list(files)
     if not entries:
@@ -133,21 +142,19 @@ def store_uploads(
             )
         planned.append((_unique_name(safe, taken), stream))
 
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    root = dest_dir.resolve()
-    written: list[Path] = []
+    written: list[str] = []
     try:
         images: list[NewImage] = []
         for name, stream in planned:
-            target = root / name
-            _ensure_inside(target, root)
-            with open(target, "xb") as out:
-                written.append(target)
-                shutil.copyfileobj(stream, out, COPY_BUFFER)
-            images.append(NewImage(path=name, location=str(target)))
+            key = _job_key(prefix, name)
+            # A failed write removes its own partial object; only finished ones are listed,
+            # so an object that existed before (local exclusive create) is never deleted.
+            storage.write_stream(key, stream)
+            written.append(key)
+            images.append(NewImage(path=name, location=storage.url_for(key)))
         return images
     except BaseException:
-        _remove_all(written)
+        _remove_all(storage, written)
         raise
 
 
@@ -190,14 +197,15 @@ def _skip_reason(info: zipfile.ZipInfo) -> str | None:
 
 def extract_zip(
     stream: BinaryIO,
-    dest_dir: Path,
+    storage: Storage,
+    prefix: str,
     *,
     max_images: int,
     max_total_bytes: int,
     max_ratio: float = 100,
     max_entries: int | None = None,
 ) -> ZipExtraction:
-    """Extract the images of a zip archive into ``dest_dir``; ``path`` is the name in the zip.
+    """Extract the images of a zip archive below ``prefix``; ``path`` is the name in the zip.
 
     The whole central directory is vetted before anything is written (hostile names, symlinks,
     encryption, entry count, declared sizes, per-entry compression ratio), then every byte is
@@ -220,7 +228,7 @@ def extract_zip(
                 max_ratio=max_ratio,
                 max_entries=max_entries,
             )
-            images = _extract_members(archive, members, dest_dir, max_total_bytes)
+            images = _extract_members(archive, members, storage, prefix, max_total_bytes)
     return ZipExtraction(images=images, skipped=skipped, skipped_examples=examples)
 
 
@@ -280,46 +288,46 @@ def _vet_members(
 def _extract_members(
     archive: zipfile.ZipFile,
     members: list[zipfile.ZipInfo],
-    dest_dir: Path,
+    storage: Storage,
+    prefix: str,
     max_total_bytes: int,
 ) -> list[NewImage]:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    root = dest_dir.resolve()
-    written: list[Path] = []
+    written: list[str] = []
     total = 0
     try:
         images: list[NewImage] = []
         for index, info in enumerate(members):
             suffix = os.path.splitext(info.filename)[1].lower()
-            target = root / f"{index:06d}{suffix}"
-            _ensure_inside(target, root)
-            entry_bytes = 0
-            with archive.open(info) as source, open(target, "xb") as out:
-                written.append(target)
-                while block := source.read(COPY_BUFFER):
-                    entry_bytes += len(block)
-                    total += len(block)
-                    if entry_bytes > info.file_size:
-                        raise IntakeError(
-                            "unsafe_zip",
-                            f"zip entry {info.filename!r} inflates past its declared size",
-                        )
-                    if total > max_total_bytes:
-                        raise IntakeError(
-                            "too_large",
-                            f"the archive's images are over {max_total_bytes} bytes uncompressed",
-                        )
-                    out.write(block)
-            images.append(NewImage(path=info.filename, location=str(target)))
+            key = _job_key(prefix, f"{index:06d}{suffix}")
+            # Declared sizes are attacker-controlled: stop at whichever limit comes first,
+            # the entry's own declared size or what is left of the archive's budget.
+            remaining = max_total_bytes - total
+            try:
+                with archive.open(info) as source:
+                    total += storage.write_stream(
+                        key, source, max_bytes=min(info.file_size, remaining)
+                    )
+                written.append(key)
+            except StorageLimitError as exc:
+                if info.file_size <= remaining:
+                    raise IntakeError(
+                        "unsafe_zip",
+                        f"zip entry {info.filename!r} inflates past its declared size",
+                    ) from exc
+                raise IntakeError(
+                    "too_large",
+                    f"the archive's images are over {max_total_bytes} bytes uncompressed",
+                ) from exc
+            images.append(NewImage(path=info.filename, location=storage.url_for(key)))
         return images
     except (zipfile.BadZipFile, EOFError, NotImplementedError, zipfile.LargeZipFile) as exc:
-        _remove_all(written)
+        _remove_all(storage, written)
         raise IntakeError("invalid_zip", f"damaged zip archive: {exc}") from exc
     except RuntimeError as exc:  # zipfile raises it for encrypted members it can't read
-        _remove_all(written)
+        _remove_all(storage, written)
         raise IntakeError("invalid_zip", f"unreadable zip entry: {exc}") from exc
     except BaseException:
-        _remove_all(written)
+        _remove_all(storage, written)
         raise
 
 
@@ -370,17 +378,28 @@ def _check_relative(folder: str) -> PurePosixPath:
 
 
 def resolve_folder(
-    data_root: Path, folder: str, *, recursive: bool, max_images: int
+    data_root: Path | str,
+    folder: str,
+    *,
+    recursive: bool,
+    max_images: int,
+    s3_endpoint_url: str | None = None,
 ) -> list[NewImage]:
     """List the images of ``folder`` under ``data_root``; ``path`` is relative to the folder.
 
-    The folder and every image are resolved (symlinks followed) and must stay inside the
-    resolved data root: a symlink planted in the shared data tree must not let a client read
-    ``/etc`` or another tenant's files. ``location`` is the resolved path, so the worker reads
-    exactly the file that was checked here.
+    ``data_root`` is a local directory (a path or ``file://`` URL) or an ``s3://bucket/prefix``
+    URL. Either way ``folder`` is refused if it is absolute or contains ``..``, before anything
+    is looked up. Locally, the folder and every image are resolved (symlinks followed) and must
+    stay inside the resolved data root: a symlink planted in the shared data tree must not let
+    a client read ``/etc`` or another tenant's files. ``location`` is the resolved path, so the
+    worker reads exactly the file that was checked here; for S3 it is the object's URL.
     """
     relative = _check_relative(folder)
-    root = data_root.expanduser().resolve()
+    if not isinstance(data_root, Path) and is_remote(data_root):
+        storage = Storage.from_url(data_root, s3_endpoint_url=s3_endpoint_url)
+        return _resolve_remote_folder(storage, relative, folder, recursive, max_images)
+    root_path = local_path(data_root) if isinstance(data_root, str) else data_root
+    root = Path(root_path or data_root).expanduser().resolve()
     candidate = root / relative
     try:
         target = candidate.resolve(strict=True)
@@ -397,13 +416,7 @@ def resolve_folder(
         found = iter_image_files(candidate, recursive=recursive)
     except OSError as exc:
         raise IntakeError("not_found", f"folder {folder!r} cannot be read") from exc
-    if not found:
-        where = "in or below" if recursive else "in"
-        raise IntakeError("empty", f"no image files {where} {folder!r}")
-    if len(found) > max_images:
-        raise IntakeError(
-            "too_many_images", f"{folder!r} holds {len(found)} images; at most {max_images}"
-        )
+    _check_count(found, folder, recursive, max_images)
     images: list[NewImage] = []
     for path in found:
         try:
@@ -417,15 +430,66 @@ def resolve_folder(
     return images
 
 
+def _resolve_remote_folder(
+    storage: Storage, relative: PurePosixPath, folder: str, recursive: bool, max_images: int
+) -> list[NewImage]:
+    """The object-store half of :func:`resolve_folder`: list keys below the folder's prefix.
+
+    Object stores have no symlinks, so the ``..``/absolute refusals of the folder name are the
+    whole containment check; hidden entries and non-images are skipped as on disk.
+    """
+    key = "" if relative == PurePosixPath(".") else relative.as_posix()
+    try:
+        if not storage.is_dir(key):
+            if key and storage.exists(key):
+                raise IntakeError("not_found", f"{folder!r} is not a folder")
+            raise IntakeError("not_found", f"folder {folder!r} does not exist")
+        keys = storage.find(key, recursive=recursive)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, IntakeError):
+            raise
+        raise IntakeError("not_found", f"folder {folder!r} cannot be read") from exc
+    base = f"{key}/" if key else ""
+    found: list[str] = []
+    for name in keys:
+        shown = name[len(base) :]
+        parts = shown.split("/")
+        if any(part.startswith(".") for part in parts) or not _has_image_extension(parts[-1]):
+            continue
+        found.append(shown)
+    _check_count(found, folder, recursive, max_images)
+    images: list[NewImage] = []
+    for shown in found:
+        try:
+            location = storage.url_for(base + shown)
+        except ValueError as exc:  # a key such as "a//b.png" that no path could name
+            raise IntakeError("invalid_path", f"{shown!r} is not a usable object key") from exc
+        images.append(NewImage(path=shown, location=location))
+    return images
+
+
+def _check_count(found: Sized, folder: str, recursive: bool, max_images: int) -> None:
+    if not found:
+        where = "in or below" if recursive else "in"
+        raise IntakeError("empty", f"no image files {where} {folder!r}")
+    if len(found) > max_images:
+        raise IntakeError(
+            "too_many_images", f"{folder!r} holds {len(found)} images; at most {max_images}"
+        )
+
+
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _ensure_inside(target: Path, root: Path) -> None:
-    """Last line of defence: names are sanitised already, but never write outside ``root``."""
-    if target.parent.resolve() != root:
-        raise IntakeError("invalid_path", f"refusing to write {target.name!r} outside the job")
+def _job_key(prefix: str, name: str) -> str:
+    """Last line of defence: names are sanitised already, but never write outside the job."""
+    try:
+        return check_key(f"{prefix}/{name}")
+    except ValueError as exc:
+        raise IntakeError("invalid_path", f"refusing to write {name!r} outside the job") from exc
 
 
-def _remove_all(paths: Iterable[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+def _remove_all(storage: Storage, keys: Iterable[str]) -> None:
+    for key in keys:
+        with contextlib.suppress(Exception):  # cleanup must not hide the error that caused it
+            storage.delete(key)

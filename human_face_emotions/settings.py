@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from human_face_emotions.storage import is_remote, local_path, normalise_url, parse_location
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTIONS_", env_file=None, extra="ignore")
@@ -54,11 +56,10 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         default="redis://localhost:6379/0", description="Celery broker (Redis) URL."
     )
-    storage_root: Path | None = Field(
-        default=None, description="Where uploads are stored (default var/storage)."
-    )
-    data_root: Path = Field(
-        default=Path("data"), description="Folder jobs may only read below this directory."
+    data_root: str = Field(
+        default="data",
+        description="Folder jobs may only read below this root: a local directory (or "
+        "file:///path), or s3://bucket/prefix for images in an object store.",
     )
     model_refresh_seconds: float = Field(
         default=10.0, ge=0, description="How often workers check the serving alias."
@@ -102,6 +103,35 @@ class Settings(BaseSettings):
     api_url: str = Field(
         default="http://127.0.0.1:8000", description="Where clients (and the demo) reach the API."
     )
+    auth: Literal["enabled", "disabled"] = Field(
+        default="enabled",
+        description="API token authentication; disabled only for the local demo (a loud "
+        "warning is logged at start-up).",
+    )
+    submit_rate_limit: str = Field(
+        default="120/minute",
+        description="Job submissions per token (limits syntax, e.g. 10/second;120/minute).",
+    )
+    max_queued_images: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Back-pressure: new jobs get 503 + Retry-After while more images than this "
+        "wait in unfinished jobs.",
+    )
+    stall_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A running job without progress for this long gets its pending chunks "
+        "re-enqueued by the recovery sweeper.",
+    )
+    sweep_seconds: float = Field(
+        default=30.0, gt=0, description="How often the recovery sweeper looks for stalled jobs."
+    )
+    max_chunk_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Deliveries of a chunk before its remaining images are marked failed.",
+    )
     migrate_on_start: bool = Field(
         default=True, description="The API applies pending migrations when it starts."
     )
@@ -110,6 +140,20 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("data_root", "storage_url", mode="before")
+    @classmethod
+    def _location_text(cls, value: object) -> object:
+        """Accept ``Path`` objects (tests, callers) for fields that may also hold URLs."""
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("data_root", "storage_url", mode="after")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        """Refuse an unsupported URL at start-up rather than at the first job."""
+        if value is not None:
+            parse_location(value)
+        return value
 
     @property
     def tracking_uri(self) -> str:
@@ -124,12 +168,21 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.var_dir / 'emotions.db'}"
 
     @property
-    def resolved_storage_root(self) -> Path:
-        return (self.storage_root or self.var_dir / "storage").expanduser().resolve()
+    def resolved_storage_url(self) -> str:
+        """Root URL of uploads: ``storage_url`` normalised, else ``file://<var_dir>/storage``."""
+        return normalise_url(self.storage_url or self.var_dir / "storage")
+
+    @property
+    def data_root_is_remote(self) -> bool:
+        return is_remote(self.data_root)
 
     @property
     def resolved_data_root(self) -> Path:
-        return self.data_root.expanduser().resolve()
+        """The local data root, resolved; only for local roots (``file://`` or a path)."""
+        path = local_path(self.data_root)
+        if path is None:
+            raise ValueError(f"the data root {self.data_root!r} is not a local directory")
+        return Path(path).expanduser().resolve()
 
     @property
     def chunk_size(self) -> int:

@@ -9,6 +9,9 @@ import pytest
 
 from human_face_emotions.sample_data import write_sample_dataset
 
+#: ``moto_server``: an S3-compatible server process shared by unit and integration tests.
+pytest_plugins = ["tests.s3_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def sample_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,4 +1,5 @@
-"""Per-process state of a pool process: DB sessions and the model holder, created lazily."""
+"""Per-process state of a pool process: DB sessions, the model holder and the image loader,
+created lazily (in the pool process, after the fork: s3fs clients must not cross a fork)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from human_face_emotions.chunk_classifier import ImageLoader, storage_image_loader
 from human_face_emotions.db.engine import create_db_engine, session_factory
 from human_face_emotions.model_holder import ModelHolder
 from human_face_emotions.settings import Settings, get_settings
@@ -25,6 +27,15 @@ def configure_torch_threads(settings: Settings) -> None:
 @lru_cache(maxsize=1)
 def sessions() -> sessionmaker[Session]:
     return session_factory(create_db_engine(get_settings().resolved_database_url))
+
+
+@lru_cache(maxsize=1)
+def image_loader() -> ImageLoader:
+    """Reads local paths and ``s3://`` URLs (EMOTIONS_S3_ENDPOINT_URL).
+
+    Cached so a pool process keeps one S3 client (connection pool) for all its tasks.
+    """
+    return storage_image_loader(get_settings())
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import uuid
 from human_face_emotions.chunk_classifier import classify_chunk
 from human_face_emotions.model_holder import ModelUnavailable
 from worker.app import CLASSIFY_TASK, app, settings
-from worker.runtime import holder, sessions
+from worker.runtime import holder, image_loader, sessions
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,12 @@ MODEL_RETRIES = 360  # an hour without a model before giving up on a chunk
 def classify_chunk_task(self, job_id: str, image_ids: list[int]) -> dict:
     try:
         outcome = classify_chunk(
-            sessions(), holder(), uuid.UUID(job_id), image_ids, settings=settings
+            sessions(),
+            holder(),
+            uuid.UUID(job_id),
+            image_ids,
+            settings=settings,
+            load_image=image_loader(),
         )
     except ModelUnavailable as exc:
         log.warning("job %s: no model to serve yet (%s); retrying", job_id, exc)

@@ -2,6 +2,7 @@
 
 The one-result-per-image rule is what makes redelivered or repeated chunk tasks harmless: a
 second write of the same image is an ``ON CONFLICT DO NOTHING`` and changes no counter.
+``training_runs`` records the runs asked for through the API and what the trainer made of them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -159,3 +161,55 @@ class WorkerState(Base):
     images_processed: Mapped[int] = mapped_column(BigInteger, default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingRunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TRAINING_TERMINAL_STATUSES
+
+
+TRAINING_TERMINAL_STATUSES = frozenset({TrainingRunStatus.SUCCEEDED, TrainingRunStatus.FAILED})
+
+
+class TrainingRun(Base):
+    """A training run requested through the API and executed by the ``trainer`` service.
+
+    The row is the contract between the two: the API writes what to train (``overrides``,
+    ``data_path``, ``promote``), the trainer writes what came of it. Its status only moves
+    forward (queued -> running -> succeeded | failed), which is what lets a redelivered task
+    recognise a finished run and do nothing.
+    """
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        Index("ix_training_runs_created_at", "created_at"),
+        Index("ix_training_runs_status", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    status: Mapped[str] = mapped_column(String(16), default=TrainingRunStatus.QUEUED)
+    requested_by: Mapped[str] = mapped_column(String(64), default="")
+    # Hydra override strings from the request (model, epochs and the free-form ones); the
+    # trainer appends data.path, promote and output_dir itself.
+    overrides: Mapped[list[str]] = mapped_column(JSON, default=list)
+    data_path: Mapped[str] = mapped_column(Text)  # relative to the data root, as requested
+    promote: Mapped[str] = mapped_column(String(8), default="auto")  # auto | never | force
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    registered_version: Mapped[int | None] = mapped_column(Integer)
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    promotion_reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    # Deliveries of the task: more than one means a trainer died and the run was restarted.
+    attempts: Mapped[int] = mapped_column(SmallInteger, default=0)
+    # Set when the task was handed to the broker; a queued run without it is sent again.
+    dispatched_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -173,21 +173,38 @@ def services(
     upgrade(database_url)
     data_root = tmp_path / "data"
     data_root.mkdir()
-    _redis_client(int(redis_url.rsplit("/", 1)[1])).delete("inference", "_kombu.binding.inference")
+    _redis_client(int(redis_url.rsplit("/", 1)[1])).delete(
+        "inference", "_kombu.binding.inference", "training", "_kombu.binding.training"
+    )
     yield Services(
         database_url, redis_url, model_store.var_dir, data_root, model_store.tracking_uri
     )
     if request.param == "postgresql":
         engine = create_engine(database_url)
         with engine.begin() as connection:
-            connection.execute(text("TRUNCATE jobs, images, results, workers CASCADE"))
+            connection.execute(
+                text("TRUNCATE jobs, images, results, workers, training_runs CASCADE")
+            )
         engine.dispose()
 
 
 class WorkerProcess:
-    """A real ``celery worker`` process; killed (or terminated) by the fixture."""
+    """A real ``celery worker`` process; killed (or terminated) by the fixture.
 
-    def __init__(self, services: Services, name: str, log_dir: Path, **env: str) -> None:
+    By default an inference worker; ``app="training.service", queue="training"`` makes it a
+    trainer.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        name: str,
+        log_dir: Path,
+        *,
+        app: str = "worker.app",
+        queue: str = "inference",
+        **env: str,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self._log = self.log_path.open("wb")
@@ -197,10 +214,10 @@ class WorkerProcess:
                 "-m",
                 "celery",
                 "-A",
-                "worker.app",
+                app,
                 "worker",
                 "-Q",
-                "inference",
+                queue,
                 "--concurrency",
                 "1",
                 "--pool",
@@ -252,8 +269,17 @@ class WorkerProcess:
 def start_worker(services: Services, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
-    def start(name: str | None = None, *, wait: bool = True, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(services, name or f"w{len(workers) + 1}", tmp_path, **env)
+    def start(
+        name: str | None = None,
+        *,
+        wait: bool = True,
+        app: str = "worker.app",
+        queue: str = "inference",
+        **env: str,
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            services, name or f"w{len(workers) + 1}", tmp_path, app=app, queue=queue, **env
+        )
         workers.append(worker)
         if wait:
             worker.wait_ready()

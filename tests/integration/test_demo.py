@@ -69,7 +69,7 @@ def test_demo_runs_end_to_end_and_again(tmp_path: Path, redis_url: str) -> None:
     assert not list((var / "run").glob("*.pid"))
 
 
-def test_demo_falls_back_to_an_embedded_redis(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_demo_falls_back_to_an_embedded_redis(tmp_path: Path, monkeypatch) -> None:
     import redis
 
     from scripts.demo import Demo, stop_process

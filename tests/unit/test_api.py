@@ -24,6 +24,7 @@ from human_face_emotions.db.schema import Image, Job
 from human_face_emotions.labels import EMOTIONS
 from human_face_emotions.registry import VersionInfo
 from human_face_emotions.settings import Settings
+from human_face_emotions.storage import local_path
 
 CSV_HEADER = [
     "image_path",
@@ -150,8 +151,15 @@ def upload(client: FlaskClient, names: list[str], headers=None, **fields: str):
     )
 
 
+def storage_dir(settings: Settings) -> Path:
+    """The local directory behind the default ``file://`` storage URL."""
+    path = local_path(settings.resolved_storage_url)
+    assert path is not None
+    return Path(path)
+
+
 def stored_files(settings: Settings) -> list[Path]:
-    root = settings.resolved_storage_root / "jobs"
+    root = storage_dir(settings) / "jobs"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
@@ -197,11 +205,11 @@ def test_upload_job_is_stored_committed_and_chunked(
     assert body["links"]["self"] == f"/api/v1/jobs/{body['id']}"
     assert "warning" not in body
 
-    job_dir = settings.resolved_storage_root / "jobs" / body["id"]
+    job_dir = storage_dir(settings) / "jobs" / body["id"]
     assert sorted(p.name for p in job_dir.iterdir()) == names
     images = job_images(app, body["id"])
     assert [image.path for image in images] == names
-    assert all(Path(image.location).parent == job_dir for image in images)
+    assert all(image.location == f"file://{job_dir / image.path}" for image in images)
     ids = [image.id for image in images]
     assert queue.calls == [
         (body["id"], ids[0:2]),
@@ -468,7 +476,7 @@ def test_failure_before_commit_removes_stored_files(
     assert "/secret" not in error["message"]
     assert "exploded" not in error["message"]
     assert stored_files(settings) == []
-    assert not any((settings.resolved_storage_root / "jobs").iterdir())
+    assert not any((storage_dir(settings) / "jobs").iterdir())
 
 
 def test_broker_down_keeps_the_job(
@@ -784,7 +792,9 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
                 content = operation["responses"][code].get("content", {})
                 assert "application/json" in content, (path, method, code)
             checked += 1
-    assert checked == 9  # jobs: post, list, get, delete, results, summary; models; 2 probes
+    # jobs: post, list, get, delete, results, summary; models: list, promote; 2 probes;
+    # training runs: post, list, get
+    assert checked == 13
     post = spec["paths"]["/api/v1/jobs"]["post"]
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     error_schema = spec["components"]["schemas"]["ErrorOut"]

@@ -11,7 +11,9 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
-    documented = set(re.findall(r"^\| `(EMOTIONS_[A-Z_]+)` \|", README.read_text(), re.MULTILINE))
+    documented = set(
+        re.findall(r"^\| `(EMOTIONS_[A-Z0-9_]+)` \|", README.read_text(), re.MULTILINE)
+    )
     expected = {f"EMOTIONS_{name.upper()}" for name in Settings.model_fields}
     assert expected - documented == set(), "settings missing from README's configuration table"
     assert documented - expected == set(), "README documents settings that do not exist"

@@ -18,6 +18,7 @@ from human_face_emotions.intake import (
     secure_name,
     store_uploads,
 )
+from human_face_emotions.storage import Storage, local_path
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # content is never decoded by intake
 
@@ -33,6 +34,17 @@ def sandbox(tmp_path: Path) -> tuple[Path, Path]:
     outside.mkdir()
     dest = tmp_path / "a" / "b" / "job"
     return dest, outside
+
+
+def job_storage(dest: Path) -> tuple[Storage, str]:
+    """(storage, prefix) that writes the job's objects into the local directory ``dest``."""
+    return Storage.from_url(dest.parent), dest.name
+
+
+def stored_path(location: str) -> Path:
+    path = local_path(location)
+    assert path is not None and location.startswith("file://"), location
+    return Path(path)
 
 
 def assert_contained(tmp_path: Path, dest: Path) -> None:
@@ -122,7 +134,7 @@ def test_hostile_zip_is_refused_and_writes_nothing(
     dest, outside = sandbox
     options = {"max_images": 100, "max_total_bytes": 1 << 20, **limits}
     with pytest.raises(IntakeError) as raised:
-        extract_zip(build(), dest, **options)
+        extract_zip(build(), *job_storage(dest), **options)
     assert raised.value.code == code
     assert raised.value.message
     assert not all_files(outside)
@@ -142,7 +154,9 @@ def test_declared_sizes_are_not_trusted(tmp_path: Path) -> None:
         position += 4
     dest = tmp_path / "job"
     with pytest.raises(IntakeError) as raised:
-        extract_zip(io.BytesIO(bytes(data)), dest, max_images=10, max_total_bytes=60_000)
+        extract_zip(
+            io.BytesIO(bytes(data)), *job_storage(dest), max_images=10, max_total_bytes=60_000
+        )
     assert raised.value.code in {"unsafe_zip", "too_large", "invalid_zip"}
     assert not all_files(tmp_path)
 
@@ -162,7 +176,7 @@ def test_zip_extracts_images_and_skips_the_rest(tmp_path: Path) -> None:
         ]
     )
     dest = tmp_path / "job"
-    result = extract_zip(archive, dest, max_images=10, max_total_bytes=1 << 20)
+    result = extract_zip(archive, *job_storage(dest), max_images=10, max_total_bytes=1 << 20)
     assert [image.path for image in result.images] == [
         "happy/a.png",
         "happy/b.JPG",
@@ -171,17 +185,20 @@ def test_zip_extracts_images_and_skips_the_rest(tmp_path: Path) -> None:
     ]
     assert result.skipped == 5
     for image in result.images:
-        location = Path(image.location)
+        location = stored_path(image.location)
         assert location.parent == dest.resolve()
         assert location.read_bytes() == PNG
-    assert all_files(tmp_path) == {Path(image.location) for image in result.images}
+    assert all_files(tmp_path) == {stored_path(image.location) for image in result.images}
 
 
 def test_small_highly_compressible_images_are_not_bombs(tmp_path: Path) -> None:
     """A flat-colour BMP compresses hundreds to one; under 1 MiB the ratio isn't checked."""
     flat = b"BM" + b"\xff" * 200_000
     result = extract_zip(
-        make_zip([("flat.bmp", flat)]), tmp_path / "job", max_images=5, max_total_bytes=1 << 20
+        make_zip([("flat.bmp", flat)]),
+        *job_storage(tmp_path / "job"),
+        max_images=5,
+        max_total_bytes=1 << 20,
     )
     assert len(result.images) == 1
 
@@ -204,7 +221,9 @@ def test_unseekable_stream_is_spooled(tmp_path: Path) -> None:
             buffer[: len(chunk)] = chunk
             return len(chunk)
 
-    result = extract_zip(Pipe(), tmp_path / "job", max_images=5, max_total_bytes=1 << 20)
+    result = extract_zip(
+        Pipe(), *job_storage(tmp_path / "job"), max_images=5, max_total_bytes=1 << 20
+    )
     assert [image.path for image in result.images] == ["a.png"]
 
 
@@ -240,18 +259,45 @@ def test_store_uploads_sanitises_and_deduplicates(tmp_path: Path) -> None:
         ("x/A.png", io.BytesIO(b"3")),
         ("/etc/b.jpg", io.BytesIO(b"4")),
     ]
-    images = store_uploads(files, dest, max_images=10)
+    images = store_uploads(files, *job_storage(dest), max_images=10)
     assert [image.path for image in images] == ["a.png", "a (1).png", "A (2).png", "b.jpg"]
-    contents = [Path(image.location).read_bytes() for image in images]
+    contents = [stored_path(image.location).read_bytes() for image in images]
     assert contents == [b"1", b"2", b"3", b"4"]
-    assert all_files(tmp_path) == {Path(image.location) for image in images}
-    assert all(Path(image.location).parent == dest.resolve() for image in images)
+    assert all_files(tmp_path) == {stored_path(image.location) for image in images}
+    assert all(stored_path(image.location).parent == dest.resolve() for image in images)
 
 
 def test_store_uploads_streams_large_files(tmp_path: Path) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 17)
-    images = store_uploads([("big.png", io.BytesIO(payload))], tmp_path / "job", max_images=1)
-    assert Path(images[0].location).read_bytes() == payload
+    images = store_uploads(
+        [("big.png", io.BytesIO(payload))], *job_storage(tmp_path / "job"), max_images=1
+    )
+    assert stored_path(images[0].location).read_bytes() == payload
+
+
+def test_store_uploads_removes_what_it_wrote_when_a_stream_fails(tmp_path: Path) -> None:
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            raise ConnectionResetError("client went away")
+
+    files = [("a.png", io.BytesIO(b"1")), ("b.png", Broken())]
+    with pytest.raises(ConnectionResetError):
+        store_uploads(files, *job_storage(tmp_path / "job"), max_images=5)
+    assert not all_files(tmp_path)
+
+
+def test_resolve_folder_accepts_a_file_url(data_tree: tuple[Path, Path]) -> None:
+    root, _ = data_tree
+    (root / "leaky" / "stolen.png").unlink()
+    images = resolve_folder(f"file://{root}", "faces", recursive=True, max_images=10)
+    assert [image.path for image in images] == ["b.jpg", "happy/a.png"]
+    assert all(Path(image.location).is_relative_to(root.resolve()) for image in images)
+    with pytest.raises(IntakeError) as raised:
+        resolve_folder(f"file://{root}", "linked-out", recursive=True, max_images=10)
+    assert raised.value.code == "invalid_path"
 
 
 @pytest.mark.parametrize(
@@ -269,7 +315,7 @@ def test_store_uploads_refuses_and_writes_nothing(
 ) -> None:
     dest = tmp_path / "job"
     with pytest.raises(IntakeError) as raised:
-        store_uploads([(n, io.BytesIO(d)) for n, d in files], dest, max_images=3)
+        store_uploads([(n, io.BytesIO(d)) for n, d in files], *job_storage(dest), max_images=3)
     assert raised.value.code == code
     assert not all_files(tmp_path)
 

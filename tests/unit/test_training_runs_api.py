@@ -1,0 +1,678 @@
+"""Training runs and promotion through the REST API (temporary SQLite, fake queue and registry),
+and the trainer's task logic (``training.service.execute_run``) on the same database with a fake
+``run_training``: admin auth, validation, dispatch, idempotent progress, broadcasts."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from api import create_app
+from api.extensions import services
+from human_face_emotions.db import training_runs as db_runs
+from human_face_emotions.db.schema import TrainingRun
+from human_face_emotions.registry import RegistryError, VersionInfo
+from human_face_emotions.settings import Settings
+
+TOKEN = "s3cret-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+RUNS = "/api/v1/training-runs"
+
+
+class FakeQueue:
+    """Job and training queue; ``up = False`` simulates a broker outage."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, list[int]]] = []
+        self.training: list[str] = []
+        self.broadcasts = 0
+        self.up = True
+
+    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+        self._check()
+        self.chunks.append((job_id, list(image_ids)))
+
+    def ping(self) -> bool:
+        return self.up
+
+    def enqueue_training(self, run_id: str) -> None:
+        self._check()
+        self.training.append(run_id)
+
+    def broadcast_reload(self) -> None:
+        self._check()
+        self.broadcasts += 1
+
+    def _check(self) -> None:
+        if not self.up:
+            raise ConnectionError("broker down")
+
+
+class JobOnlyQueue:
+    """A queue that predates training runs (like test_api's fake)."""
+
+    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+        pass
+
+    def ping(self) -> bool:
+        return True
+
+
+class MissingVersion(Exception):
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class FakeRegistry:
+    model_name = "face-emotion"
+
+    def __init__(self, versions: list[int], champion: int | None) -> None:
+        self.versions = versions
+        self.aliases: dict[str, int] = {} if champion is None else {"champion": champion}
+        self.up = True
+
+    def _version(self, number: int) -> VersionInfo:
+        return VersionInfo(
+            name=self.model_name,
+            version=number,
+            source=f"file:///artifacts/{number}",
+            run_id=f"run{number}",
+            tags={},
+            aliases=tuple(a for a, v in self.aliases.items() if v == number),
+        )
+
+    def list_versions(self) -> list[VersionInfo]:
+        return [self._version(v) for v in sorted(self.versions, reverse=True)]
+
+    def alias_version(self, alias: str | None = None) -> VersionInfo | None:
+        if not self.up:
+            raise RegistryError("registry down") from ConnectionError("refused")
+        number = self.aliases.get(alias or "champion")
+        return None if number is None else self._version(number)
+
+    def set_alias(self, version: int, alias: str | None = None) -> None:
+        if version not in self.versions:
+            raise RegistryError(f"no version {version}") from MissingVersion()
+        self.aliases[alias or "champion"] = version
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "faces" / "Happy").mkdir(parents=True)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, data_root: Path) -> Settings:
+    return Settings(var_dir=tmp_path / "var", data_root=data_root, admin_token=TOKEN)
+
+
+@pytest.fixture
+def queue() -> FakeQueue:
+    return FakeQueue()
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry([1, 2, 3], champion=1)
+
+
+@pytest.fixture
+def app(settings: Settings, queue: FakeQueue, registry: FakeRegistry):
+    return create_app(settings, job_queue=queue, registry_factory=lambda: registry)
+
+
+@pytest.fixture
+def client(app) -> FlaskClient:
+    return app.test_client()
+
+
+def assert_error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+def rows(app) -> list[TrainingRun]:
+    with app.app_context(), services().sessions() as session:
+        return list(session.scalars(select(TrainingRun).order_by(TrainingRun.created_at)))
+
+
+def submit(client: FlaskClient, **body: Any):
+    return client.post(RUNS, json={"data": "faces", **body}, headers=AUTH)
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+ADMIN_ROUTES = [
+    ("post", RUNS, {"data": "faces"}),
+    ("get", RUNS, None),
+    ("get", f"{RUNS}/{uuid.UUID(int=1)}", None),
+    ("post", "/api/v1/models/2/promote", None),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "body"), ADMIN_ROUTES)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
+)
+def test_admin_routes_need_the_token(
+    client: FlaskClient, queue: FakeQueue, registry: FakeRegistry, method, url, body, headers
+) -> None:
+    response = getattr(client, method)(url, json=body, headers=headers)
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert queue.training == [] and queue.broadcasts == 0
+    assert registry.aliases == {"champion": 1}
+
+
+def test_auth_is_checked_before_the_body(client: FlaskClient, app) -> None:
+    """A caller without the token learns nothing about what a valid request looks like."""
+    response = client.post(RUNS, json={"model": "nope", "epochs": 0})
+    assert_error(response, 401, "unauthorized")
+    assert rows(app) == []
+
+
+@pytest.mark.parametrize(("method", "url", "body"), ADMIN_ROUTES)
+@pytest.mark.parametrize("token", [None, ""])
+def test_admin_routes_are_disabled_without_a_configured_token(
+    tmp_path: Path, queue: FakeQueue, registry: FakeRegistry, method, url, body, token
+) -> None:
+    settings = Settings(var_dir=tmp_path / "var", data_root=tmp_path / "data", admin_token=token)
+    client = create_app(settings, job_queue=queue, registry_factory=lambda: registry).test_client()
+    response = getattr(client, method)(url, json=body, headers=AUTH)
+    message = assert_error(response, 403, "admin_disabled")
+    assert "EMOTIONS_ADMIN_TOKEN" in message
+    assert registry.aliases == {"champion": 1}
+
+
+def test_public_routes_stay_public(client: FlaskClient) -> None:
+    assert client.get("/api/v1/models").status_code == 200
+    assert client.get("/api/v1/jobs").status_code == 200
+
+
+# -- submission -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "alexnet"}, "model"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 501}, "epochs"),
+        ({"epochs": "many"}, "epochs"),
+        ({"promote": "sometimes"}, "promote"),
+        ({"data": ""}, "data"),
+        ({"data": None}, "data"),
+        ({"overrides": "training.lr=0.1"}, "overrides"),
+        ({"overrides": [f"training.lr=0.{i}" for i in range(51)]}, "overrides"),
+        ({"overrides": ["data.path=/etc"]}, "overrides"),
+        ({"overrides": ["++data.path=/etc"]}, "overrides"),
+        ({"overrides": ["~data.path"]}, "overrides"),
+        ({"overrides": ["data=default"]}, "overrides"),
+        ({"overrides": ["data.hash_cache=/tmp/x.json"]}, "overrides"),
+        ({"overrides": ["promote=force"]}, "overrides"),
+        ({"overrides": ["output_dir=/tmp/elsewhere"]}, "overrides"),
+        ({"overrides": ["hydra.run.dir=/tmp"]}, "overrides"),
+        ({"overrides": ["+hydra/launcher=basic"]}, "overrides"),
+        ({"overrides": ["model=resnet18"]}, "overrides"),
+        ({"overrides": ["training.lr"]}, "overrides"),
+        ({"overrides": ["=0.1"]}, "overrides"),
+        ({"overrides": ["training lr=0.1"]}, "overrides"),
+        ({"overrides": ["training.lr=1\nhydra.run.dir=/"]}, "overrides"),
+        ({"overrides": ["run_name=${oc.env:AWS_SECRET_ACCESS_KEY}"]}, "overrides"),
+        ({"overrides": [12]}, "overrides"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_invalid_fields_are_refused_with_the_field(
+    client: FlaskClient, app, queue: FakeQueue, body: dict[str, Any], field: str
+) -> None:
+    message = assert_error(submit(client, **body), 400, "validation_error")
+    assert message.startswith(f"{field}"), message
+    assert rows(app) == [] and queue.training == []
+
+
+def test_unknown_model_names_the_choices(client: FlaskClient) -> None:
+    message = assert_error(submit(client, model="alexnet"), 400, "validation_error")
+    assert "efficientnet_lite0" in message and "cnn" in message
+
+
+def test_missing_data_is_refused(client: FlaskClient) -> None:
+    response = client.post(RUNS, json={"model": "cnn"}, headers=AUTH)
+    assert "data" in assert_error(response, 400, "validation_error")
+
+
+@pytest.mark.parametrize(
+    ("folder", "code"),
+    [
+        ("/etc", "invalid_path"),
+        ("../outside", "invalid_path"),
+        ("faces/../../outside", "invalid_path"),
+        ("C:\\data", "invalid_path"),
+        ("nope", "not_found"),
+        ("faces/Happy/missing", "not_found"),
+        ("link-out", "invalid_path"),
+        ("file.txt", "not_found"),
+    ],
+)
+def test_data_folder_must_exist_under_the_data_root(
+    client: FlaskClient, app, data_root: Path, queue: FakeQueue, folder: str, code: str
+) -> None:
+    outside = data_root.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (data_root / "link-out").symlink_to(outside)
+    (data_root / "file.txt").write_text("not a folder")
+    message = assert_error(submit(client, data=folder), 400, code)
+    assert message.startswith("data: ")
+    assert rows(app) == [] and queue.training == []
+
+
+def test_run_is_stored_and_enqueued(client: FlaskClient, app, queue: FakeQueue) -> None:
+    response = submit(
+        client,
+        model="cnn",
+        epochs=6,
+        data=" faces ",
+        promote="never",
+        overrides=["model.image_size=64", "training=fast", "+training.extra=a b,c"],
+    )
+    assert response.status_code == 202, response.get_json()
+    body = response.get_json()
+    assert response.headers["Location"] == f"{RUNS}/{body['id']}"
+    assert body["links"]["self"] == response.headers["Location"]
+    assert queue.training == [body["id"]]
+    assert "warning" not in body
+    assert body["status"] == "queued" and body["attempts"] == 0
+    assert (body["data"], body["promote"], body["requested_by"]) == ("faces", "never", "admin")
+    assert body["overrides"] == [
+        "model=cnn",
+        "training.max_epochs=6",
+        "model.image_size=64",
+        "training=fast",
+        "+training.extra=a b,c",
+    ]
+    assert body["registered_version"] is None and body["promoted"] is False
+    assert body["started_at"] is None and body["duration_seconds"] is None
+    [row] = rows(app)
+    assert str(row.id) == body["id"] and row.dispatched_at is not None
+
+
+def test_defaults(client: FlaskClient, queue: FakeQueue) -> None:
+    body = submit(client).get_json()
+    assert (body["promote"], body["overrides"]) == ("auto", [])
+    assert queue.training == [body["id"]]
+
+
+def test_broker_down_leaves_the_run_queued_and_the_next_submission_sends_it(
+    client: FlaskClient, app, queue: FakeQueue
+) -> None:
+    queue.up = False
+    response = submit(client, epochs=1)
+    assert response.status_code == 202
+    first = response.get_json()
+    assert "broker is unreachable" in first["warning"]
+    assert first["status"] == "queued" and queue.training == []
+    [row] = rows(app)
+    assert row.dispatched_at is None
+
+    queue.up = True
+    second = submit(client, epochs=2).get_json()
+    assert "warning" not in second
+    assert queue.training == [first["id"], second["id"]]  # oldest first, each once
+    submit(client, epochs=3)
+    assert queue.training.count(first["id"]) == 1
+    assert all(row.dispatched_at is not None for row in rows(app))
+
+
+def test_training_needs_a_training_queue(
+    tmp_path: Path, settings: Settings, registry: FakeRegistry
+) -> None:
+    app = create_app(settings, job_queue=JobOnlyQueue(), registry_factory=lambda: registry)
+    response = app.test_client().post(RUNS, json={"data": "faces"}, headers=AUTH)
+    assert_error(response, 503, "training_unavailable")
+
+
+# -- reading runs -----------------------------------------------------------------------------
+
+
+def test_list_is_paginated_newest_first(client: FlaskClient) -> None:
+    ids = [submit(client, epochs=n).get_json()["id"] for n in (1, 2, 3)]
+    body = client.get(RUNS, headers=AUTH).get_json()
+    assert [item["id"] for item in body["items"]] == ids[::-1]
+    assert (body["total"], body["page"], body["limit"]) == (3, 1, 20)
+    page = client.get(f"{RUNS}?limit=2&page=2", headers=AUTH).get_json()
+    assert [item["id"] for item in page["items"]] == [ids[0]]
+    clamped = client.get(f"{RUNS}?limit=0&page=-4", headers=AUTH).get_json()
+    assert (clamped["page"], clamped["limit"]) == (1, 1)
+
+
+def test_detail_shows_what_the_trainer_recorded(client: FlaskClient, app) -> None:
+    run_id = uuid.UUID(submit(client, model="cnn").get_json()["id"])
+    with app.app_context(), services().sessions() as session:
+        assert db_runs.mark_running(session, run_id) is not None
+        db_runs.mark_succeeded(
+            session,
+            run_id,
+            mlflow_run_id="abc123",
+            registered_version=7,
+            promoted=True,
+            promotion_reason="beats the champion",
+            metrics={"test_accuracy": 0.93, "passed_targets": True},
+        )
+        session.commit()
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["status"] == "succeeded" and body["attempts"] == 1
+    assert (body["mlflow_run_id"], body["registered_version"], body["promoted"]) == (
+        "abc123",
+        7,
+        True,
+    )
+    assert body["promotion_reason"] == "beats the champion"
+    assert body["metrics"] == {"test_accuracy": 0.93, "passed_targets": True}
+    assert body["error"] is None
+    assert body["started_at"] and body["finished_at"] and body["duration_seconds"] >= 0
+
+
+def test_unknown_run_is_404(client: FlaskClient) -> None:
+    assert_error(client.get(f"{RUNS}/{uuid.uuid4()}", headers=AUTH), 404, "not_found")
+    assert client.get(f"{RUNS}/not-a-uuid", headers=AUTH).status_code == 404
+
+
+# -- promotion --------------------------------------------------------------------------------
+
+
+def test_promote_moves_the_alias_and_broadcasts(
+    client: FlaskClient, queue: FakeQueue, registry: FakeRegistry
+) -> None:
+    response = client.post("/api/v1/models/3/promote", headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == {"version": 3, "previous": 1, "alias": "champion"}
+    assert registry.aliases == {"champion": 3}
+    assert queue.broadcasts == 1
+    listing = client.get("/api/v1/models").get_json()
+    assert listing["champion"] == 3
+
+
+def test_promote_unknown_version_is_404(
+    client: FlaskClient, queue: FakeQueue, registry: FakeRegistry
+) -> None:
+    assert_error(client.post("/api/v1/models/42/promote", headers=AUTH), 404, "not_found")
+    assert registry.aliases == {"champion": 1} and queue.broadcasts == 0
+
+
+def test_promote_without_a_champion_and_with_the_broker_down(
+    client: FlaskClient, queue: FakeQueue, registry: FakeRegistry
+) -> None:
+    registry.aliases.clear()
+    queue.up = False  # workers poll the alias anyway: not an error
+    response = client.post("/api/v1/models/2/promote", headers=AUTH)
+    assert response.status_code == 200
+    assert response.get_json() == {"version": 2, "previous": None, "alias": "champion"}
+    assert registry.aliases == {"champion": 2}
+
+
+def test_promote_with_the_registry_down_is_503(client: FlaskClient, registry) -> None:
+    registry.up = False
+    assert_error(client.post("/api/v1/models/2/promote", headers=AUTH), 503, "registry_unavailable")
+
+
+# -- OpenAPI ----------------------------------------------------------------------------------
+
+
+def test_openapi_documents_the_bearer_scheme(client: FlaskClient) -> None:
+    spec = client.get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    operations = [
+        spec["paths"][RUNS]["post"],
+        spec["paths"][RUNS]["get"],
+        spec["paths"][f"{RUNS}/{{run_id}}"]["get"],
+        spec["paths"]["/api/v1/models/{version}/promote"]["post"],
+    ]
+    for operation in operations:
+        assert operation["security"] == [{"bearerAuth": []}]
+        assert {"401", "403"} <= set(operation["responses"])
+    assert "security" not in spec["paths"]["/api/v1/models"]["get"]
+    body = spec["paths"][RUNS]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/TrainingRunIn")
+
+
+# -- the trainer's task -----------------------------------------------------------------------
+
+
+def _version(number: int) -> VersionInfo:
+    return VersionInfo("face-emotion", number, "file:///x", "run", {}, ())
+
+
+class FakeResult:
+    """What ``run_training`` returns, as far as the service reads it."""
+
+    def __init__(self, *, promote: bool) -> None:
+        self.run_id = "mlflow-run-1"
+        self.version = _version(5)
+        self.promotion = SimpleNamespace(promote=promote, reason="promote=force")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "version": 5,
+            "promoted": self.promotion.promote,
+            "passed_targets": False,
+            "test_accuracy": 0.81,
+            "test_weighted_f1": 0.8,
+        }
+
+
+@pytest.fixture
+def trainer(app, settings: Settings, client: FlaskClient):
+    """execute_run bound to the API's database, recording configs and broadcasts."""
+    from training.service import execute_run
+
+    calls: dict[str, list[Any]] = {"configs": [], "broadcasts": []}
+    with app.app_context():
+        sessions = services().sessions
+
+    def run(run_id: str, train=None) -> str | None:
+        def fake_train(cfg):
+            calls["configs"].append(cfg)
+            return FakeResult(promote=True)
+
+        return execute_run(
+            uuid.UUID(run_id),
+            settings=settings,
+            sessions=sessions,
+            on_promoted=lambda: calls["broadcasts"].append(1),
+            train_fn=train or fake_train,
+        )
+
+    run.calls = calls  # type: ignore[attr-defined]
+    return run
+
+
+def test_task_trains_records_and_broadcasts(
+    client: FlaskClient, settings: Settings, data_root: Path, trainer
+) -> None:
+    run_id = submit(
+        client, model="cnn", epochs=2, promote="force", overrides=["training.lr=0.005"]
+    ).get_json()["id"]
+    assert trainer(run_id) == "succeeded"
+    [cfg] = trainer.calls["configs"]
+    assert cfg.model.name == "cnn" and cfg.training.max_epochs == 2
+    assert cfg.training.lr == 0.005 and cfg.promote == "force"
+    assert Path(cfg.data.path) == (data_root / "faces").resolve()
+    assert Path(cfg.output_dir) == settings.var_dir / "runs" / run_id
+    assert cfg.training.progress_bar is False
+    assert trainer.calls["broadcasts"] == [1]
+
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["status"] == "succeeded" and body["attempts"] == 1
+    assert (body["mlflow_run_id"], body["registered_version"], body["promoted"]) == (
+        "mlflow-run-1",
+        5,
+        True,
+    )
+    assert body["metrics"] == {
+        "test_accuracy": 0.81,
+        "test_weighted_f1": 0.8,
+        "passed_targets": False,
+    }
+
+    # The broker delivers the task again (a lost ack): the finished run is left alone.
+    assert trainer(run_id) is None
+    assert len(trainer.calls["configs"]) == 1 and trainer.calls["broadcasts"] == [1]
+    assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["attempts"] == 1
+
+
+def test_task_does_not_broadcast_without_a_promotion(client: FlaskClient, trainer) -> None:
+    run_id = submit(client, promote="never").get_json()["id"]
+    assert trainer(run_id, train=lambda cfg: FakeResult(promote=False)) == "succeeded"
+    assert trainer.calls["broadcasts"] == []
+    assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["promoted"] is False
+
+
+def test_task_restarts_a_run_whose_trainer_died(client: FlaskClient, app, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    with app.app_context(), services().sessions() as session:
+        db_runs.mark_running(session, uuid.UUID(run_id))
+        session.commit()
+    assert trainer(run_id) == "succeeded"
+    assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["attempts"] == 2
+
+
+def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, trainer) -> None:
+    run_id = submit(client, overrides=["training.no_such_key=1"]).get_json()["id"]
+    assert trainer(run_id) == "failed"
+    assert trainer.calls["configs"] == []
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["status"] == "failed" and body["finished_at"]
+    assert body["error"].startswith("invalid training configuration: ")
+    assert "no_such_key" in body["error"]
+    assert trainer(run_id) is None  # no retry
+
+
+def test_training_error_fails_the_run(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+
+    def explode(cfg):
+        raise ValueError("no images found under faces")
+
+    assert trainer(run_id, train=explode) == "failed"
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["error"] == "ValueError: no images found under faces"
+    assert trainer.calls["broadcasts"] == []
+
+
+def test_task_resolves_the_folder_under_its_own_data_root(
+    client: FlaskClient, data_root: Path, trainer
+) -> None:
+    run_id = submit(client).get_json()["id"]
+    (data_root / "faces" / "Happy").rmdir()
+    (data_root / "faces").rmdir()
+    assert trainer(run_id) == "failed"
+    error = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["error"]
+    assert "does not exist" in error
+
+
+def test_unknown_run_id_is_ignored(trainer) -> None:
+    assert trainer(str(uuid.uuid4())) is None
+
+
+def test_a_starting_trainer_sends_runs_the_broker_missed(
+    client: FlaskClient, app, settings: Settings, queue: FakeQueue, monkeypatch
+) -> None:
+    import training.service as service
+
+    queue.up = False
+    run_id = submit(client).get_json()["id"]
+    sent: list[tuple[str, dict[str, Any], str]] = []
+    monkeypatch.setattr(service, "settings", settings)
+    monkeypatch.setattr(
+        service.app,
+        "send_task",
+        lambda name, kwargs, queue, **_: sent.append((name, kwargs, queue)),
+    )
+    service._dispatch_pending(sender=SimpleNamespace(app=service.app))
+    assert sent == [("emotions.train", {"run_id": run_id}, "training")]
+    service._dispatch_pending(sender=SimpleNamespace(app=service.app))
+    assert len(sent) == 1  # claimed once, sent once
+    service._dispatch_pending(sender=SimpleNamespace(app=object()))  # another app's worker
+    assert len(sent) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data/a b/c", "/data/it's", "/d/x=y,z", "/d/${oc.env:HOME}", "/d/back\\slash", "/d/end\\"],
+)
+def test_paths_reach_hydra_literally(path: str) -> None:
+    from training.service import hydra_quote
+    from training.train import compose_config
+
+    assert compose_config([f"data.path={hydra_quote(path)}"]).data.path == path
+
+
+def test_trainer_celery_settings() -> None:
+    from training.service import TRAIN_TASK, celery_config
+
+    config = celery_config(Settings(visibility_timeout=3600, training_queue="gpu-training"))
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_transport_options"]["visibility_timeout"] == 6 * 3600
+    # Inference workers restore the default unacked keys after 1 h: not ours.
+    assert config["broker_transport_options"]["unacked_key"] != "unacked"
+    assert config["task_routes"] == {TRAIN_TASK: {"queue": "gpu-training"}}
+    longer = celery_config(Settings(visibility_timeout=86400))
+    assert longer["broker_transport_options"]["visibility_timeout"] == 86400
+
+
+def test_task_names_match_across_services() -> None:
+    import api.queue
+    import training.service
+    import worker.app
+
+    assert api.queue.TRAIN_TASK_NAME == training.service.TRAIN_TASK
+    assert api.queue.RELOAD_COMMAND == training.service.RELOAD_COMMAND == worker.app.RELOAD_COMMAND
+    assert training.service.TRAIN_TASK in training.service.app.tasks
+
+
+def test_celery_queue_sends_training_runs_and_broadcasts() -> None:
+    from api.queue import TRAIN_TASK_NAME, CeleryJobQueue
+
+    queue = CeleryJobQueue(Settings(broker_url="memory://", training_queue="training-test"))
+    queue.enqueue_training("run-1")
+    with queue.app.connection_for_read() as connection:
+        simple = connection.SimpleQueue("training-test")
+        try:
+            message = simple.get(timeout=2)
+            assert message.headers["task"] == TRAIN_TASK_NAME
+            assert message.payload[1] == {"run_id": "run-1"}
+            message.ack()
+        finally:
+            simple.close()
+    queue.broadcast_reload()  # memory transport: must not raise
+
+
+def test_celery_queue_broadcast_with_the_broker_down_fails_fast() -> None:
+    import time
+
+    from api.queue import CeleryJobQueue
+
+    queue = CeleryJobQueue(Settings(broker_url="redis://127.0.0.1:1/0"))
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - kombu's OperationalError or a socket error
+        queue.broadcast_reload()
+    with pytest.raises(Exception):  # noqa: B017
+        queue.enqueue_training("run-1")
+    assert time.monotonic() - started < 20
