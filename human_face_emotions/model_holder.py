@@ -166,7 +166,13 @@ class ModelHolder:
         except Exception as exc:
             raise ModelUnavailable(f"cannot load version {info.version}: {exc}") from exc
         backend = choose_backend(self.settings.backend, self.device.type, bundle)
-        predictor = Predictor(bundle, device=self.device, backend=backend)  # type: ignore[arg-type]
+        predictor = Predictor(
+            bundle,
+            device=self.device,
+            backend=backend,  # type: ignore[arg-type]
+            precision=self.settings.precision,
+            compile_model=self.settings.torch_compile and backend == "torch",
+        )
         log.info(
             "loaded %s version %s (%s, %s, %s px)",
             info.name,

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         description="Inference backend; auto = ONNX Runtime on CPU when the "
         "version has an ONNX artefact, torch otherwise.",
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Forward-pass precision: auto = bf16/fp16 autocast on CUDA, fp32 on CPU.",
+    )
+    torch_compile: bool = Field(
+        default=False, description="Compile the model with torch.compile (GPU workers)."
+    )
     decode_threads: int = Field(default=2, ge=1, le=64, description="Image decode threads.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=256, description="Intra-op threads (default: all cores)."
