@@ -8,12 +8,13 @@ the MLflow registry from the same ``EMOTIONS_*`` settings the workers read.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from apiflask import APIFlask
 
-from api import errors, extensions, health, jobs, models, training_runs
+from api import auth, errors, extensions, health, jobs, limits, models, security, training_runs
 from api.queue import CeleryJobQueue, JobQueue
 from api.schemas import ErrorOut
 from human_face_emotions import __version__
@@ -22,6 +23,13 @@ from human_face_emotions.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+#: ``<converter(args):name>`` in a Werkzeug rule.
+_VARIABLE = re.compile(r"<(?:(?P<converter>[A-Za-z_]\w*)(?:\([^)]*\))?:)?(?P<name>\w+)>")
+#: What the converters our routes use accept (``int`` is unsigned unless told otherwise).
+CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "uuid": {"type": "string", "format": "uuid"},
+    "int": {"type": "integer", "minimum": 0},
+}
 
 
 def create_app(
@@ -30,8 +38,10 @@ def create_app(
     job_queue: JobQueue | None = None,
     registry_factory: Callable[[], Any] | None = None,
 ) -> APIFlask:
-    """Build the API: config, migrations, error handlers, services, blueprints."""
+    """Build the API: config, migrations, error handlers, services, security, blueprints."""
     settings = settings or get_settings()
+    security.install_log_redaction(settings)  # before anything below can log a secret
+    auth.warn_if_disabled(settings)
     app = APIFlask(
         __name__,
         title="face-emotions",
@@ -51,6 +61,7 @@ def create_app(
         HTTP_ERROR_SCHEMA=ErrorOut,
     )
     app.json.sort_keys = False  # keep the documented field order (seed record shape)
+    app.spec_processor(lambda spec: _process_spec(app, spec))
 
     if settings.migrate_on_start:
         from human_face_emotions.db.migrate import upgrade
@@ -63,12 +74,56 @@ def create_app(
         registry_factory = _default_registry_factory(settings)
 
     errors.init_app(app)
+    security.init_app(app, settings)
     extensions.init_app(app, settings, job_queue=job_queue, registry_factory=registry_factory)
+    limits.init_app(app, settings, key=_rate_limit_key)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(training_runs.bp)
     return app
+
+
+def _process_spec(app: APIFlask, spec: dict[str, Any]) -> dict[str, Any]:
+    """What APIFlask cannot infer: security on every /api/ route, the two request bodies of
+    job submission, and what the URL converters accept."""
+    spec = auth.document_security(spec)
+    spec = jobs.document_request_bodies(spec)
+    return _document_path_converters(app, spec)
+
+
+def _document_path_converters(app: APIFlask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Say in the spec what the URL converters accept (``uuid`` ids, non-negative integers).
+
+    APIFlask documents every path parameter as a plain string or integer; clients and
+    fuzzers that read the spec then build URLs that cannot match any route.
+    """
+    formats: dict[tuple[str, str], dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        path = _VARIABLE.sub(lambda m: "{" + m["name"] + "}", rule.rule)
+        for match in _VARIABLE.finditer(rule.rule):
+            schema = CONVERTER_SCHEMAS.get(match["converter"] or "")
+            if schema is not None:
+                formats[(path, match["name"])] = schema
+    for path, operations in spec.get("paths", {}).items():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            for parameter in operation.get("parameters", []):
+                schema = formats.get((path, parameter.get("name", "")))
+                if parameter.get("in") == "path" and schema is not None:
+                    parameter["schema"] = dict(schema)
+    return spec
+
+
+def _rate_limit_key() -> str:
+    """Rate-limit bucket of the request: its principal (never empty, so never skipped).
+
+    The submission view authenticates before it counts, so the anonymous bucket is only a
+    fallback; with auth disabled everyone shares the ``principal:`` bucket.
+    """
+    principal = auth.optional_principal()
+    return f"principal:{principal.id}" if principal is not None else "anonymous"
 
 
 def _default_registry_factory(settings: Settings) -> Callable[[], Any]:

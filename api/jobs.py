@@ -1,5 +1,9 @@
 """``/api/v1/jobs``: submit a batch, follow it, cancel it, read and export its results.
 
+Every route needs a token with the ``submit`` role (admins too). A job belongs to the token that
+submitted it: submit tokens see, list and cancel only their own jobs (another token's job is a
+404, so its existence is not revealed), admins see all of them.
+
 Submission order matters for failure handling: the request is validated and its files stored
 first, then the job and all image rows are committed in one transaction, and only then are
 chunk tasks sent. A crash before the commit leaves no job and (after cleanup) no files; a
@@ -19,16 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import Response, request, url_for
+from flask import Response, current_app, request, url_for
 from marshmallow import Schema, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import FileStorage
 
+from api.auth import SUBMIT, current_principal, require_role
 from api.errors import ApiError, validation_message
 from api.extensions import db_session, services
+from api.limits import check_backlog, submission_limits
 from api.schemas import (
     MAX_BATCH_SIZE,
+    MAX_INT32,
     ErrorOut,
     JobCreatedOut,
     JobCreateIn,
@@ -60,8 +67,6 @@ log = logging.getLogger(__name__)
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="jobs")
 
-#: Jobs belong to an owner (API token); authentication is not enabled yet, so everyone is "".
-OWNER = ""
 BROKER_WARNING = (
     "queued in the database; the broker is unreachable, the job will be dispatched when it recovers"
 )
@@ -78,6 +83,17 @@ INTAKE_STATUS = {"too_large": 413}
 
 JSON_TYPES = {"application/json"}
 MULTIPART = "multipart/form-data"
+#: Declared content types a file part may have: images, zips, and what clients send when they
+#: don't know (curl and requests send nothing or octet-stream for unknown extensions). Anything
+#: else (text/html, text/plain, application/x-msdownload...) is refused before it is stored.
+PART_TYPES = {
+    "",
+    "application/octet-stream",
+    "application/zip",
+    "application/x-zip",
+    "application/x-zip-compressed",
+    "binary/octet-stream",
+}
 
 
 def _error_responses(*codes: int) -> dict[int, dict[str, Any]]:
@@ -87,11 +103,20 @@ def _error_responses(*codes: int) -> dict[int, dict[str, Any]]:
         409: "Conflict",
         413: "Request body too large",
         415: "Unsupported content type",
+        429: "Too many submissions for this token; see Retry-After",
+        503: "Too many images are waiting (back-pressure); see Retry-After",
+    }
+    retry_after = {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying",
+            "schema": {"type": "integer"},
+        }
     }
     return {
         code: {
             "description": descriptions[code],
             "content": {"application/json": {"schema": ErrorOut}},
+            **({"headers": retry_after} if code in {429, 503} else {}),
         }
         for code in codes
     }
@@ -113,6 +138,69 @@ def document_body(schema: type[Schema], content_types: list[str]) -> Callable:
     return decorator
 
 
+def document_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
+    """Spec processor: one precise request schema per content type of ``POST /api/v1/jobs``.
+
+    ``document_body`` can attach a single schema to both content types, which would tell
+    clients (and fuzzers) that JSON takes ``files`` and multipart takes ``folder``. The two
+    bodies are written here from the same constants the validating schemas use; a unit test
+    keeps their field names in step with :class:`JobFolderIn` and :class:`JobUploadForm`.
+    """
+    post = spec.get("paths", {}).get("/api/v1/jobs", {}).get("post")
+    if post is None:
+        return spec
+    batch_size = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_BATCH_SIZE,
+        "description": "Images per forward pass (default EMOTIONS_BATCH_SIZE).",
+    }
+    model_version = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_INT32,
+        "description": "Pin a registered version; default: the serving alias.",
+    }
+    content = post.setdefault("requestBody", {}).setdefault("content", {})
+    content[MULTIPART] = {
+        "schema": {
+            "type": "object",
+            "required": ["files"],
+            "properties": {
+                "files": {
+                    "type": "array",
+                    "items": {"type": "string", "format": "binary"},
+                    "description": "Images (.png, .jpg...) or exactly one .zip of images.",
+                },
+                "batch_size": batch_size,
+                "model_version": model_version,
+            },
+        }
+    }
+    content["application/json"] = {
+        "schema": {
+            "type": "object",
+            "required": ["folder"],
+            "additionalProperties": False,
+            "properties": {
+                "folder": {
+                    "type": "string",
+                    "example": "faces",
+                    "description": "Folder relative to EMOTIONS_DATA_ROOT on the server.",
+                },
+                "recursive": {
+                    "type": "boolean",
+                    "default": True,
+                    "description": "Include sub-folders.",
+                },
+                "batch_size": batch_size,
+                "model_version": {**model_version, "nullable": True},
+            },
+        }
+    }
+    return spec
+
+
 # -- submission ------------------------------------------------------------------------------
 
 
@@ -127,6 +215,7 @@ class Submission:
 
 
 @bp.post("")
+@require_role(SUBMIT)
 @bp.output(JobCreatedOut, status_code=202, description="Job accepted and queued")
 @bp.doc(
     responses={
@@ -135,7 +224,7 @@ class Submission:
             "and nothing new is stored or queued",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobOut"}}},
         },
-        **_error_responses(400, 413, 415),
+        **_error_responses(400, 413, 415, 429, 503),
     }
 )
 @document_body(JobCreateIn, [MULTIPART, "application/json"])
@@ -145,16 +234,23 @@ def create_job() -> Any:
     multipart/form-data: `files` (one or more images, or exactly one .zip) and optional
     `batch_size` and `model_version` form fields. application/json: `{"folder": "<path under
     EMOTIONS_DATA_ROOT>", "recursive": true, "batch_size": 32, "model_version": 3}`.
-    An `Idempotency-Key` header makes retries safe: the same key returns the same job (200).
+    An `Idempotency-Key` header makes retries safe: the same key returns the same job (200)
+    and does not count towards the rate limit (429). While more than
+    EMOTIONS_MAX_QUEUED_IMAGES images wait, new jobs get 503 with `Retry-After`.
     """
     state = services()
     settings = state.settings
     session = db_session()
+    owner = current_principal().id
     key = _idempotency_key()
     if key is not None:
-        existing = db_jobs.find_by_idempotency_key(session, OWNER, key)
+        existing = db_jobs.find_by_idempotency_key(session, owner, key)
         if existing is not None:
             return _job_payload(session, existing), 200, _location(existing.id)
+    submission_limits(current_app).check_rate()
+    # Refuse before reading the body when even a one-image job would not fit.
+    check_backlog(session, settings, 1)
+    session.commit()  # end the read transaction; the body may take a while to arrive
 
     job_id = uuid.uuid4()
     storage = Storage.from_url(
@@ -171,7 +267,7 @@ def create_job() -> Any:
             images=submission.images,
             batch_size=submission.batch_size,
             chunk_size=submission.batch_size * settings.chunk_batches,
-            owner=OWNER,
+            owner=owner,
             idempotency_key=key,
             model_version=submission.model_version,
         )
@@ -180,7 +276,7 @@ def create_job() -> Any:
         # Two requests with the same key raced past the lookup; the other one won.
         session.rollback()
         _remove_uploads(storage, prefix)
-        existing = db_jobs.find_by_idempotency_key(session, OWNER, key) if key else None
+        existing = db_jobs.find_by_idempotency_key(session, owner, key) if key else None
         if existing is None:
             raise
         return _job_payload(session, existing), 200, _location(existing.id)
@@ -289,6 +385,7 @@ def _read_upload(settings: Settings, storage: Storage, prefix: str) -> Submissio
         other = sorted(name for name in request.files if name != "files")
         hint = f" (got file fields {', '.join(other)})" if other else ""
         raise ApiError(400, "no_files", f"upload one or more images in field 'files'{hint}")
+    _check_part_types(files)
     batch_size = options.get("batch_size", _default_batch_size(settings))
     model_version = options.get("model_version")
     zips = [f for f in files if (f.filename or "").lower().endswith(".zip")]
@@ -305,6 +402,8 @@ def _read_upload(settings: Settings, storage: Storage, prefix: str) -> Submissio
             max_images=settings.max_images_per_job,
             max_total_bytes=settings.max_upload_mb * MIB * ZIP_EXPANSION_LIMIT,
         )
+        # The count is known only now; create_job removes what was extracted if this refuses.
+        check_backlog(db_session(), settings, len(extraction.images))
         return Submission(
             source_type="zip",
             source=secure_name(archive.filename or "upload.zip"),
@@ -313,6 +412,8 @@ def _read_upload(settings: Settings, storage: Storage, prefix: str) -> Submissio
             model_version=model_version,
             skipped=extraction.skipped,
         )
+    if len(files) <= settings.max_images_per_job:  # else store_uploads says too_many_images
+        check_backlog(db_session(), settings, len(files))
     images = store_uploads(
         ((f.filename or "", f.stream) for f in files),
         storage,
@@ -341,6 +442,7 @@ def _read_folder(settings: Settings) -> Submission:
         max_images=settings.max_images_per_job,
         s3_endpoint_url=settings.s3_endpoint_url,
     )
+    check_backlog(db_session(), settings, len(images))
     return Submission(
         source_type="folder",
         source=folder,
@@ -350,20 +452,41 @@ def _read_folder(settings: Settings) -> Submission:
     )
 
 
+def _check_part_types(files: list[FileStorage]) -> None:
+    """Refuse file parts whose declared type is neither an image nor a zip (nor unknown).
+
+    The extension check in :func:`store_uploads` remains the main gate; this one stops a
+    client that says outright that it sends HTML, text or an executable under an image name.
+    """
+    for upload in files:
+        declared = (upload.mimetype or "").lower()
+        if declared.startswith("image/") or declared in PART_TYPES:
+            continue
+        name = secure_name(upload.filename or "upload")
+        raise ApiError(
+            400,
+            "unsupported_file",
+            f"{name!r} is sent as {declared!r}; upload images (image/*) or one .zip",
+        )
+
+
 # -- reading jobs ----------------------------------------------------------------------------
 
 
 @bp.get("")
+@require_role(SUBMIT)
 @bp.input(PageQuery, location="query")
 @bp.output(JobPageOut)
 def list_jobs(query_data: dict[str, int]) -> dict[str, Any]:
     """List jobs, newest first
 
-    `limit` is clamped to 1..EMOTIONS_MAX_PAGE_SIZE and `page` to >= 1.
+    Submit tokens see their own jobs, admins every job. `limit` is clamped to
+    1..EMOTIONS_MAX_PAGE_SIZE and `page` to 1..2^31-1 (a page past the end is empty).
     """
     page, limit = _page(query_data)
     session = db_session()
-    jobs, total = db_jobs.list_jobs(session, owner=OWNER, offset=(page - 1) * limit, limit=limit)
+    owner = current_principal().owner_filter
+    jobs, total = db_jobs.list_jobs(session, owner=owner, offset=(page - 1) * limit, limit=limit)
     versions = model_versions_by_job(session, [job.id for job in jobs])
     return {
         "items": [job_dict(job, versions.get(job.id, [])) for job in jobs],
@@ -374,6 +497,7 @@ def list_jobs(query_data: dict[str, int]) -> dict[str, Any]:
 
 
 @bp.get("/<uuid:job_id>")
+@require_role(SUBMIT)
 @bp.output(JobOut)
 @bp.doc(responses=_error_responses(404))
 def get_job(job_id: uuid.UUID) -> dict[str, Any]:
@@ -383,6 +507,7 @@ def get_job(job_id: uuid.UUID) -> dict[str, Any]:
 
 
 @bp.delete("/<uuid:job_id>")
+@require_role(SUBMIT)
 @bp.output(JobOut, description="The cancelled job")
 @bp.doc(responses=_error_responses(404, 409))
 def cancel_job(job_id: uuid.UUID) -> dict[str, Any]:
@@ -400,6 +525,7 @@ def cancel_job(job_id: uuid.UUID) -> dict[str, Any]:
 
 
 @bp.get("/<uuid:job_id>/results")
+@require_role(SUBMIT)
 @bp.input(ResultsQuery, location="query")
 @bp.output(ResultPageOut)
 @bp.doc(
@@ -458,6 +584,7 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
 
 
 @bp.get("/<uuid:job_id>/summary")
+@require_role(SUBMIT)
 @bp.output(SummaryOut)
 @bp.doc(responses=_error_responses(404))
 def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
@@ -478,7 +605,8 @@ def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
 
 
 def _job_or_404(session: Session, job_id: uuid.UUID) -> Job:
-    job = db_jobs.get_job(session, job_id, owner=OWNER)
+    """The job if this principal may see it; another token's job is "not found" too."""
+    job = db_jobs.get_job(session, job_id, owner=current_principal().owner_filter)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
     return job

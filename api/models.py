@@ -14,7 +14,7 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from api.auth import AUTH_RESPONSES, SECURITY_SCHEME, register_security_scheme, require_admin
+from api.auth import ADMIN, AUTH_RESPONSES, SUBMIT, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
 from api.queue import TrainingQueue
@@ -31,16 +31,19 @@ from human_face_emotions.registry import (
 log = logging.getLogger(__name__)
 
 bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="models")
-bp.record_once(register_security_scheme)
 
 #: MLflow's code for "no such version"; any other registry failure means it is unreachable.
 MISSING_VERSION_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+#: Registries number versions from 1 in a 32-bit integer; larger numbers exist nowhere.
+MAX_VERSION = 2**31 - 1
 
 #: Workers heartbeat far more often; one silent this long is gone (or stuck).
 WORKER_LIVENESS = timedelta(minutes=5)
 
 
 @bp.get("")
+@require_role(SUBMIT)
 @bp.output(ModelsOut)
 @bp.doc(
     responses={
@@ -51,7 +54,10 @@ WORKER_LIVENESS = timedelta(minutes=5)
     }
 )
 def list_models() -> dict[str, Any]:
-    """Registered model versions, the champion, and the workers seen in the last 5 minutes"""
+    """Registered model versions, the champion, and the workers seen in the last 5 minutes
+
+    Readable by submit tokens: clients choose `model_version` from it.
+    """
     state = services()
     try:
         registry = state.registry()
@@ -84,10 +90,9 @@ def list_models() -> dict[str, Any]:
 
 
 @bp.post("/<int:version>/promote")
-@require_admin
+@require_role(ADMIN)
 @bp.output(PromoteOut, description="The serving alias now points at this version")
 @bp.doc(
-    security=SECURITY_SCHEME,
     responses={
         **AUTH_RESPONSES,
         404: {
@@ -106,8 +111,10 @@ def promote_model(version: int) -> dict[str, Any]:
     Moves the serving alias (`champion`) to `version` whatever its metrics (a training run's
     `promote=auto` is the guarded path) and broadcasts a reload, so running workers swap to it
     at their next micro-batch; workers that miss the broadcast still pick it up at their next
-    poll (EMOTIONS_MODEL_REFRESH_SECONDS).
+    poll (EMOTIONS_MODEL_REFRESH_SECONDS). Admin tokens only.
     """
+    if version < 1 or version > MAX_VERSION:
+        raise ApiError(404, "not_found", f"model has no version {version}")
     state = services()
     alias = state.settings.model_alias
     try:

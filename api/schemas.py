@@ -23,8 +23,24 @@ from marshmallow import RAISE, ValidationError
 from human_face_emotions.labels import EMOTIONS
 
 MAX_BATCH_SIZE = 1024
+#: Integer columns are 32-bit: a bigger number is refused as input, not overflowed in SQL.
+MAX_INT32 = 2**31 - 1
+MAX_PATH_CHARS = 4096
 RESULT_FORMATS = ("json", "jsonl", "csv")
 RESULT_STATUSES = ("succeeded", "failed")
+
+
+def validate_path_text(value: str) -> None:
+    """A path-like string a filesystem and a database can hold: no NUL, no lone surrogates
+    (JSON's ``"\\ud800"`` decodes to one, and neither UTF-8 nor the OS can encode it)."""
+    if "\x00" in value:
+        raise ValidationError("must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError("must be valid Unicode text (no lone surrogates)") from exc
+    if len(value) > MAX_PATH_CHARS:
+        raise ValidationError(f"must be at most {MAX_PATH_CHARS} characters")
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -51,7 +67,7 @@ class _JobOptions(Schema):
         metadata={"description": "Images per forward pass (default EMOTIONS_BATCH_SIZE)."},
     )
     model_version = Integer(
-        validate=Range(min=1),
+        validate=Range(min=1, max=MAX_INT32),
         allow_none=True,
         metadata={"description": "Pin a registered version; default: the serving alias."},
     )
@@ -64,6 +80,7 @@ class JobUploadForm(_JobOptions):
 class JobFolderIn(_JobOptions):
     folder = String(
         required=True,
+        validate=validate_path_text,
         metadata={"description": "Folder relative to EMOTIONS_DATA_ROOT on the server."},
     )
     recursive = Boolean(load_default=True, metadata={"description": "Include sub-folders."})
@@ -81,7 +98,7 @@ class JobCreateIn(Schema):
     folder = String(metadata={"description": "JSON only: folder under EMOTIONS_DATA_ROOT"})
     recursive = Boolean(metadata={"description": "JSON only: include sub-folders (default true)"})
     batch_size = Integer(validate=Range(min=1, max=MAX_BATCH_SIZE))
-    model_version = Integer(validate=Range(min=1), allow_none=True)
+    model_version = Integer(validate=Range(min=1, max=MAX_INT32), allow_none=True)
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -280,6 +297,7 @@ def validate_override(override: str) -> None:
     """One Hydra override: ``key=value``, not a key the service owns, no interpolation."""
     if len(override) > MAX_OVERRIDE_CHARS:
         raise ValidationError(f"an override is longer than {MAX_OVERRIDE_CHARS} characters")
+    validate_path_text(override)  # it reaches the trainer's command line and the database
     if not OVERRIDE_PATTERN.fullmatch(override):
         raise ValidationError(
             f"{override!r} is not a Hydra override like 'training.lr=0.001' (key=value)"
@@ -305,12 +323,18 @@ class TrainingRunIn(Schema):
 
     data = String(
         required=True,
-        validate=Length(min=1),
-        metadata={"description": "Labelled folder (<Class>/images) under EMOTIONS_DATA_ROOT."},
+        validate=[Length(min=1), validate_path_text],
+        metadata={
+            "description": "Labelled folder (<Class>/images) under EMOTIONS_DATA_ROOT.",
+            "example": "faces",
+        },
     )
     model = String(
         validate=validate_model,
-        metadata={"description": "Architecture: cnn, efficientnet_lite0 (default), ..."},
+        metadata={
+            "description": "Architecture: cnn, efficientnet_lite0 (default), ...",
+            "example": "cnn",
+        },
     )
     epochs = Integer(
         validate=Range(min=1, max=MAX_EPOCHS),

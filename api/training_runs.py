@@ -19,13 +19,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import url_for
 
-from api.auth import (
-    AUTH_RESPONSES,
-    SECURITY_SCHEME,
-    current_principal,
-    register_security_scheme,
-    require_admin,
-)
+from api.auth import ADMIN, AUTH_RESPONSES, current_principal, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
 from api.queue import TrainingQueue
@@ -44,7 +38,6 @@ from human_face_emotions.db.schema import TrainingRun
 log = logging.getLogger(__name__)
 
 bp = APIBlueprint("training_runs", __name__, url_prefix="/api/v1/training-runs", tag="training")
-bp.record_once(register_security_scheme)
 
 BROKER_WARNING = (
     "queued in the database; the broker is unreachable, the run will be dispatched by the next "
@@ -81,10 +74,10 @@ def training_queue() -> TrainingQueue:
 
 
 @bp.post("")
-@require_admin
+@require_role(ADMIN)
 @bp.input(TrainingRunIn, arg_name="body")
 @bp.output(TrainingRunCreatedOut, status_code=202, description="Run accepted and queued")
-@bp.doc(security=SECURITY_SCHEME, responses=_responses(400, 503))
+@bp.doc(responses=_responses(400, 503))
 def create_training_run(body: dict[str, Any]) -> Any:
     """Start a training run
 
@@ -116,13 +109,12 @@ def create_training_run(body: dict[str, Any]) -> Any:
     overrides += body["overrides"]
 
     session = db_session()
-    principal = current_principal()
     run = db_runs.create_run(
         session,
         data_path=folder,
         overrides=overrides,
         promote=body["promote"],
-        requested_by=principal.name if principal else "",
+        requested_by=current_principal().id,
     )
     # Committed before anything is sent: a trainer must find the row its task names.
     session.commit()
@@ -136,10 +128,10 @@ def create_training_run(body: dict[str, Any]) -> Any:
 
 
 @bp.get("")
-@require_admin
+@require_role(ADMIN)
 @bp.input(PageQuery, location="query", arg_name="query")
 @bp.output(TrainingRunPageOut)
-@bp.doc(security=SECURITY_SCHEME, responses=_responses())
+@bp.doc(responses=_responses())
 def list_training_runs(query: dict[str, int]) -> dict[str, Any]:
     """List training runs, newest first
 
@@ -152,9 +144,9 @@ def list_training_runs(query: dict[str, int]) -> dict[str, Any]:
 
 
 @bp.get("/<uuid:run_id>")
-@require_admin
+@require_role(ADMIN)
 @bp.output(TrainingRunOut)
-@bp.doc(security=SECURITY_SCHEME, responses=_responses(404))
+@bp.doc(responses=_responses(404))
 def get_training_run(run_id: uuid.UUID) -> dict[str, Any]:
     """Status, MLflow run, test metrics, registered version and promotion of a run"""
     run = db_runs.get_run(db_session(), run_id)

@@ -4,6 +4,12 @@ A chunk is a few micro-batches. Each micro-batch is decoded in a thread pool whi
 one runs through the model, then written in one transaction. Images that already have a result
 are skipped, so a redelivered chunk (worker crash, broker redelivery, sweeper) only finishes
 what is missing. The model is asked for at every micro-batch: that is where a hot reload lands.
+
+Every delivery that starts working on images counts against them (``images.attempts``), once a
+model is at hand: waiting for a model is not the chunk's fault. A delivery that finds its
+images already delivered ``max_chunk_attempts`` times fails them instead of trying again, so a
+chunk that kills its worker every time (redelivered forever by ``reject_on_worker_lost``)
+still lets its job finish.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from human_face_emotions.batching import iter_decoded_batches
 from human_face_emotions.db.engine import with_db_retry
 from human_face_emotions.db.jobs import (
     ResultRow,
+    count_delivery,
+    pending_attempts,
     pending_images,
     record_results,
     start_chunk,
@@ -36,6 +44,7 @@ from human_face_emotions.model_holder import ModelHolder, ModelUnavailable, Serv
 from human_face_emotions.registry import RegistryError
 from human_face_emotions.settings import Settings
 from human_face_emotions.storage import StorageLimitError, StorageReader, local_path
+from human_face_emotions.sweeper import fail_chunk, gave_up_reason
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,7 @@ class ChunkOutcome:
     forward_batches: list[int] = field(default_factory=list)
     model_versions: set[int] = field(default_factory=set)
     seconds: float = 0.0
+    attempt: int = 0  # which delivery of these images this was (0: none was counted)
 
     def as_dict(self) -> dict:
         return {
@@ -127,6 +137,7 @@ class ChunkOutcome:
             "forward_batches": self.forward_batches,
             "model_versions": sorted(self.model_versions),
             "seconds": round(self.seconds, 3),
+            "attempt": self.attempt,
         }
 
 
@@ -146,20 +157,20 @@ def classify_chunk(
     their per-process one.
 
     Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
-    later and no image is marked failed for it).
+    later and no image is marked failed for it, and the delivery is not counted).
     """
     started = time.perf_counter()
     worker_name = worker_name or default_worker_name()
     outcome = ChunkOutcome(str(job_id))
 
-    def begin() -> tuple[Job | None, list[tuple[int, str]]]:
+    def begin() -> tuple[Job | None, list[tuple[int, str, int]]]:
         with sessions() as session:
             job = start_chunk(session, job_id)
             session.commit()
             if job is None:
                 return None, []
             images = pending_images(session, job_id, image_ids)
-            return job, [(image.id, image.location) for image in images]
+            return job, [(image.id, image.location, image.attempts or 0) for image in images]
 
     job, pending = with_db_retry(begin)
     if job is None:
@@ -169,11 +180,28 @@ def classify_chunk(
     if not pending:
         outcome.skipped = "every image already has a result"
         return outcome
+    ids = [image_id for image_id, _, _ in pending]
+    locations = [location for _, location, _ in pending]
+    delivered = max(attempts for _, _, attempts in pending)
+    if delivered >= settings.max_chunk_attempts:
+        outcome.failed = fail_chunk(
+            sessions, job_id, ids, gave_up_reason(delivered), worker=worker_name
+        )
+        outcome.skipped = f"gave up after {delivered} deliveries"
+        return outcome
 
     # Fail fast before decoding anything if there is no model at all.
     model = _model_for(holder, job.model_version)
-    ids = [image_id for image_id, _ in pending]
-    locations = [location for _, location in pending]
+
+    def count() -> None:
+        with sessions() as session:
+            count_delivery(session, job_id, ids)
+            session.commit()
+
+    # Retrying may count one delivery twice if a commit's answer was lost: harmless, it only
+    # brings the give-up one delivery closer for a chunk whose connection is that unstable.
+    with_db_retry(count)
+    outcome.attempt = delivered + 1
     batches = iter_decoded_batches(
         locations,
         job.batch_size,
@@ -208,6 +236,19 @@ def classify_chunk(
         _heartbeat(sessions, holder, worker_name, done + failed)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def chunk_attempts(
+    sessions: sessionmaker[Session], job_id: uuid.UUID, image_ids: Sequence[int]
+) -> int | None:
+    """How many deliveries the chunk's images without a result have had; ``None`` when each
+    of them has a result by now."""
+
+    def read() -> int | None:
+        with sessions() as session:
+            return pending_attempts(session, job_id, image_ids)
+
+    return with_db_retry(read)
 
 
 def _model_for(holder: ModelHolder, pinned: int | None) -> ServingModel | str:

@@ -16,6 +16,12 @@ import requests
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "completed_with_errors", "failed", "cancelled"}
+#: What a person can do about an authentication refusal, appended to the API's message.
+AUTH_HINTS = {
+    401: " (pass --token or set EMOTIONS_API_TOKEN; create one with "
+    "`face-emotions tokens create --role submit`)",
+    403: " (this token's role may not do that; admin routes need an admin token)",
+}
 
 
 class ApiClientError(RuntimeError):
@@ -53,8 +59,11 @@ class EmotionsClient:
         except requests.Timeout as exc:
             raise ApiClientError(f"the API at {self.url} did not answer in time") from exc
         if response.status_code >= 400:
+            hint = AUTH_HINTS.get(response.status_code, "")
+            if response.status_code in (429, 503) and response.headers.get("Retry-After"):
+                hint = f" (retry after {response.headers['Retry-After']} s)"
             raise ApiClientError(
-                f"{method} {path} -> {response.status_code}: {_error_text(response)}",
+                f"{method} {path} -> {response.status_code}: {_error_text(response)}{hint}",
                 status=response.status_code,
                 user_error=response.status_code < 500,
             )

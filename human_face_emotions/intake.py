@@ -367,6 +367,10 @@ def _check_relative(folder: str) -> PurePosixPath:
     """Reject what could name something outside the root before touching the filesystem."""
     if "\x00" in folder:
         raise IntakeError("invalid_path", "the folder contains a NUL byte")
+    try:
+        folder.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no filesystem can name it
+        raise IntakeError("invalid_path", "the folder is not valid Unicode text") from exc
     if folder.startswith(("/", "\\")) or _DRIVE.match(folder):
         raise IntakeError(
             "invalid_path", f"{folder!r} is absolute; give a path relative to the data root"
@@ -405,7 +409,7 @@ def resolve_folder(
         target = candidate.resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise IntakeError("not_found", f"folder {folder!r} does not exist") from exc
-    except (OSError, RuntimeError) as exc:  # symlink loops, permissions
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, permissions, names
         raise IntakeError("invalid_path", f"folder {folder!r} cannot be resolved") from exc
     if not target.is_relative_to(root):
         raise IntakeError("invalid_path", f"folder {folder!r} leads outside the data root")

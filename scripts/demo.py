@@ -60,6 +60,9 @@ class Demo:
                 # Folder jobs are confined to the data root: make it the data's parent.
                 "EMOTIONS_DATA_ROOT": str(self.data.parent),
                 "EMOTIONS_API_URL": f"http://127.0.0.1:{self.port}",
+                # A local, single-user demo bound to 127.0.0.1: no tokens to create. The API
+                # prints a loud warning; never set this on a server others can reach.
+                "EMOTIONS_AUTH": "disabled",
                 "MALLOC_MMAP_MAX_": "0",
                 "MALLOC_TRIM_THRESHOLD_": "68719476736",
                 "MALLOC_ARENA_MAX": "1",

@@ -5,6 +5,10 @@ a task is acknowledged only after it finished (``acks_late``), redelivered if it
 dies (``reject_on_worker_lost``), and each process reserves one task at a time (prefetch 1) so
 a crash strands at most one chunk. Redis redelivers unacknowledged tasks after
 ``EMOTIONS_VISIBILITY_TIMEOUT`` seconds, which must exceed the longest chunk.
+
+What the broker cannot redeliver (tasks lost in a Redis restart, the task of a worker killed as a
+whole before the visibility timeout, jobs the API could not dispatch) is found by the recovery
+sweeper that the main process of every worker runs (see worker.recovery).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import logging
 import multiprocessing
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from celery.worker.control import control_command
 
 from human_face_emotions.allocator import tune_glibc_malloc
 from human_face_emotions.settings import get_settings
+from worker.recovery import RecoverySweeper
 
 # Before torch allocates anything and before the pool forks: children inherit it.
 tune_glibc_malloc()
@@ -51,6 +56,20 @@ app.conf.update(
 )
 
 
+SWEEPER = RecoverySweeper(app, settings, task_name=CLASSIFY_TASK, queue=INFERENCE_QUEUE)
+
+
+@worker_ready.connect
+def _start_sweeper(**_kwargs) -> None:
+    """Only the main process gets ``worker_ready``: one sweeper thread per worker."""
+    SWEEPER.start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_kwargs) -> None:
+    SWEEPER.stop()
+
+
 @control_command()
 def emotions_reload_model(state, **_kwargs) -> dict:
     """Broadcast target: ask every pool process to re-check the serving alias now."""
@@ -70,4 +89,6 @@ def _init_pool_process(**_kwargs) -> None:
     """
     from worker.runtime import configure_torch_threads
 
+    # A pool process forked after the sweeper started inherits its engine: let it go unused.
+    SWEEPER.forget_after_fork()
     configure_torch_threads(settings)

@@ -145,12 +145,22 @@ def cancel_job(session: Session, job: Job) -> bool:
 
 
 def start_chunk(session: Session, job_id: uuid.UUID) -> Job | None:
-    """Mark the job running; ``None`` tells the task to skip (cancelled, finished or gone)."""
+    """Mark the job running; ``None`` tells the task to skip (cancelled, finished or gone).
+
+    A delivery that starts is progress: the recovery sweeper leaves the job alone for another
+    stall period, including while its chunks wait for a model (they retry on their own).
+    """
     now = utcnow()
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, started_at=now, progressed_at=now)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(progressed_at=now)
+        .execution_options(synchronize_session=False)
     )
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or JobStatus(job.status) in TERMINAL_STATUSES:
@@ -362,3 +372,144 @@ def live_workers(session: Session, *, since: datetime) -> list[WorkerState]:
             select(WorkerState).where(WorkerState.last_seen >= since).order_by(WorkerState.name)
         )
     )
+
+
+# --- Recovery: delivery counting and the sweeper's queries -----------------------------------
+
+#: Jobs that may still have work to do; everything else is left alone by recovery.
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def _last_progress():
+    """When a job last moved: its last progress, else its creation (never-dispatched jobs)."""
+    return func.coalesce(Job.progressed_at, Job.created_at)
+
+
+def stalled_job_ids(session: Session, *, cutoff: datetime, limit: int) -> list[uuid.UUID]:
+    """Unfinished jobs without progress since ``cutoff``, the longest-stalled first."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status.in_(ACTIVE_STATUSES), _last_progress() < cutoff)
+            .order_by(_last_progress(), Job.id)
+            .limit(limit)
+        )
+    )
+
+
+def claim_stalled_job(
+    session: Session, job_id: uuid.UUID, *, cutoff: datetime, now: datetime
+) -> bool:
+    """Mark a stalled job as handled now; False when it progressed or another sweeper won.
+
+    The condition is re-checked in the UPDATE itself, so of two sweepers racing for the same
+    job exactly one sees a row change; moving ``progressed_at`` also keeps the job out of the
+    next sweeps until another stall period has passed without progress. Caller commits.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), _last_progress() < cutoff)
+        .values(progressed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def release_claim(
+    session: Session, job_id: uuid.UUID, *, claimed_at: datetime, previous: datetime | None
+) -> None:
+    """Undo :func:`claim_stalled_job` when nothing could be re-enqueued (broker down), so the
+    next sweep tries again instead of waiting a whole stall period; real progress made since
+    the claim is left alone. Caller commits."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.progressed_at == claimed_at)
+        .values(progressed_at=previous)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def last_progress(session: Session, job_id: uuid.UUID) -> datetime | None:
+    """The job's ``progressed_at`` as stored (``None`` before its first chunk started)."""
+    return session.scalar(select(Job.progressed_at).where(Job.id == job_id))
+
+
+@dataclass(frozen=True)
+class PendingChunk:
+    """Images of one chunk still without a result, and the most deliveries any of them had."""
+
+    image_ids: list[int]
+    attempts: int
+
+
+def pending_chunks(session: Session, job_id: uuid.UUID) -> dict[int, PendingChunk]:
+    """Every chunk of the job that still has images without a result, by chunk number."""
+    rows = session.execute(
+        select(Image.chunk, Image.id, Image.attempts)
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id, Result.image_id.is_(None))
+        .order_by(Image.position)
+    )
+    ids: dict[int, list[int]] = {}
+    attempts: dict[int, int] = {}
+    for chunk, image_id, tries in rows:
+        ids.setdefault(chunk, []).append(image_id)
+        attempts[chunk] = max(attempts.get(chunk, 0), int(tries or 0))
+    return {chunk: PendingChunk(ids[chunk], attempts[chunk]) for chunk in ids}
+
+
+def pending_attempts(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> int | None:
+    """Most deliveries among these images that still have no result; ``None`` when every one
+    of them has a result (nothing is left to retry or to give up on)."""
+    ids = list(image_ids)
+    if not ids:
+        return None
+    value = session.scalar(
+        select(func.max(Image.attempts))
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id, Image.id.in_(ids), Result.image_id.is_(None))
+    )
+    return None if value is None else int(value)
+
+
+def count_delivery(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> None:
+    """One more delivery of these (pending) images, which is progress of their job; caller
+    commits.
+
+    Counted per image rather than per message, so it survives redeliveries, Celery retries and
+    sweeper re-enqueues alike, and a partly finished chunk only counts what it still owes. A
+    delivery that starts working moves ``progressed_at`` so the sweeper gives it a whole stall
+    period before sending its chunk again.
+    """
+    ids = list(image_ids)
+    if ids:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids))
+            .values(attempts=Image.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(progressed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def fail_pending_images(
+    session: Session,
+    job_id: uuid.UUID,
+    image_ids: Iterable[int],
+    reason: str,
+    *,
+    worker: str | None,
+) -> int:
+    """Give up on these images: each one still without a result gets a failed result with
+    ``reason``. Goes through :func:`record_results`, so counters and the job's final status
+    move exactly as for any other result, and an image that got a prediction meanwhile keeps
+    it. Returns how many images were failed; caller commits."""
+    pending = [image.id for image in pending_images(session, job_id, image_ids)]
+    rows = [ResultRow(image_id, error=reason) for image_id in pending]
+    _, failed = record_results(session, job_id, rows, model_version=None, worker=worker)
+    return failed

@@ -3,6 +3,7 @@
 The one-result-per-image rule is what makes redelivered or repeated chunk tasks harmless: a
 second write of the same image is an ``ON CONFLICT DO NOTHING`` and changes no counter.
 ``training_runs`` records the runs asked for through the API and what the trainer made of them.
+``api_tokens`` holds the API's bearer tokens, hashed (see :mod:`human_face_emotions.db.tokens`).
 """
 
 from __future__ import annotations
@@ -213,3 +214,32 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class TokenRole(StrEnum):
+    """What an API token may do: ``submit`` its own jobs, or everything (``admin``)."""
+
+    SUBMIT = "submit"
+    ADMIN = "admin"
+
+
+class ApiToken(Base):
+    """A bearer token of the REST API; the token itself is never stored, only its SHA-256.
+
+    ``id`` is what jobs record as their owner and what ``face-emotions tokens revoke`` takes;
+    ``prefix`` (the token's first characters) lets a person match a listed row to the token
+    they hold without the table being able to authenticate anyone. Revocation sets
+    ``revoked_at`` instead of deleting, so jobs keep a meaningful owner.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Updated at most once a minute (see tokens.TOUCH_INTERVAL), not on every request.
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

@@ -136,6 +136,8 @@ class Services:
                 "EMOTIONS_MODEL_REFRESH_SECONDS": "1",
                 "EMOTIONS_TORCH_THREADS": "1",
                 "EMOTIONS_DEVICE": "cpu",
+                # Serving tests exercise jobs, not tokens: test_security.py turns auth on.
+                "EMOTIONS_AUTH": "disabled",
                 **self.extra_env,
                 **overrides,
             }
@@ -143,14 +145,16 @@ class Services:
         return env
 
     def settings(self, **overrides) -> Settings:
-        return Settings(
-            database_url=self.database_url,
-            broker_url=self.broker_url,
-            var_dir=self.var_dir,
-            data_root=self.data_root,
-            mlflow_tracking_uri=self.tracking_uri,
+        values = {
+            "database_url": self.database_url,
+            "broker_url": self.broker_url,
+            "var_dir": self.var_dir,
+            "data_root": self.data_root,
+            "mlflow_tracking_uri": self.tracking_uri,
+            "auth": "disabled",  # as in env(): only the security tests authenticate
             **overrides,
-        )
+        }
+        return Settings(**values)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -1,4 +1,8 @@
-"""The REST API against a temporary SQLite database, a fake queue and a fake registry."""
+"""The REST API against a temporary SQLite database, a fake queue and a fake registry.
+
+Authentication stays on: the ``client`` fixture sends the bootstrap admin token on every
+request (roles, owners and refusals are tested in test_auth.py).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image as PILImage
 from sqlalchemy import select
+from werkzeug.datastructures import FileStorage
 
 from api import create_app
 from api.extensions import services
@@ -90,6 +95,9 @@ def version(number: int, aliases: tuple[str, ...] = (), **tags: str) -> VersionI
     )
 
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     (tmp_path / "data").mkdir()
@@ -99,7 +107,16 @@ def settings(tmp_path: Path) -> Settings:
         batch_size=2,
         chunk_batches=1,
         max_upload_mb=1,
+        admin_token=ADMIN_TOKEN,
+        broker_url="memory://",
     )
+
+
+def authed_client(app) -> FlaskClient:
+    """A test client that sends the bootstrap admin token with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
+    return client
 
 
 @pytest.fixture
@@ -132,7 +149,7 @@ def app(settings: Settings, queue: FakeQueue, registry: FakeRegistry):
 
 @pytest.fixture
 def client(app) -> FlaskClient:
-    return app.test_client()
+    return authed_client(app)
 
 
 def png(color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
@@ -744,7 +761,7 @@ def test_registry_factory_failure_is_retried(settings: Settings, queue: FakeQueu
             raise ConnectionError("mlflow down")
         return working
 
-    client = create_app(settings, job_queue=queue, registry_factory=factory).test_client()
+    client = authed_client(create_app(settings, job_queue=queue, registry_factory=factory))
     assert_error(client.get("/api/v1/models"), 503, "registry_unavailable")
     assert client.get("/api/v1/models").status_code == 200
     assert client.get("/api/v1/models").status_code == 200
@@ -837,3 +854,145 @@ def test_celery_queue_with_the_broker_down_fails_fast() -> None:
     with pytest.raises(OperationalError):
         job_queue.enqueue_chunk("job-1", [1])
     assert time.monotonic() - started < 15
+
+
+# -- admission: rate limit and back-pressure -------------------------------------------------
+
+
+def test_submissions_are_rate_limited_per_token(
+    settings: Settings, queue: FakeQueue, registry: FakeRegistry
+) -> None:
+    from human_face_emotions.db import tokens as db_tokens
+
+    limited = settings.model_copy(update={"submit_rate_limit": "2/minute"})
+    app = create_app(limited, job_queue=queue, registry_factory=lambda: registry)
+    client = authed_client(app)
+    key = {"Idempotency-Key": "first"}
+    assert upload(client, ["a.png"], headers=key).status_code == 202
+    assert upload(client, ["b.png"]).status_code == 202
+    # A replay of a used key creates nothing and does not count.
+    assert upload(client, ["a.png"], headers=key).status_code == 200
+    refused = upload(client, ["c.png"])
+    error = assert_error(refused, 429, "rate_limited")
+    assert "2 per 1 minute" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert count_jobs(app) == 2
+    # Other tokens have their own budget; reads are not limited.
+    with app.app_context(), services().sessions() as session:
+        other = db_tokens.create_token(session, role="submit")
+        session.commit()
+    response = upload(client, ["d.png"], headers={"Authorization": f"Bearer {other.token}"})
+    assert response.status_code == 202
+    assert client.get("/api/v1/jobs").status_code == 200
+
+
+def test_a_bad_rate_limit_stops_start_up(settings: Settings, queue: FakeQueue) -> None:
+    broken = settings.model_copy(update={"submit_rate_limit": "lots"})
+    with pytest.raises(ValueError, match="EMOTIONS_SUBMIT_RATE_LIMIT"):
+        create_app(broken, job_queue=queue, registry_factory=lambda: None)
+
+
+def test_unreachable_rate_limit_redis_falls_back_to_memory(
+    settings: Settings, queue: FakeQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = settings.model_copy(
+        update={"broker_url": "redis://127.0.0.1:1/0", "submit_rate_limit": "1/minute"}
+    )
+    app = create_app(dead, job_queue=queue, registry_factory=lambda: None)
+    assert "unreachable" in caplog.text
+    client = authed_client(app)
+    assert upload(client, ["a.png"]).status_code == 202
+    assert_error(upload(client, ["b.png"]), 429, "rate_limited")
+
+
+def test_backlog_over_the_limit_is_503_and_stores_nothing(
+    settings: Settings, queue: FakeQueue, registry: FakeRegistry
+) -> None:
+    small = settings.model_copy(update={"max_queued_images": 3})
+    app = create_app(small, job_queue=queue, registry_factory=lambda: registry)
+    client = authed_client(app)
+    first = upload(client, ["a.png", "b.png"])
+    assert first.status_code == 202
+    files = stored_files(settings)
+
+    refused = upload(client, ["c.png", "d.png"])
+    error = assert_error(refused, 503, "overloaded")
+    assert "2 images are waiting" in error["message"]
+    assert refused.headers["Retry-After"] == "30"
+    assert stored_files(settings) == files and count_jobs(app) == 1
+    assert not any(
+        p.name != first.get_json()["id"] for p in (storage_dir(settings) / "jobs").iterdir()
+    )
+
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("x.png", png())
+        archive.writestr("y.png", png())
+    zipped.seek(0)
+    response = client.post(
+        "/api/v1/jobs", data={"files": [(zipped, "two.zip")]}, content_type="multipart/form-data"
+    )
+    assert_error(response, 503, "overloaded")
+    assert stored_files(settings) == files and count_jobs(app) == 1
+
+    folder = settings.resolved_data_root / "two"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        (folder / name).write_bytes(png())
+    assert_error(client.post("/api/v1/jobs", json={"folder": "two"}), 503, "overloaded")
+
+    assert upload(client, ["c.png"]).status_code == 202  # 2 + 1 fit
+    # Finished work leaves the backlog: results for the first job make room again.
+    finished = job_images(app, first.get_json()["id"])
+    with app.app_context(), services().sessions() as session:
+        db_jobs.record_results(
+            session,
+            uuid.UUID(first.get_json()["id"]),
+            [db_jobs.ResultRow(image_id=image.id, error="x") for image in finished],
+            model_version=1,
+            worker="w",
+        )
+        session.commit()
+    assert upload(client, ["e.png", "f.png"]).status_code == 202
+
+
+def test_part_content_types(client: FlaskClient, app, settings: Settings) -> None:
+    def send(name: str, content_type: str | None):
+        storage = FileStorage(io.BytesIO(png()), filename=name, content_type=content_type)
+        return client.post(
+            "/api/v1/jobs", data={"files": [storage]}, content_type="multipart/form-data"
+        )
+
+    for name, declared in [
+        ("a.png", "text/html"),
+        ("a.png", "text/plain"),
+        ("a.png", "application/x-msdownload"),
+        ("a.zip", "application/javascript"),
+    ]:
+        error = assert_error(send(name, declared), 400, "unsupported_file")
+        assert declared in error["message"]
+    assert count_jobs(app) == 0 and stored_files(settings) == []
+    for declared in ("image/png", "application/octet-stream", "image/jpeg", None):
+        assert send("a.png", declared).status_code == 202, declared
+
+
+def test_documented_submission_bodies_match_the_validating_schemas(client: FlaskClient) -> None:
+    from api.schemas import JobFolderIn, JobUploadForm
+
+    content = client.get("/openapi.json").get_json()["paths"]["/api/v1/jobs"]["post"][
+        "requestBody"
+    ]["content"]
+    json_body = content["application/json"]["schema"]
+    assert set(json_body["properties"]) == set(JobFolderIn().fields)
+    assert json_body["required"] == ["folder"] and json_body["additionalProperties"] is False
+    multipart = content["multipart/form-data"]["schema"]
+    assert set(multipart["properties"]) == set(JobUploadForm().fields) | {"files"}
+    assert multipart["properties"]["files"]["items"]["format"] == "binary"
+
+
+def test_path_parameters_document_their_converters(client: FlaskClient) -> None:
+    paths = client.get("/openapi.json").get_json()["paths"]
+    [job_id] = paths["/api/v1/jobs/{job_id}"]["get"]["parameters"]
+    assert job_id["schema"] == {"type": "string", "format": "uuid"}
+    [version] = paths["/api/v1/models/{version}/promote"]["post"]["parameters"]
+    assert version["schema"] == {"type": "integer", "minimum": 0}

@@ -1,0 +1,183 @@
+"""Response hardening and secret hygiene: security headers on every response, no CORS, and
+redaction of secrets (tokens, URL passwords) from the API's log records.
+
+Headers: the API serves JSON (and CSV/JSONL exports) that no browser should sniff into HTML,
+frame or cache, so every response says ``nosniff``, ``DENY``, ``no-referrer``, ``/api/``
+responses say ``no-store`` (results are private to a token), and everything but the docs page
+gets ``Content-Security-Policy: default-src 'none'``: even if an attacker got markup into a
+response, a browser would run nothing from it. The ``/docs`` page loads Swagger UI from a CDN
+with an inline bootstrap script, so it gets a policy that allows exactly that.
+
+CORS is off: no ``Access-Control-Allow-*`` header is ever sent, so browsers on other origins
+cannot read responses. Clients are scripts and the CLI, which CORS does not concern.
+
+Body size: ``EMOTIONS_MAX_UPLOAD_MB`` is for multipart uploads. Every other body (JSON job and
+training-run requests) is capped at :data:`SMALL_BODY_BYTES`, because JSON is parsed into memory
+whole: a 500 MiB JSON document would cost gigabytes of Python objects for a request whose
+honest size is a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, request
+
+from human_face_emotions.settings import Settings
+
+#: Largest non-multipart request body (413 above it).
+SMALL_BODY_BYTES = 1024 * 1024
+JSON_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+DOCS_PATHS = ("/docs",)
+BASE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+#: Logger names whose records are redacted (records are filtered where they are created, so
+#: every module logger that may see a secret is listed, not only the package's root).
+REDACTED_LOGGERS = (
+    "api",
+    "api.app",
+    "api.auth",
+    "api.errors",
+    "api.extensions",
+    "api.health",
+    "api.jobs",
+    "api.limits",
+    "api.models",
+    "api.queue",
+    "api.training_runs",
+    "flask_limiter",
+    "werkzeug",
+)
+REDACTED = "***"
+
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
+_API_TOKEN = re.compile(r"fe_[A-Za-z0-9_-]{16,}")
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
+
+
+def docs_csp(app: Flask) -> str:
+    """The policy of the Swagger UI page: its CDN's scripts and styles, its inline bootstrap,
+    its favicon, the spec from this origin, nothing else, and never inside a frame."""
+    code = _origins(
+        app, ("SWAGGER_UI_CSS", "SWAGGER_UI_BUNDLE_JS", "SWAGGER_UI_STANDALONE_PRESET_JS")
+    )
+    images = _origins(app, ("DOCS_FAVICON",)) | code
+    code_sources = " ".join(sorted(code))
+    image_sources = " ".join(sorted(images))
+    return (
+        f"default-src 'none'; script-src 'self' 'unsafe-inline' {code_sources}; "
+        f"style-src 'self' 'unsafe-inline' {code_sources}; img-src 'self' data: {image_sources}; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+
+
+def _origins(app: Flask, keys: tuple[str, ...]) -> set[str]:
+    origins: set[str] = set()
+    for key in keys:
+        parts = urlsplit(app.config.get(key) or "")
+        if parts.scheme in {"http", "https"} and parts.netloc:
+            origins.add(f"{parts.scheme}://{parts.netloc}")
+    return origins
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Install the header hook and register this app's secrets with the log redactor."""
+    docs_policy = docs_csp(app)
+
+    def add_security_headers(response: Response) -> Response:
+        for name, value in BASE_HEADERS.items():
+            response.headers.setdefault(name, value)
+        path = request.path
+        is_docs = any(path == p or path.startswith(p + "/") for p in DOCS_PATHS)
+        response.headers["Content-Security-Policy"] = docs_policy if is_docs else JSON_CSP
+        if path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        # CORS is off by default: make sure nothing upstream added it either.
+        for name in [h for h in response.headers if h[0].lower().startswith("access-control-")]:
+            del response.headers[name]
+        return response
+
+    def cap_small_bodies() -> None:
+        if request.mimetype != "multipart/form-data":
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            request.max_content_length = min(limit or SMALL_BODY_BYTES, SMALL_BODY_BYTES)
+
+    app.before_request(cap_small_bodies)
+    app.after_request(add_security_headers)
+    install_log_redaction(settings)
+
+
+# -- secrets in logs -------------------------------------------------------------------------
+
+
+class SecretRedactor(logging.Filter):
+    """Rewrites log records so that known secrets and token-shaped strings never reach a
+    handler: bearer values, ``fe_`` API tokens, passwords in URLs and the configured secrets
+    (admin token, database and broker passwords). Tracebacks are formatted and redacted too,
+    since exception messages are where a URL with a password usually hides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add_secret(self, secret: str | None) -> None:
+        if secret and len(secret) >= 4:
+            with self._lock:
+                self._secrets.add(secret)
+
+    def redact(self, text: str) -> str:
+        with self._lock:
+            secrets = sorted(self._secrets, key=len, reverse=True)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _API_TOKEN.sub(REDACTED, text)
+        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler to report
+            return True
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            formatted = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = self.redact(formatted)
+            record.exc_info = None
+        return True
+
+
+redactor = SecretRedactor()
+
+
+def redact(text: str) -> str:
+    """Module-level shortcut, for messages built outside logging (error bodies)."""
+    return redactor.redact(text)
+
+
+def install_log_redaction(settings: Settings) -> None:
+    """Register ``settings``' secrets and attach the redactor to the API's loggers (once)."""
+    redactor.add_secret(settings.admin_token)
+    for url in (settings.resolved_database_url, settings.broker_url):
+        redactor.add_secret(_url_password(url))
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if redactor not in logger.filters:
+            logger.addFilter(redactor)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None

@@ -1,0 +1,92 @@
+"""DynamicBatcher: one forward pass for many small requests, each gets exactly its own rows."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from human_face_emotions.dynamic_batching import DynamicBatcher
+
+
+@dataclass
+class FakePredictor:
+    """Row i encodes the image's grey value, so a caller can check it got its own rows."""
+
+    calls: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predict_images(self, images):
+        with self.lock:
+            self.calls.append(len(images))
+        values = np.array([image.getpixel((0, 0))[0] for image in images], dtype=np.float32)
+        return np.stack([values, values + 0.5], axis=1)
+
+
+@dataclass
+class FakeModel:
+    version: int
+    predictor: FakePredictor
+
+
+def image(value: int) -> Image.Image:
+    return Image.new("RGB", (4, 4), (value, value, value))
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_rows() -> None:
+    predictor = FakePredictor()
+    batcher = DynamicBatcher(lambda pinned: FakeModel(1, predictor), max_batch=32, max_delay_ms=200)
+    requests = [[image(3 * i), image(3 * i + 1), image(3 * i + 2)] for i in range(20)]
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(batcher.predict, requests))
+    batcher.close()
+
+    for i, result in enumerate(results):
+        assert result.probabilities[:, 0].tolist() == [3 * i, 3 * i + 1, 3 * i + 2]
+        assert result.version == 1
+    assert sum(predictor.calls) == 60
+    assert len(predictor.calls) < 20, "requests were not batched together"
+    assert max(predictor.calls) <= 32
+
+
+def test_pinned_versions_never_share_a_pass() -> None:
+    models = {None: FakeModel(1, FakePredictor()), 7: FakeModel(7, FakePredictor())}
+    batcher = DynamicBatcher(lambda pinned: models[pinned], max_batch=64, max_delay_ms=200)
+    with ThreadPoolExecutor(10) as pool:
+        futures = [
+            pool.submit(batcher.predict, [image(i)], 7 if i % 2 else None) for i in range(10)
+        ]
+        results = [f.result() for f in futures]
+    batcher.close()
+    for i, result in enumerate(results):
+        assert result.version == (7 if i % 2 else 1)
+        assert result.probabilities[0, 0] == i
+    assert sum(models[None].predictor.calls) == 5 and sum(models[7].predictor.calls) == 5
+
+
+def test_a_lone_request_is_flushed_after_the_delay() -> None:
+    predictor = FakePredictor()
+    batcher = DynamicBatcher(
+        lambda pinned: FakeModel(1, predictor), max_batch=1000, max_delay_ms=20
+    )
+    result = batcher.predict([image(9)])
+    batcher.close()
+    assert result.forward_batch == 1 and predictor.calls == [1]
+
+
+def test_model_errors_reach_every_waiting_request() -> None:
+    def broken(pinned):
+        raise RuntimeError("no model")
+
+    batcher = DynamicBatcher(broken, max_batch=8, max_delay_ms=50)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(batcher.predict, [image(i)]) for i in range(3)]
+        for future in futures:
+            with pytest.raises(RuntimeError, match="no model"):
+                future.result()
+    batcher.close()

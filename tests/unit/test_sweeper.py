@@ -1,0 +1,481 @@
+"""Recovery of lost and failing chunks, against a temporary SQLite database.
+
+Three places bound a chunk's life: the sweeper (re-enqueues stalled jobs, gives up on chunks out
+of deliveries), the chunk classifier (counts deliveries, gives up at the start of one too many)
+and the Celery task (retries unexpected failures with backoff, then fails the images with the
+reason). Each is tested here without a broker: the sweeper takes an ``enqueue`` callable, the
+task runs eagerly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from human_face_emotions.chunk_classifier import classify_chunk
+from human_face_emotions.db import jobs as db_jobs
+from human_face_emotions.db.engine import create_db_engine, session_factory
+from human_face_emotions.db.migrate import upgrade
+from human_face_emotions.db.schema import Image, Job, JobStatus, Result
+from human_face_emotions.model_holder import ModelUnavailable, ServingModel
+from human_face_emotions.settings import Settings
+from human_face_emotions.sweeper import gave_up_reason, sweep
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+STALL = 60.0
+MAX = 3
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+class Recorder:
+    """A fake ``enqueue``: records chunks; ``up = False`` simulates a broker outage."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.up = True
+
+    def __call__(self, job_id: str, image_ids: list[int]) -> None:
+        if not self.up:
+            raise ConnectionError("broker down")
+        self.calls.append((job_id, list(image_ids)))
+
+
+def make_job(
+    sessions: sessionmaker[Session],
+    count: int = 10,
+    chunk_size: int = 4,
+    *,
+    status: JobStatus = JobStatus.RUNNING,
+    created_at: datetime = T0,
+    progressed_at: datetime | None = T0,
+) -> tuple[uuid.UUID, dict[int, list[int]]]:
+    with sessions() as session:
+        job = db_jobs.create_job(
+            session,
+            source_type="folder",
+            source="faces",
+            images=[db_jobs.NewImage(f"{i}.png", f"/nowhere/{i}.png") for i in range(count)],
+            batch_size=2,
+            chunk_size=chunk_size,
+        )
+        session.flush()
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(status=status, created_at=created_at, progressed_at=progressed_at)
+        )
+        chunks = db_jobs.chunk_image_ids(session, job.id)
+        session.commit()
+        return job.id, chunks
+
+
+def succeed(sessions: sessionmaker[Session], job_id: uuid.UUID, image_ids: list[int]) -> None:
+    """Predictions for these images, made at ``T0`` (the tests' clock, not the machine's)."""
+    with sessions() as session:
+        rows = [db_jobs.ResultRow(i, probabilities=[0.1, 0.1, 0.6, 0.1, 0.1]) for i in image_ids]
+        db_jobs.record_results(session, job_id, rows, model_version=1, worker="test")
+        session.execute(update(Job).where(Job.id == job_id).values(progressed_at=T0))
+        session.commit()
+
+
+def set_attempts(sessions: sessionmaker[Session], image_ids: list[int], attempts: int) -> None:
+    with sessions() as session:
+        session.execute(update(Image).where(Image.id.in_(image_ids)).values(attempts=attempts))
+        session.commit()
+
+
+def job_row(sessions: sessionmaker[Session], job_id: uuid.UUID) -> Job:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def attempts_of(sessions: sessionmaker[Session], job_id: uuid.UUID) -> list[int]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(Image.attempts).where(Image.job_id == job_id).order_by(Image.position)
+            )
+        )
+
+
+def results_of(sessions: sessionmaker[Session], job_id: uuid.UUID) -> list[Result]:
+    with sessions() as session:
+        return list(session.scalars(select(Result).where(Result.job_id == job_id)))
+
+
+def run_sweep(sessions: sessionmaker[Session], enqueue: Recorder, now: datetime):
+    return sweep(sessions, enqueue, stall_seconds=STALL, max_attempts=MAX, now=now)
+
+
+def naive(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back without their zone; compare in UTC."""
+    return None if value is None else value.replace(tzinfo=None)
+
+
+# --- the sweeper -----------------------------------------------------------------------------
+
+
+def test_stalled_job_gets_only_its_pending_chunks_again(sessions) -> None:
+    job_id, chunks = make_job(sessions, 10, 4)  # chunks of 4, 4, 2
+    succeed(sessions, job_id, chunks[0])
+    succeed(sessions, job_id, chunks[1][:2])
+    enqueue = Recorder()
+    now = T0 + timedelta(seconds=STALL + 1)
+
+    report = run_sweep(sessions, enqueue, now)
+
+    assert enqueue.calls == [(str(job_id), chunks[1][2:]), (str(job_id), chunks[2])]
+    assert report.jobs == [str(job_id)]
+    assert (report.chunks_enqueued, report.images_enqueued, report.images_failed) == (2, 4, 0)
+    job = job_row(sessions, job_id)
+    assert naive(job.progressed_at) == naive(now), "the job is claimed for one stall period"
+    assert job.status == JobStatus.RUNNING
+    # Delivery counting is the worker's: re-sending a chunk is not a delivery.
+    assert attempts_of(sessions, job_id) == [0] * 10
+
+
+def test_a_job_that_progressed_recently_is_left_alone(sessions) -> None:
+    job_id, _ = make_job(sessions, progressed_at=T0)
+    enqueue = Recorder()
+    report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL - 1))
+    assert enqueue.calls == [] and report.idle
+    assert naive(job_row(sessions, job_id).progressed_at) == naive(T0)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        JobStatus.SUCCEEDED,
+        JobStatus.COMPLETED_WITH_ERRORS,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+    ],
+)
+def test_finished_and_cancelled_jobs_are_left_alone(sessions, status: JobStatus) -> None:
+    make_job(sessions, status=status, progressed_at=T0 - timedelta(days=1))
+    enqueue = Recorder()
+    assert run_sweep(sessions, enqueue, T0 + timedelta(hours=1)).idle
+    assert enqueue.calls == []
+
+
+def test_a_queued_job_that_was_never_dispatched_is_sent(sessions) -> None:
+    """The API committed the job but could not reach the broker: no chunk ever started."""
+    job_id, chunks = make_job(
+        sessions, 6, 4, status=JobStatus.QUEUED, created_at=T0, progressed_at=None
+    )
+    enqueue = Recorder()
+    report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
+    assert enqueue.calls == [(str(job_id), chunks[0]), (str(job_id), chunks[1])]
+    assert report.images_enqueued == 6
+    assert job_row(sessions, job_id).status == JobStatus.QUEUED
+
+
+def test_a_second_sweep_within_the_stall_period_does_nothing(sessions) -> None:
+    job_id, chunks = make_job(sessions, 4, 4)
+    enqueue = Recorder()
+    first = T0 + timedelta(seconds=STALL + 1)
+    run_sweep(sessions, enqueue, first)
+    assert len(enqueue.calls) == 1
+    # Another worker's sweeper a little later: the job is claimed for a stall period.
+    assert run_sweep(sessions, enqueue, first + timedelta(seconds=STALL / 2)).idle
+    assert len(enqueue.calls) == 1
+    # Still no progress one more stall period on: sent again.
+    run_sweep(sessions, enqueue, first + timedelta(seconds=STALL + 1))
+    assert enqueue.calls == [(str(job_id), chunks[0])] * 2
+
+
+def test_two_sweepers_cannot_both_claim_a_job(sessions) -> None:
+    job_id, _ = make_job(sessions)
+    now = T0 + timedelta(seconds=STALL + 1)
+    cutoff = now - timedelta(seconds=STALL)
+    with sessions() as session:
+        # Both found the job stalled; only the first UPDATE still matches.
+        assert db_jobs.stalled_job_ids(session, cutoff=cutoff, limit=10) == [job_id]
+        assert db_jobs.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
+        session.commit()
+    with sessions() as session:
+        assert not db_jobs.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
+
+
+def test_chunks_out_of_deliveries_are_failed_and_the_job_terminates(sessions) -> None:
+    job_id, chunks = make_job(sessions, 8, 4)
+    succeed(sessions, job_id, chunks[0])
+    set_attempts(sessions, chunks[1], MAX)
+    enqueue = Recorder()
+
+    report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
+
+    assert enqueue.calls == []
+    assert (report.chunks_given_up, report.images_failed) == (1, 4)
+    job = job_row(sessions, job_id)
+    assert (job.status, job.done, job.failed) == (JobStatus.COMPLETED_WITH_ERRORS, 4, 4)
+    assert job.finished_at is not None
+    failed = [r for r in results_of(sessions, job_id) if r.status == "failed"]
+    assert sorted(r.image_id for r in failed) == chunks[1]
+    assert {r.error for r in failed} == {gave_up_reason(MAX)}
+    assert gave_up_reason(MAX) == f"gave up after {MAX} deliveries without a result"
+
+
+def test_a_job_whose_every_chunk_gives_up_fails(sessions) -> None:
+    job_id, chunks = make_job(sessions, 5, 4)
+    set_attempts(sessions, chunks[0] + chunks[1], MAX + 2)
+    run_sweep(sessions, Recorder(), T0 + timedelta(seconds=STALL + 1))
+    job = job_row(sessions, job_id)
+    assert (job.status, job.done, job.failed) == (JobStatus.FAILED, 0, 5)
+    assert len(results_of(sessions, job_id)) == 5
+
+
+def test_chunks_with_deliveries_left_are_sent_beside_those_given_up(sessions) -> None:
+    job_id, chunks = make_job(sessions, 8, 4)
+    set_attempts(sessions, chunks[0], MAX)
+    set_attempts(sessions, chunks[1], MAX - 1)
+    enqueue = Recorder()
+    report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
+    assert enqueue.calls == [(str(job_id), chunks[1])]
+    assert (report.chunks_given_up, report.chunks_enqueued) == (1, 1)
+    assert job_row(sessions, job_id).status == JobStatus.RUNNING
+
+
+def test_broker_down_releases_the_claim_for_the_next_sweep(sessions) -> None:
+    job_id, chunks = make_job(sessions, 4, 4)
+    enqueue = Recorder()
+    enqueue.up = False
+    now = T0 + timedelta(seconds=STALL + 1)
+
+    report = run_sweep(sessions, enqueue, now)
+
+    assert report.enqueue_error is not None and "broker down" in report.enqueue_error
+    assert naive(job_row(sessions, job_id).progressed_at) == naive(T0), "claim not released"
+    enqueue.up = True
+    run_sweep(sessions, enqueue, now + timedelta(seconds=1))
+    assert enqueue.calls == [(str(job_id), chunks[0])]
+
+
+def test_the_longest_stalled_jobs_go_first_and_the_rest_wait(sessions) -> None:
+    newer, _ = make_job(sessions, 2, 4, progressed_at=T0)
+    older, _ = make_job(sessions, 2, 4, progressed_at=T0 - timedelta(minutes=5))
+    enqueue = Recorder()
+    now = T0 + timedelta(seconds=STALL + 1)
+    sweep(sessions, enqueue, stall_seconds=STALL, max_attempts=MAX, now=now, limit=1)
+    assert [job for job, _ in enqueue.calls] == [str(older)]
+    sweep(sessions, enqueue, stall_seconds=STALL, max_attempts=MAX, now=now, limit=1)
+    assert [job for job, _ in enqueue.calls] == [str(older), str(newer)]
+
+
+# --- delivery counting in the chunk classifier ----------------------------------------------
+
+
+class FakePredictor:
+    backend = "torch"
+
+    def predict_images(self, images):
+        return [[0.1, 0.1, 0.6, 0.1, 0.1] for _ in images]
+
+
+class FakeHolder:
+    """Serves version 1, or raises what it is given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.asked = 0
+
+    def for_job(self, pinned: int | None) -> ServingModel:
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        return ServingModel(1, FakePredictor())  # type: ignore[arg-type]
+
+    def describe(self) -> dict:
+        return {"version": 1, "device": "cpu", "backend": "torch"}
+
+
+def a_face(location: str, max_pixels: int) -> PILImage.Image:
+    return PILImage.new("RGB", (8, 8))
+
+
+def disk_on_fire(location: str, max_pixels: int) -> PILImage.Image:
+    raise RuntimeError("disk on fire at s3://admin:hunter2@store/faces")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(var_dir=tmp_path, max_chunk_attempts=MAX, decode_threads=1)
+
+
+def test_each_delivery_counts_once_per_pending_image(sessions, settings) -> None:
+    job_id, chunks = make_job(sessions, 4, 4, status=JobStatus.QUEUED, progressed_at=None)
+    succeed(sessions, job_id, chunks[0][:1])
+    outcome = classify_chunk(
+        sessions, FakeHolder(), job_id, chunks[0], settings=settings, load_image=a_face
+    )
+    assert (outcome.succeeded, outcome.already_done, outcome.attempt) == (3, 1, 1)
+    assert attempts_of(sessions, job_id) == [0, 1, 1, 1]
+    assert job_row(sessions, job_id).status == JobStatus.SUCCEEDED
+    # A redelivery of the finished chunk skips it and counts nothing.
+    again = classify_chunk(
+        sessions, FakeHolder(), job_id, chunks[0], settings=settings, load_image=a_face
+    )
+    assert again.skipped and again.attempt == 0
+    assert attempts_of(sessions, job_id) == [0, 1, 1, 1]
+
+
+def test_waiting_for_a_model_is_not_a_delivery(sessions, settings) -> None:
+    job_id, chunks = make_job(sessions, 4, 4)
+    holder = FakeHolder(ModelUnavailable("no champion yet"))
+    for _ in range(MAX + 2):
+        with pytest.raises(ModelUnavailable):
+            classify_chunk(sessions, holder, job_id, chunks[0], settings=settings)
+    assert attempts_of(sessions, job_id) == [0] * 4
+    assert results_of(sessions, job_id) == []
+    # Chunks waiting for a model retry by themselves: the job is not stalled meanwhile.
+    assert naive(job_row(sessions, job_id).progressed_at) > naive(T0)
+
+
+def test_a_delivery_past_the_limit_gives_up_without_working(sessions, settings) -> None:
+    """A chunk that kills its worker every time is redelivered by the broker forever; the
+    delivery after the last one fails its images instead of trying again."""
+    job_id, chunks = make_job(sessions, 4, 4)
+    succeed(sessions, job_id, chunks[0][:1])
+    set_attempts(sessions, chunks[0][1:], MAX)
+    holder = FakeHolder(AssertionError("no model needed to give up"))
+
+    outcome = classify_chunk(
+        sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face
+    )
+
+    assert holder.asked == 0
+    assert outcome.failed == 3 and outcome.skipped
+    job = job_row(sessions, job_id)
+    assert (job.status, job.done, job.failed) == (JobStatus.COMPLETED_WITH_ERRORS, 1, 3)
+    errors = {r.error for r in results_of(sessions, job_id) if r.status == "failed"}
+    assert errors == {gave_up_reason(MAX)}
+
+
+# --- the Celery task: bounded retries, then the images fail with the reason ---------------------
+
+
+@pytest.fixture
+def eager_task(monkeypatch: pytest.MonkeyPatch, sessions, settings):
+    """The real task, run with ``apply()``: its helpers point at the test database."""
+    import worker.tasks as tasks
+
+    monkeypatch.setattr(tasks, "sessions", lambda: sessions)
+    monkeypatch.setattr(tasks, "holder", lambda: FakeHolder())
+    monkeypatch.setattr(tasks, "image_loader", lambda: disk_on_fire)
+    monkeypatch.setattr(tasks, "settings", settings)
+    countdowns: list[float] = []
+    real_retry = tasks.classify_chunk_task.retry
+
+    def retry(*args, **kwargs):
+        countdowns.append(kwargs["countdown"])
+        return real_retry(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.classify_chunk_task, "retry", retry)
+    return tasks.classify_chunk_task, countdowns
+
+
+def test_a_failing_chunk_is_retried_then_failed_with_its_reason(sessions, eager_task) -> None:
+    task, countdowns = eager_task
+    job_id, chunks = make_job(sessions, 4, 4)
+    kwargs = {"job_id": str(job_id), "image_ids": chunks[0]}
+
+    # Eagerly, each retry runs again at once (countdowns are recorded, not waited for).
+    last = task.apply(kwargs=kwargs)
+
+    assert last.state == "SUCCESS", last.traceback
+    assert last.result["gave_up"] and last.result["failed"] == 4
+    assert attempts_of(sessions, job_id) == [MAX] * 4
+    assert len(countdowns) == MAX - 1 and all(c > 0 for c in countdowns)
+    job = job_row(sessions, job_id)
+    assert (job.status, job.done, job.failed) == (JobStatus.FAILED, 0, 4)
+    errors = {r.error for r in results_of(sessions, job_id)}
+    assert len(errors) == 1
+    error = errors.pop()
+    assert error.startswith(f"gave up after {MAX} deliveries; last error: RuntimeError: disk on")
+    assert "hunter2" not in error, "credentials leaked into a user-visible reason"
+    # A late redelivery of the given-up chunk changes nothing.
+    assert task.apply(kwargs=kwargs).result["skipped"]
+    assert (job_row(sessions, job_id).done, job_row(sessions, job_id).failed) == (0, 4)
+
+
+def test_failure_reasons_are_short_and_secret_free() -> None:
+    from worker.tasks import REASON_MAX_CHARS, failure_reason
+
+    exc = ValueError("cannot reach postgresql://fe:s3cret@db:5432/jobs\n[SQL: SELECT secret]")
+    reason = failure_reason(exc)
+    assert reason == "ValueError: cannot reach postgresql://***@db:5432/jobs"
+    assert failure_reason(KeyError()) == "KeyError"
+    assert len(failure_reason(RuntimeError("x" * 5000))) == REASON_MAX_CHARS
+
+
+def test_retry_backoff_grows_and_is_capped() -> None:
+    from worker.tasks import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, retry_countdown
+
+    for attempts in range(1, 12):
+        base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
+        assert 0.5 * base <= retry_countdown(attempts) <= 1.5 * base
+
+
+# --- the worker's sweeper thread: which stall period applies -----------------------------------
+
+
+def test_the_worker_sweeper_waits_longer_while_tasks_are_queued(tmp_path: Path, sessions) -> None:
+    """With tasks waiting, a job without progress is most likely waiting its turn: copies of
+    its chunks are only sent once the queue is empty, or after the visibility timeout."""
+    from celery import Celery
+
+    from human_face_emotions.db.schema import utcnow
+    from worker.recovery import RecoverySweeper
+
+    url = str(sessions.kw["bind"].url)
+    app = Celery("sweeper-test", broker="memory://", set_as_current=False)
+    settings = Settings(var_dir=tmp_path, database_url=url, stall_seconds=5, visibility_timeout=600)
+    sweeper = RecoverySweeper(app, settings, task_name="emotions.classify_chunk", queue="q")
+
+    def waiting() -> int:
+        with app.connection_for_write() as connection:
+            try:
+                return connection.default_channel.queue_declare(queue="q", passive=True)[1]
+            except Exception:
+                return 0
+
+    def stalled_job(seconds: float) -> uuid.UUID:
+        job_id, _ = make_job(sessions, 3, 4, progressed_at=utcnow() - timedelta(seconds=seconds))
+        return job_id
+
+    try:
+        first = stalled_job(60)
+        report = sweeper.run_once()
+        assert report is not None and report.jobs == [str(first)]
+        assert waiting() == 1, "the chunk was not sent"
+        # The queue is not empty now: a job stalled for a minute waits its turn...
+        second = stalled_job(60)
+        report = sweeper.run_once()
+        assert report is not None and report.jobs == []
+        # ... but not for longer than the visibility timeout.
+        third = stalled_job(601)
+        report = sweeper.run_once()
+        assert report is not None and report.jobs == [str(third)]
+        assert waiting() == 2
+        assert naive(job_row(sessions, second).progressed_at) < naive(utcnow()) - timedelta(
+            seconds=30
+        )
+    finally:
+        sweeper.stop()
