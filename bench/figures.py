@@ -1,0 +1,119 @@
+"""One record per reported figure, with its target, so JSON, Markdown and stdout agree.
+
+Targets come from the issue that asked for the benchmark; they are reported (met or not), never
+asserted: on a shared 2-core machine a missed target is information, not a failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+#: Every figure the benchmark knows, in report order.
+FIGURES: tuple[str, ...] = (
+    "limit",
+    "pipeline",
+    "micro_batching",
+    "scale_out",
+    "backends",
+    "allocator",
+    "tiny_jobs",
+    "memory",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ratio >= value`` (``at_least``) or ``measure < value`` (``below``)."""
+
+    value: float
+    kind: Literal["at_least", "below"] = "at_least"
+    text: str = ""
+
+    def met(self, measured: float) -> bool:
+        if self.kind == "at_least":
+            return measured >= self.value
+        return measured < self.value
+
+
+TARGETS: dict[str, Target | None] = {
+    "limit": None,
+    "pipeline": Target(0.95, text=">= 0.95 (1,000-image job, default batch size)"),
+    "micro_batching": Target(3.0, text=">= 3x batch_size=1"),
+    "scale_out": Target(1.8, text=">= 1.8x one worker"),
+    "backends": Target(1e-4, "below", "max |Δp| < 1e-4 (fp32)"),
+    "allocator": Target(2.5, text=">= 2.5x naive eager (batch 32, 224 px)"),
+    "tiny_jobs": Target(3.0, text=">= 3x without dynamic batching"),
+    "memory": Target(5.0, "below", "< 5% growth over 5,000 images"),
+}
+
+LABELS: dict[str, str] = {
+    "limit": "limit",
+    "pipeline": "pipeline/limit",
+    "micro_batching": "micro-batching",
+    "scale_out": "scale-out (2 vs 1 worker)",
+    "backends": "backends",
+    "allocator": "worker default CPU config vs naive eager",
+    "tiny_jobs": "many tiny jobs (dynamic vs none)",
+    "memory": "worker memory growth",
+}
+
+
+@dataclass
+class Figure:
+    """A measured figure, or an explicit reason why it could not be measured here.
+
+    ``ratio`` is always a ratio of two things measured side by side (never a time); ``check``
+    is what the target is compared with (the ratio itself, a growth in percent, or a
+    probability difference).
+    """
+
+    key: str
+    ratio: float | None
+    measured: str
+    line: str
+    check: float | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Target | None:
+        return TARGETS.get(self.key)
+
+    @property
+    def met(self) -> bool | None:
+        value = self.check if self.check is not None else self.ratio
+        if self.target is None or value is None or not math.isfinite(value):
+            return None
+        return self.target.met(value)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["label"] = LABELS.get(self.key, self.key)
+        data["available"] = self.ratio is not None
+        data["target"] = self.target.text if self.target else None
+        data["met"] = self.met
+        return data
+
+
+def unavailable(key: str, reason: str, **details: Any) -> Figure:
+    """A figure that could not be measured: it still appears, with why."""
+    label = LABELS.get(key, key)
+    return Figure(
+        key,
+        None,
+        "not available",
+        f"{label}: not available ({reason})",
+        reason=reason,
+        details=details,
+    )
+
+
+def verdict(figure: Figure) -> str:
+    """``target >= 0.95: no`` for the printed line and the table."""
+    if figure.target is None:
+        return "no target"
+    met = figure.met
+    answer = "n/a" if met is None else ("yes" if met else "no")
+    return f"target {figure.target.text}: {answer}"
