@@ -169,6 +169,7 @@ class BackendSet:
     """Runners to compare, the baseline they are compared with, and why some are missing."""
 
     baseline: str
+    headline: str | None = None  # the comparison the report leads with, when it ran
     runners: dict[str, Runner] = field(default_factory=dict)
     reduced_precision: set[str] = field(default_factory=set)
     missing: dict[str, str] = field(default_factory=dict)
@@ -234,7 +235,7 @@ def backend_set(
         result.add("onnxruntime (CUDA)", lambda: OnnxCudaRunner(bundle_dir))
         return result
 
-    result = BackendSet(baseline="torch eager")
+    result = BackendSet(baseline="torch eager", headline="onnxruntime")
     result.add("torch eager", torch_predictor(backend="torch", precision="fp32"))
     if extras:
         result.add(
