@@ -67,6 +67,23 @@ class CpuAccount:
         }
 
 
+def load_note(before: list[float], share: dict[str, float]) -> str:
+    """How busy the neighbours were: absolute speeds mean little when they competed."""
+    cores = os.cpu_count() or 1
+    others = share.get("other_processes", 0.0)
+    if others >= 0.15:
+        return (
+            f"The machine was shared: other processes (other engineers' test suites) used "
+            f"{others:.0%} of all cores' time during the run (1-minute load average "
+            f"{before[0]:.1f} on {cores} cores before it started). Absolute speeds in this "
+            "report are depressed and noisy; each ratio compares runs that shared that load."
+        )
+    return (
+        f"Other processes used {others:.0%} of all cores' time during the run: the machine was "
+        "quiet, so absolute speeds here are this machine's own (still a shared VM)."
+    )
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -144,7 +161,13 @@ def markdown(document: dict[str, Any], figures: dict[str, Figure]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['started']} to {meta['finished']} ({meta['wall_seconds']:.0f} s)  ",
         f"Mode: {meta['mode']}; {meta['images']} images at {meta['image_size']} px, "
-        f"batch size {meta['batch_size']}, {meta['threads']} torch threads per worker, "
+        f"batch size {meta['batch_size']}"
+        + (
+            f" (in-process figures at {', '.join(map(str, meta['batch_sizes']))})"
+            if len(meta.get("batch_sizes") or []) > 1
+            else ""
+        )
+        + f", {meta['threads']} torch threads per worker, "
         f"device {meta['device']}",
         "",
         "Every figure is a ratio of two things measured side by side in this run (interleaved "
@@ -199,7 +222,7 @@ def markdown(document: dict[str, Any], figures: dict[str, Figure]) -> str:
         if figure.reason:
             lines.append(f"Not measured: {figure.reason}")
             lines.append("")
-        for note in figure.details.get("notes", []):
+        for note in [*figure.details.get("notes", []), *_derived_notes(figure)]:
             lines.append(f"- {note}")
         if figure.details.get("notes"):
             lines.append("")
@@ -216,6 +239,19 @@ def markdown(document: dict[str, Any], figures: dict[str, Figure]) -> str:
         lines += [f"- {item}" for item in document["errors"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def _derived_notes(figure: Figure) -> list[str]:
+    """Notes computed from a figure's recorded data (so a re-render can add them too)."""
+    curve = figure.details.get("curve") if figure.key == "memory" else None
+    if not curve or len(curve) < 3 or not curve[0][1] or not curve[1][1]:
+        return []
+    (_, start), (first_images, first), (images, end) = curve[0], curve[1], curve[-1]
+    return [
+        f"{(first / start - 1) * 100:+.1f}% came with the first job after warm-up "
+        f"({first_images} images: caches and arenas reaching their working size), "
+        f"{(end / first - 1) * 100:+.1f}% over the {images - first_images} images after it"
+    ]
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -263,7 +299,8 @@ def plot(path: Path, document: dict[str, Any], figures: dict[str, Figure]) -> No
         target = f.target
         if target is not None and target.kind == "at_least":
             ax.plot([target.value, target.value], [index - 0.4, index + 0.4], "k-", lw=2)
-        ax.text(values[index], index, f" {values[index]:.2f}", va="center", fontsize=8)
+        right = max(values[index], target.value if target and target.kind == "at_least" else 0)
+        ax.text(right, index, f"  {values[index]:.2f}", va="center", fontsize=8)
         del key
     ax.set_xlabel("ratio (black tick: target; green met, red missed, grey no target)")
     ax.set_title(f"{document['meta']['mode']} run, {document['meta']['images']} images")
@@ -298,3 +335,34 @@ def plot(path: Path, document: dict[str, Any], figures: dict[str, Figure]) -> No
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]])
+
+
+def rerender(json_path: Path) -> dict[str, Path]:
+    """Rebuild the Markdown and the plot of a JSON report with the current layout.
+
+    The numbers come from the JSON unchanged; only their presentation (and the load note,
+    recomputed from the recorded CPU account) follows this code.
+    """
+    document = json.loads(json_path.read_text())
+    fields = ("key", "ratio", "measured", "line", "check", "reason", "details")
+    figures = {
+        key: Figure(**{name: data.get(name) for name in fields})
+        for key, data in document["figures"].items()
+    }
+    for figure in figures.values():
+        figure.details = figure.details or {}
+    meta = document["meta"]
+    if meta.get("cpu_share"):
+        meta["load_note"] = load_note(meta["load_before"], meta["cpu_share"])
+    json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    md_path.write_text(markdown(document, figures))
+    plot(png_path, document, figures)
+    return {"json": json_path, "md": md_path, "png": png_path}
+
+
+if __name__ == "__main__":
+    # python -m bench.report bench/results/latest.json: re-render after a layout change.
+    for argument in sys.argv[1:]:
+        written = rerender(Path(argument))
+        print(f"bench.report: wrote {written['md']}, {written['png']}")

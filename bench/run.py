@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.figures import FIGURES, LABELS, Figure, unavailable, verdict
+from bench.figures import FIGURES, LABELS, TARGETS, Figure, unavailable, verdict
 from bench.services import die_with_parent
 from bench.stats import Samples, interleave, paired_ratios, speedup
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     account = report.CpuAccount()
     clock = time.perf_counter()
     print(
-        f"bench: {args.images} images at {args.image_size} px, batch {batch_size}, "
+        f"bench: {args.images} images at {args.image_size} px, batch "
+        f"{','.join(map(str, batch_sizes)) if args.batch_sizes else batch_size}, "
         f"{threads} threads, {args.device}, {'small' if args.small else 'full'} mode",
         flush=True,
     )
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before,
         "load_after": load_after,
         "cpu_share": cpu_share,
-        "load_note": _load_note(load_before, cpu_share),
+        "load_note": report.load_note(load_before, cpu_share),
     }
     document = {
         "meta": meta,
@@ -240,20 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write_outputs(args.out, document, context.figures)
     print(f"bench: wrote {paths['json']}, {paths['md']}, {paths['png']}", flush=True)
     return 1 if context.errors else 0
-
-
-def _load_note(before: list[float], share: dict[str, float]) -> str:
-    """Say so when neighbours competed for the cores: absolute speeds then mean little."""
-    cores = os.cpu_count() or 1
-    others = share.get("other_processes", 0.0)
-    if others >= 0.15 or before[0] > cores / 2:
-        return (
-            f"The machine was shared: other processes (other engineers' test suites) used "
-            f"{others:.0%} of all cores' time during the run, and the 1-minute load average "
-            f"was {before[0]:.1f} on {cores} cores before it started. Absolute speeds in this "
-            "report are depressed and noisy; each ratio compares runs that shared that load."
-        )
-    return ""
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -366,7 +353,7 @@ class Limit:
         )
         return Figure(
             "limit",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{rate:.1f} img/s ({ratio:.2f} of forward-only)",
             line,
             details={
@@ -481,6 +468,7 @@ def backends_figure(context: Context, backends: Any, paths: list[Path]) -> None:
     headline: tuple[str, float, int] | None = None
     # The issue's question on CPU is torch eager vs ONNX Runtime; on GPU, which is fastest.
     preferred = None if gpu else backends.headline
+    samples_by_batch: dict[int, dict[str, Any]] = {}
     for batch in sizes:
         count = max(context.plan.backend_images, batch * (4 if gpu else 1))
         images = assets.preprocessed(paths, context.args.image_size, count)
@@ -492,6 +480,7 @@ def backends_figure(context: Context, backends: Any, paths: list[Path]) -> None:
             diffs[name] = max(diffs.get(name, 0.0), float(np.abs(values - reference).max()))
         loops = {name: inprocess.forward_loop(r, arrays) for name, r in backends.runners.items()}
         samples = interleave(loops, len(images), context.plan.inproc_reps)
+        samples_by_batch[batch] = {n: v.as_dict() for n, v in samples.items()}
         base = samples[backends.baseline]
         for name, sample in samples.items():
             ratio = speedup(sample, base)
@@ -545,7 +534,7 @@ def backends_figure(context: Context, backends: Any, paths: list[Path]) -> None:
     context.record(
         Figure(
             "backends",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{name} {ratio:.2f}x {backends.baseline}; {diff_text}",
             line,
             check=check,
@@ -555,6 +544,7 @@ def backends_figure(context: Context, backends: Any, paths: list[Path]) -> None:
                 "max_abs_diff": diffs,
                 "build_seconds": backends.build_seconds,
                 "missing": backends.missing,
+                "samples": samples_by_batch,
                 "notes": notes,
                 "table": rows,
             },
@@ -710,7 +700,7 @@ def allocator_figure(context: Context, children: AllocatorChildren) -> None:
     context.record(
         Figure(
             "allocator",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{ratio:.2f}x (allocator alone {alloc_only:.2f}x)",
             line,
             details={
@@ -749,7 +739,12 @@ def allocator_figure(context: Context, children: AllocatorChildren) -> None:
 
 
 def verdict_text(key: str, value: float) -> str:
-    return verdict(Figure(key, value, "", ""))
+    """Ratios are judged as printed (2 decimals), so "1.80x: no" cannot happen; differences
+    and growths (``below`` targets) are judged unrounded."""
+    target = TARGETS.get(key)
+    if target is not None and target.kind == "at_least":
+        value = round(value, 2)
+    return verdict(Figure(key, value, "", "", check=value))
 
 
 # -- services ------------------------------------------------------------------------------
@@ -1011,20 +1006,14 @@ def pipeline_figure(
         f"one core busy, on a machine with {os.cpu_count()} cores that the worker's "
         f"{context.threads} threads also need",
     ]
-    if chunk is not None:
+    if chunk is not None and median_running:
         context.analysis.append(
-            f"the worker's chunk code in this process ran at {speedup(chunk, limit):.2f} of the "
-            "limit: what it adds (transactions, cancellation checks, heartbeats) costs "
-            + (
-                "little; the rest is lost around it (Celery and API processes sharing the cores)"
-                if speedup(chunk, limit) >= 0.95
-                else "a measurable share; see the decomposition under pipeline/limit"
-            )
+            _loss_story(speedup(chunk, limit), pipeline.items / median_running / limit.rate)
         )
     context.record(
         Figure(
             "pipeline",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{ratio:.2f} ({pipeline.rate:.1f} / {limit.rate:.1f} img/s)",
             line,
             details={
@@ -1049,6 +1038,27 @@ def pipeline_figure(
     )
 
 
+def _loss_story(chunk: float, worker: float) -> str:
+    """Name where pipeline/limit is lost, from the in-process chunk and the worker's ratios."""
+    parts = [
+        f"the worker's chunk code ran at {chunk:.2f} of the limit in this process and at "
+        f"{worker:.2f} inside the Celery worker"
+    ]
+    if chunk < 0.95:
+        parts.append(
+            f"the chunk code itself (a transaction per micro-batch, cancellation checks, "
+            f"heartbeats, the decode pool) costs about {1 - chunk:.0%}"
+        )
+    if worker < chunk - 0.03:
+        parts.append(
+            f"the processes around it (Celery, the API answering polls, Redis) about "
+            f"{chunk - worker:.0%} more"
+        )
+    if len(parts) == 1:
+        parts.append("neither costs more than this machine's noise")
+    return "; ".join(parts)
+
+
 def micro_batching_figure(context: Context, samples: dict[str, Samples]) -> None:
     default, one = samples["pipeline"], samples["batch1"]
     ratio = speedup(default, one)
@@ -1062,7 +1072,7 @@ def micro_batching_figure(context: Context, samples: dict[str, Samples]) -> None
     context.record(
         Figure(
             "micro_batching",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{ratio:.2f}x",
             line,
             details={
@@ -1113,7 +1123,7 @@ def scale_out_figure(context: Context, cluster: Any) -> None:
     context.record(
         Figure(
             "scale_out",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{ratio:.2f}x",
             line,
             details={
@@ -1179,7 +1189,7 @@ def tiny_jobs_figure(context: Context, cluster: Any, dynamic: bool, trace: Memor
     context.record(
         Figure(
             "tiny_jobs",
-            round(ratio, 3),
+            round(ratio, 2),
             f"{ratio:.2f}x ({count} jobs)",
             line,
             details={
