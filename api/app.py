@@ -14,7 +14,21 @@ from typing import Any
 
 from apiflask import APIFlask
 
-from api import auth, errors, extensions, health, jobs, limits, models, security, training_runs
+from api import (
+    auth,
+    console,
+    docs_assets,
+    errors,
+    extensions,
+    health,
+    jobs,
+    limits,
+    metrics,
+    models,
+    security,
+    thumbnails,
+    training_runs,
+)
 from api.queue import CeleryJobQueue, JobQueue
 from api.schemas import ErrorOut
 from human_face_emotions import __version__
@@ -74,13 +88,17 @@ def create_app(
         registry_factory = _default_registry_factory(settings)
 
     errors.init_app(app)
+    docs_assets.init_app(app)  # before security: the docs policy follows where UI files live
     security.init_app(app, settings)
     extensions.init_app(app, settings, job_queue=job_queue, registry_factory=registry_factory)
+    metrics.init_app(app, settings)
     limits.init_app(app, settings, key=_rate_limit_key)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(thumbnails.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(training_runs.bp)
+    app.register_blueprint(console.bp)
     return app
 
 

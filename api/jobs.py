@@ -60,6 +60,7 @@ from human_face_emotions.intake import (
     store_uploads,
 )
 from human_face_emotions.labels import EMOTIONS, canonical_emotion
+from human_face_emotions.logging_setup import job_context
 from human_face_emotions.settings import Settings
 from human_face_emotions.storage import Storage
 
@@ -297,6 +298,7 @@ def create_job() -> Any:
         job.source_type,
         job.source,
         job.chunks,
+        extra=job_context(job.id, model_version=job.model_version),
     )
     return payload, 202, _location(job.id)
 
@@ -547,7 +549,8 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
 
     Items keep the seed's record shape (`image_path, predicted_class, predicted_emotion,
     confidence, all_probabilities`) plus `status`, `model_version` and, for failed images,
-    `error`. Filter with `emotion` (aliases accepted) and `status`.
+    `error`; JSON pages also give each item's `image_id` (for its thumbnail). Filter with
+    `emotion` (aliases accepted) and `status`.
     """
     session = db_session()
     job = _job_or_404(session, job_id)
@@ -576,7 +579,7 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
         .limit(limit)
     ).all()
     return {
-        "items": [result_dict(image, result) for image, result in rows],
+        "items": [{**result_dict(image, result), "image_id": image.id} for image, result in rows],
         "page": page,
         "limit": limit,
         "total": db_jobs.count_results(session, job.id, emotion=emotion, status=status),

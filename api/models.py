@@ -18,9 +18,10 @@ from api.auth import ADMIN, AUTH_RESPONSES, SUBMIT, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
 from api.queue import TrainingQueue
-from api.schemas import ErrorOut, ModelsOut, PromoteOut
+from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
 from human_face_emotions.db import jobs as db_jobs
+from human_face_emotions.labels import EMOTIONS
 from human_face_emotions.registry import (
     TAG_ARCHITECTURE,
     TAG_IMAGE_SIZE,
@@ -86,6 +87,60 @@ def list_models() -> dict[str, Any]:
             }
             for w in workers
         ],
+    }
+
+
+@bp.get("/<int:version>/evaluation")
+@require_role(SUBMIT)
+@bp.output(EvaluationOut)
+@bp.doc(
+    responses={
+        404: {
+            "description": "No such version, or it has no recorded evaluation",
+            "content": {"application/json": {"schema": ErrorOut}},
+        },
+        503: {
+            "description": "The model registry is unreachable",
+            "content": {"application/json": {"schema": ErrorOut}},
+        },
+    }
+)
+def model_evaluation(version: int) -> dict[str, Any]:
+    """Test-split evaluation of a version: confusion matrix and per-class metrics
+
+    The report training logged with the version's MLflow run (`evaluation/evaluation.json`).
+    Rows of `confusion_matrix` are true classes, columns predicted ones, both in `classes`
+    order. Versions registered without a training run's report answer 404.
+    """
+    if version < 1 or version > MAX_VERSION:
+        raise ApiError(404, "not_found", f"model has no version {version}")
+    try:
+        report = services().registry().evaluation(version)
+    except RegistryError as exc:
+        if _missing_version(exc):
+            raise ApiError(404, "not_found", f"model has no version {version}") from exc
+        log.warning("model registry unreachable: %s", exc)
+        raise ApiError(
+            503, "registry_unavailable", "the model registry is unreachable; try again later"
+        ) from exc
+    except Exception as exc:
+        log.warning("model registry unreachable: %s", exc)
+        raise ApiError(
+            503, "registry_unavailable", "the model registry is unreachable; try again later"
+        ) from exc
+    if report is None:
+        raise ApiError(404, "no_evaluation", f"version {version} has no recorded evaluation")
+    return {
+        "version": version,
+        "classes": report.get("classes") or list(EMOTIONS),
+        "confusion_matrix": report["confusion_matrix"],
+        "num_images": report["num_images"],
+        "accuracy": report["accuracy"],
+        "weighted_f1": report["weighted_f1"],
+        "macro_f1": report["macro_f1"],
+        "per_class": report.get("per_class") or {},
+        "passed": report.get("passed"),
+        "failures": report.get("failures") or [],
     }
 
 

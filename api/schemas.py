@@ -188,6 +188,12 @@ class ResultOut(Schema):
     all_probabilities = Dict(keys=String(), values=Float(), allow_none=True)
     model_version = Integer(allow_none=True)
     error = String(metadata={"description": "Only for failed images."})
+    image_id = Integer(
+        metadata={
+            "description": "JSON pages only: the image's id in "
+            "/api/v1/jobs/{job_id}/images/{image_id}/thumbnail."
+        }
+    )
 
 
 class ResultPageOut(Schema):
@@ -240,6 +246,30 @@ class ModelsOut(Schema):
     champion = Integer(allow_none=True)
     versions = List(Nested(ModelVersionOut), required=True)
     workers = List(Nested(WorkerOut), required=True)
+
+
+class ClassMetricsOut(Schema):
+    precision = Float(required=True)
+    recall = Float(required=True)
+    f1 = Float(required=True)
+    support = Integer(required=True, metadata={"description": "Test images of this class."})
+
+
+class EvaluationOut(Schema):
+    version = Integer(required=True)
+    classes = List(String(), required=True, metadata={"description": "Row/column order."})
+    confusion_matrix = List(
+        List(Integer()),
+        required=True,
+        metadata={"description": "Rows: true class; columns: predicted class."},
+    )
+    num_images = Integer(required=True)
+    accuracy = Float(required=True)
+    weighted_f1 = Float(required=True)
+    macro_f1 = Float(required=True)
+    per_class = Dict(keys=String(), values=Nested(ClassMetricsOut), required=True)
+    passed = Boolean(metadata={"description": "Whether it met the quality targets."})
+    failures = List(String(), metadata={"description": "The targets it missed."})
 
 
 class PromoteOut(Schema):

@@ -5,8 +5,11 @@ Headers: the API serves JSON (and CSV/JSONL exports) that no browser should snif
 frame or cache, so every response says ``nosniff``, ``DENY``, ``no-referrer``, ``/api/``
 responses say ``no-store`` (results are private to a token), and everything but the docs page
 gets ``Content-Security-Policy: default-src 'none'``: even if an attacker got markup into a
-response, a browser would run nothing from it. The ``/docs`` page loads Swagger UI from a CDN
-with an inline bootstrap script, so it gets a policy that allows exactly that.
+response, a browser would run nothing from it. The ``/docs`` page loads Swagger UI (from this
+origin, :mod:`api.docs_assets`) with an inline bootstrap script, so it gets a policy that
+allows exactly that. The web console
+(:mod:`api.console`) and its static files get :data:`CONSOLE_CSP`: scripts, styles and API
+calls from this origin only (no inline code at all), images from this origin and ``blob:``.
 
 CORS is off: no ``Access-Control-Allow-*`` header is ever sent, so browsers on other origins
 cannot read responses. Clients are scripts and the CLI, which CORS does not concern.
@@ -33,6 +36,14 @@ from human_face_emotions.settings import Settings
 SMALL_BODY_BYTES = 1024 * 1024
 JSON_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 DOCS_PATHS = ("/docs",)
+#: The web console's pages and static files: its own scripts and styles, its API calls, and
+#: thumbnails fetched with the token and shown as ``blob:`` URLs. Still no inline script.
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+#: Endpoints served under :data:`CONSOLE_CSP` (blueprint ``console.*`` and Flask's static).
+CONSOLE_BLUEPRINT = "console"
 BASE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -45,15 +56,19 @@ REDACTED_LOGGERS = (
     "api",
     "api.app",
     "api.auth",
+    "api.console",
     "api.errors",
     "api.extensions",
     "api.health",
     "api.jobs",
     "api.limits",
+    "api.metrics",
     "api.models",
     "api.queue",
+    "api.thumbnails",
     "api.training_runs",
     "flask_limiter",
+    "human_face_emotions.cluster_metrics",
     "werkzeug",
 )
 REDACTED = "***"
@@ -64,7 +79,8 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/
 
 
 def docs_csp(app: Flask) -> str:
-    """The policy of the Swagger UI page: its CDN's scripts and styles, its inline bootstrap,
+    """The policy of the Swagger UI page: its scripts and styles (and their origin, were they
+    moved to a CDN again), its inline bootstrap,
     its favicon, the spec from this origin, nothing else, and never inside a frame."""
     code = _origins(
         app, ("SWAGGER_UI_CSS", "SWAGGER_UI_BUNDLE_JS", "SWAGGER_UI_STANDALONE_PRESET_JS")
@@ -97,7 +113,13 @@ def init_app(app: Flask, settings: Settings) -> None:
             response.headers.setdefault(name, value)
         path = request.path
         is_docs = any(path == p or path.startswith(p + "/") for p in DOCS_PATHS)
-        response.headers["Content-Security-Policy"] = docs_policy if is_docs else JSON_CSP
+        if is_docs:
+            policy = docs_policy
+        elif is_console_request():
+            policy = CONSOLE_CSP
+        else:
+            policy = JSON_CSP
+        response.headers["Content-Security-Policy"] = policy
         if path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         # CORS is off by default: make sure nothing upstream added it either.
@@ -113,6 +135,12 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.before_request(cap_small_bodies)
     app.after_request(add_security_headers)
     install_log_redaction(settings)
+
+
+def is_console_request() -> bool:
+    """Whether the request was routed to a console page or a static file (not the API)."""
+    endpoint = request.endpoint or ""
+    return endpoint == "static" or endpoint.startswith(CONSOLE_BLUEPRINT + ".")
 
 
 # -- secrets in logs -------------------------------------------------------------------------

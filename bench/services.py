@@ -262,6 +262,7 @@ class Cluster:
     workers: dict[str, Worker] = field(default_factory=dict)
     consuming: set[str] = field(default_factory=set)
     _control: Any = None
+    last_submit_seconds: float = 0.0  # how long the last run_many took to submit its jobs
 
     # -- processes -----------------------------------------------------------------------
 
@@ -457,12 +458,20 @@ class Cluster:
         started = time.perf_counter()
         with ThreadPoolExecutor(submitters, thread_name_prefix="submit") as pool:
             ids = set(pool.map(submit, folders))
+        self.last_submit_seconds = time.perf_counter() - started
         deadline = time.monotonic() + timeout
+        # Newest first, so the page of our jobs' size holds them all unless someone else
+        # submitted meanwhile: then read a whole page. A short page keeps the observer cheap
+        # (listing every job of earlier rounds each poll would load the cores being measured).
+        limit = len(ids)
         while True:
             body = client.http.get(
-                f"{self.api_url}/api/v1/jobs", params={"limit": 1000}, timeout=60
+                f"{self.api_url}/api/v1/jobs", params={"limit": limit}, timeout=60
             ).json()
             ours = [job for job in body["items"] if job["id"] in ids]
+            if len(ours) < len(ids) and limit < 1000:
+                limit = 1000
+                continue
             if len(ours) == len(ids) and all(job["status"] in TERMINAL for job in ours):
                 break
             if time.monotonic() > deadline:

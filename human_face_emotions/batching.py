@@ -6,6 +6,7 @@ releases the GIL while decoding, so on two cores decode and inference overlap in
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ class DecodedBatch(Generic[K]):
     keys: list[K] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     errors: list[tuple[K, str]] = field(default_factory=list)
+    #: Seconds spent decoding this batch's files, summed over the decode threads.
+    decode_seconds: float = 0.0
 
     @property
     def paths(self) -> list[K]:
@@ -38,6 +41,14 @@ def _decode_one(path: str | Path, max_pixels: int) -> Image.Image | str:
         return decode_image(path, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         return exc.reason
+
+
+def _timed(
+    load: Callable[[str | Path, int], Image.Image | str], path: str | Path, max_pixels: int
+) -> tuple[Image.Image | str, float]:
+    started = time.perf_counter()
+    result = load(path, max_pixels)
+    return result, time.perf_counter() - started
 
 
 def iter_decoded_batches(
@@ -64,7 +75,9 @@ def iter_decoded_batches(
         pending: deque[tuple[range, list[Future]]] = deque()
 
         def submit(chunk: range) -> None:
-            pending.append((chunk, [pool.submit(load, paths[i], max_pixels) for i in chunk]))
+            pending.append(
+                (chunk, [pool.submit(_timed, load, paths[i], max_pixels) for i in chunk])
+            )
 
         upcoming = iter(chunks)
         for chunk in upcoming:
@@ -78,7 +91,8 @@ def iter_decoded_batches(
                 submit(next_chunk)
             batch: DecodedBatch = DecodedBatch()
             for i, future in zip(chunk, futures, strict=True):
-                result = future.result()
+                result, seconds = future.result()
+                batch.decode_seconds += seconds
                 if isinstance(result, str):
                     batch.errors.append((key_list[i], result))
                 else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from human_face_emotions import metrics
 from human_face_emotions.model_holder import ServingModel
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,13 @@ class DynamicBatcher:
 
     # -- batcher thread ------------------------------------------------------------------
 
-    def _next(self, timeout: float | None) -> _Request | None:
+    def _next(self, timeout: float) -> _Request | None:
+        """The next request, waiting up to ``timeout`` seconds (not at all when <= 0)."""
         if self._carry:
             return self._carry.pop(0)
         try:
+            if timeout <= 0:
+                return self._queue.get_nowait()
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
@@ -90,10 +94,9 @@ class DynamicBatcher:
             size = len(first.images)
             deadline = first.arrived + self.max_delay
             while size < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                candidate = self._next(timeout=remaining)
+                # Past the deadline, what is already queued still joins (a backlog is drained
+                # in full batches); only waiting for more stops.
+                candidate = self._next(timeout=deadline - time.monotonic())
                 if candidate is None:
                     break
                 if candidate.pinned != first.pinned or size + len(candidate.images) > max(
@@ -110,11 +113,13 @@ class DynamicBatcher:
         try:
             model = self._model_for(group[0].pinned)
             images = [image for request in group for image in request.images]
+            started = time.perf_counter()
             probabilities = model.predictor.predict_images(images)
         except BaseException as exc:
             for request in group:
                 request.future.set_exception(exc)
             return
+        metrics.observe_forward(time.perf_counter() - started, len(images))
         self.forward_passes += 1
         start = 0
         for request in group:

@@ -7,6 +7,7 @@ deprecated stages) marks the version workers serve.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,8 @@ TAG_DATA_FINGERPRINT = "data_fingerprint"
 TAG_TEST_SPLIT = "test_split_fingerprint"
 TAG_ARCHITECTURE = "architecture"
 TAG_IMAGE_SIZE = "image_size"
+#: Where ``training.train`` logs the test-split report (confusion matrix) in a version's run.
+EVALUATION_ARTIFACT = "evaluation/evaluation.json"
 
 
 class RegistryError(RuntimeError):
@@ -191,6 +194,33 @@ class Registry:
 
     def tag_version(self, version: int, key: str, value: Any) -> None:
         self.client.set_model_version_tag(self.model_name, str(version), key, str(value))
+
+    def evaluation(self, version: int) -> dict[str, Any] | None:
+        """The test-split report training logged with ``version``'s run (confusion matrix,
+        per-class metrics; see :class:`~human_face_emotions.evaluation.EvaluationReport`), or
+        None when the run logged none (versions published outside ``training.train``).
+
+        Raises :class:`RegistryError` for an unknown version and when the store can't be read.
+        """
+        from mlflow.exceptions import MlflowException
+
+        info = self.get_version(version)
+        if info.run_id is None:
+            return None
+        folder = EVALUATION_ARTIFACT.rsplit("/", 1)[0]
+        try:
+            logged = {entry.path for entry in self.client.list_artifacts(info.run_id, folder)}
+            if EVALUATION_ARTIFACT not in logged:
+                return None
+            with tempfile.TemporaryDirectory(prefix="evaluation-") as staging:
+                path = self.client.download_artifacts(info.run_id, EVALUATION_ARTIFACT, staging)
+                return json.loads(Path(path).read_text())
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # the run was deleted
+                return None
+            raise RegistryError(f"cannot read the evaluation of version {version}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read the evaluation of version {version}: {exc}") from exc
 
     # -- promotion ---------------------------------------------------------------------------
 

@@ -80,6 +80,26 @@ class Settings(BaseSettings):
         default=False, description="Compile the model with torch.compile (GPU workers)."
     )
     decode_threads: int = Field(default=2, ge=1, le=64, description="Image decode threads.")
+    worker_max_memory_mb: int | None = Field(
+        default=None,
+        ge=64,
+        description="Recycle a worker pool process after a task leaves its resident memory "
+        "above this many MiB (Celery's worker_max_memory_per_child): a backstop against leaks. "
+        "Default: off.",
+    )
+    dynamic_batching: bool = Field(
+        default=False,
+        description="Merge the micro-batches of tasks running at once (start the worker with "
+        "--pool threads --concurrency N) into shared forward passes of up to "
+        "EMOTIONS_BATCH_SIZE images: many small jobs, few forward passes.",
+    )
+    max_batch_delay_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=10_000,
+        description="With dynamic batching: longest a micro-batch waits for others to fill a "
+        "forward pass before it runs anyway.",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=256, description="Intra-op threads (default: all cores)."
     )
@@ -142,6 +162,33 @@ class Settings(BaseSettings):
     migrate_on_start: bool = Field(
         default=True, description="The API applies pending migrations when it starts."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines as text, or as JSON objects (timestamp, level, logger, message "
+        "and job_id, model_version, worker where known) for a log collector.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO",
+        description="Least severe log level written; when set, it also overrides a Celery "
+        "worker's --loglevel.",
+    )
+    worker_metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="Port of a worker's Prometheus /metrics (served by its main process for "
+        "all its pool processes); 0 disables it.",
+    )
+    worker_metrics_dir: Path | None = Field(
+        default=None,
+        description="Directory where a worker's pool processes write their metric samples "
+        "(emptied at start, one per worker); default a fresh temporary directory.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("var_dir", mode="after")
     @classmethod

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 from celery.worker.control import Panel, control_command
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,6 +37,7 @@ from human_face_emotions.allocator import tune_glibc_malloc
 from human_face_emotions.db import training_runs as db_runs
 from human_face_emotions.db.engine import create_db_engine, session_factory, with_db_retry
 from human_face_emotions.db.schema import TrainingRun
+from human_face_emotions.logging_setup import apply_format
 from human_face_emotions.settings import Settings, get_settings
 
 # Before torch allocates anything and before the pool forks: children inherit it.
@@ -262,6 +263,14 @@ def _sessions() -> sessionmaker[Session]:
 
 
 # -- worker hooks -----------------------------------------------------------------------------
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: Any = None, loglevel: Any = None, **_kwargs: Any) -> None:
+    """EMOTIONS_LOG_FORMAT=json: the trainer's log lines are JSON too."""
+    if logger is not None:
+        apply_format(logger, settings, level=loglevel)
 
 
 @worker_ready.connect

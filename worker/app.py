@@ -15,13 +15,24 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    import_modules,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.control import control_command
 
 from human_face_emotions.allocator import tune_glibc_malloc
+from human_face_emotions.logging_setup import apply_format
 from human_face_emotions.settings import get_settings
+from worker.metrics import WorkerMetrics
 from worker.recovery import RecoverySweeper
 
 # Before torch allocates anything and before the pool forks: children inherit it.
@@ -53,6 +64,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
     # Redis restarts must not kill the worker: keep reconnecting.
     broker_connection_max_retries=None,
+    # KiB; None = never recycle. Checked after each task, so a chunk is never cut short.
+    worker_max_memory_per_child=(
+        settings.worker_max_memory_mb * 1024 if settings.worker_max_memory_mb else None
+    ),
 )
 
 
@@ -68,6 +83,42 @@ def _start_sweeper(**_kwargs) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_kwargs) -> None:
     SWEEPER.stop()
+
+
+# Prometheus: pool processes write samples to a per-worker directory, the main process serves
+# their sum on EMOTIONS_WORKER_METRICS_PORT (see worker.metrics for the order of events).
+METRICS = WorkerMetrics(settings)
+
+
+@import_modules.connect
+def _prepare_metrics(sender=None, **_kwargs) -> None:
+    """Before the task modules (and with them prometheus_client) are imported."""
+    if sender is app:
+        METRICS.prepare()
+
+
+@worker_ready.connect
+def _serve_metrics(**_kwargs) -> None:
+    METRICS.serve()
+
+
+@worker_process_shutdown.connect
+def _forget_pool_process(pid=None, **_kwargs) -> None:
+    METRICS.process_exited(pid or os.getpid())
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_kwargs) -> None:
+    METRICS.stop()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger=None, loglevel=None, **_kwargs) -> None:
+    """EMOTIONS_LOG_FORMAT=json: Celery's handlers write JSON lines (hijack_root_logger is
+    off, so Celery installs them only where nothing else has)."""
+    if logger is not None:
+        apply_format(logger, settings, level=loglevel)
 
 
 @control_command()

@@ -1,20 +1,45 @@
-"""Per-process state of a pool process: DB sessions, the model holder and the image loader,
-created lazily (in the pool process, after the fork: s3fs clients must not cross a fork)."""
+"""Per-process state of a pool process: DB sessions, the model holder, the image loader and
+the dynamic batcher, created lazily (in the pool process, after the fork: s3fs clients must
+not cross a fork).
+
+With ``--pool threads`` several tasks ask for them at once, so each is built under one lock:
+two threads must never load two copies of the model.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, wraps
+from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from human_face_emotions.chunk_classifier import ImageLoader, storage_image_loader
 from human_face_emotions.db.engine import create_db_engine, session_factory
-from human_face_emotions.model_holder import ModelHolder
+from human_face_emotions.dynamic_batching import DynamicBatcher
+from human_face_emotions.model_holder import ModelHolder, ModelUnavailable, ServingModel
+from human_face_emotions.registry import RegistryError
 from human_face_emotions.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_BUILD_LOCK = threading.RLock()
+
+
+def _once(build: Callable[[], T]) -> Callable[[], T]:
+    """``lru_cache(maxsize=1)`` that also never runs ``build`` twice at the same time."""
+    cached = lru_cache(maxsize=1)(build)
+
+    @wraps(build)
+    def get() -> T:
+        with _BUILD_LOCK:
+            return cached()
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
 
 
 def configure_torch_threads(settings: Settings) -> None:
@@ -24,12 +49,12 @@ def configure_torch_threads(settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
-@lru_cache(maxsize=1)
+@_once
 def sessions() -> sessionmaker[Session]:
     return session_factory(create_db_engine(get_settings().resolved_database_url))
 
 
-@lru_cache(maxsize=1)
+@_once
 def image_loader() -> ImageLoader:
     """Reads local paths and ``s3://`` URLs (EMOTIONS_S3_ENDPOINT_URL).
 
@@ -38,14 +63,44 @@ def image_loader() -> ImageLoader:
     return storage_image_loader(get_settings())
 
 
-@lru_cache(maxsize=1)
+@_once
 def holder() -> ModelHolder:
     from worker.app import RELOAD_GENERATION
 
     settings = get_settings()
+    # A threads pool has no worker_process_init: set the intra-op threads here too.
+    configure_torch_threads(settings)
     model_holder = ModelHolder(settings, reload_generation=lambda: RELOAD_GENERATION.value)
     _start_idle_refresher(model_holder, settings.model_refresh_seconds)
     return model_holder
+
+
+@_once
+def batcher() -> DynamicBatcher | None:
+    """The process's shared-forward-pass batcher (EMOTIONS_DYNAMIC_BATCHING), or ``None``."""
+    settings = get_settings()
+    if not settings.dynamic_batching:
+        return None
+    model_holder = holder()
+    log.info(
+        "dynamic batching: up to %d images per forward pass, %.0f ms delay",
+        settings.batch_size,
+        settings.max_batch_delay_ms,
+    )
+
+    def model_for(pinned: int | None) -> ServingModel:
+        try:
+            return model_holder.for_job(pinned)
+        except RegistryError as exc:
+            if pinned is None:  # no champion to serve: retry later, as without batching
+                raise ModelUnavailable(str(exc)) from exc
+            raise
+
+    return DynamicBatcher(
+        model_for,
+        max_batch=settings.batch_size,
+        max_delay_ms=settings.max_batch_delay_ms,
+    )
 
 
 def _start_idle_refresher(model_holder: ModelHolder, interval: float) -> None:

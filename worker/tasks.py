@@ -25,10 +25,11 @@ from human_face_emotions.chunk_classifier import (
     classify_chunk,
     default_worker_name,
 )
+from human_face_emotions.logging_setup import job_context
 from human_face_emotions.model_holder import ModelUnavailable
 from human_face_emotions.sweeper import fail_chunk
 from worker.app import CLASSIFY_TASK, app, settings
-from worker.runtime import holder, image_loader, sessions
+from worker.runtime import batcher, holder, image_loader, sessions
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,12 @@ def classify_chunk_task(self: Task, job_id: str, image_ids: list[int]) -> dict:
             image_ids,
             settings=settings,
             load_image=image_loader(),
+            batcher=batcher(),
         )
     except ModelUnavailable as exc:
-        log.warning("job %s: no model to serve yet (%s); retrying", job_id, exc)
+        log.warning(
+            "job %s: no model to serve yet (%s); retrying", job_id, exc, extra=job_context(job_id)
+        )
         raise self.retry(exc=exc, countdown=MODEL_RETRY_SECONDS) from exc
     except Exception as exc:
         return _after_failure(self, job_id, image_ids, exc)
@@ -75,6 +79,11 @@ def classify_chunk_task(self: Task, job_id: str, image_ids: list[int]) -> dict:
         outcome.seconds,
         outcome.attempt,
         f" (skipped: {outcome.skipped})" if outcome.skipped else "",
+        extra=job_context(
+            job_id,
+            model_version=max(outcome.model_versions, default=None),
+            worker=default_worker_name(),
+        ),
     )
     return outcome.as_dict()
 
@@ -118,6 +127,7 @@ def _after_failure(task: Task, job_id: str, image_ids: list[int], exc: Exception
             failed,
             reason,
             exc_info=exc,
+            extra=job_context(job_id),
         )
         return {"job_id": job_id, "gave_up": True, "failed": failed, "error": reason}
     # attempts == 0: it failed before the delivery was counted (database trouble at start).
@@ -129,6 +139,8 @@ def _after_failure(task: Task, job_id: str, image_ids: list[int], exc: Exception
         settings.max_chunk_attempts,
         reason,
         countdown,
+        exc_info=exc,
+        extra=job_context(job_id),  # the reason users see is one line; operators need the traceback
     )
     raise task.retry(exc=exc, countdown=countdown) from exc
 

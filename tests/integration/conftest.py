@@ -138,6 +138,9 @@ class Services:
                 "EMOTIONS_DEVICE": "cpu",
                 # Serving tests exercise jobs, not tokens: test_security.py turns auth on.
                 "EMOTIONS_AUTH": "disabled",
+                # Workers of parallel tests must not fight over one port: a test that scrapes
+                # a worker gives it a free one.
+                "EMOTIONS_WORKER_METRICS_PORT": "0",
                 **self.extra_env,
                 **overrides,
             }
@@ -195,8 +198,9 @@ def services(
 class WorkerProcess:
     """A real ``celery worker`` process; killed (or terminated) by the fixture.
 
-    By default an inference worker; ``app="training.service", queue="training"`` makes it a
-    trainer.
+    By default an inference worker (prefork, one pool process); ``app="training.service",
+    queue="training"`` makes it a trainer, ``pool="threads", concurrency=N`` a threads-pool
+    worker running N tasks at once.
     """
 
     def __init__(
@@ -207,6 +211,8 @@ class WorkerProcess:
         *,
         app: str = "worker.app",
         queue: str = "inference",
+        pool: str = "prefork",
+        concurrency: int = 1,
         **env: str,
     ) -> None:
         self.name = name
@@ -223,9 +229,9 @@ class WorkerProcess:
                 "-Q",
                 queue,
                 "--concurrency",
-                "1",
+                str(concurrency),
                 "--pool",
-                "prefork",
+                pool,
                 "--without-gossip",
                 "--without-mingle",
                 "--loglevel",
@@ -279,10 +285,19 @@ def start_worker(services: Services, tmp_path: Path) -> Iterator[Callable[..., W
         wait: bool = True,
         app: str = "worker.app",
         queue: str = "inference",
+        pool: str = "prefork",
+        concurrency: int = 1,
         **env: str,
     ) -> WorkerProcess:
         worker = WorkerProcess(
-            services, name or f"w{len(workers) + 1}", tmp_path, app=app, queue=queue, **env
+            services,
+            name or f"w{len(workers) + 1}",
+            tmp_path,
+            app=app,
+            queue=queue,
+            pool=pool,
+            concurrency=concurrency,
+            **env,
         )
         workers.append(worker)
         if wait:

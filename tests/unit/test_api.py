@@ -569,7 +569,7 @@ def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None
     assert (first["page"], first["limit"], first["total"]) == (1, 2, 5)
     assert [item["image_path"] for item in first["items"]] == ["img0.png", "img1.png"]
     item = first["items"][0]
-    assert set(item) == SEED_KEYS | {"status", "model_version"}
+    assert set(item) == SEED_KEYS | {"status", "model_version", "image_id"}
     assert item["predicted_class"] == 2
     assert item["predicted_emotion"] == "Happy"
     assert item["confidence"] == 0.5765
@@ -586,7 +586,7 @@ def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None
     last = client.get(f"{url}?page=3&limit=2").get_json()
     assert len(last["items"]) == 1
     failed = last["items"][0]
-    assert set(failed) == SEED_KEYS | {"status", "model_version", "error"}
+    assert set(failed) == SEED_KEYS | {"status", "model_version", "error", "image_id"}
     assert failed["status"] == "failed"
     assert failed["error"] == "not an image"
     assert failed["predicted_emotion"] is None and failed["all_probabilities"] is None
@@ -807,11 +807,12 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
             assert success, (path, method)
             for code in success:
                 content = operation["responses"][code].get("content", {})
-                assert "application/json" in content, (path, method, code)
+                expected = "image/jpeg" if path.endswith("/thumbnail") else "application/json"
+                assert expected in content, (path, method, code)
             checked += 1
-    # jobs: post, list, get, delete, results, summary; models: list, promote; 2 probes;
-    # training runs: post, list, get
-    assert checked == 13
+    # jobs: post, list, get, delete, results, summary, image thumbnail; models: list,
+    # evaluation, promote; 2 probes; training runs: post, list, get
+    assert checked == 15
     post = spec["paths"]["/api/v1/jobs"]["post"]
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     error_schema = spec["components"]["schemas"]["ErrorOut"]

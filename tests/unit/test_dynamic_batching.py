@@ -90,3 +90,29 @@ def test_model_errors_reach_every_waiting_request() -> None:
             with pytest.raises(RuntimeError, match="no model"):
                 future.result()
     batcher.close()
+
+
+def test_a_backlog_is_drained_in_full_batches_without_waiting_again() -> None:
+    """Requests that queued up while a pass ran join the next pass even though they are
+    already older than the delay (carried requests included)."""
+    release = threading.Event()
+    predictor = FakePredictor()
+
+    class Gate:
+        def predict_images(self, images):
+            release.wait(10)
+            return predictor.predict_images(images)
+
+    batcher = DynamicBatcher(lambda pinned: FakeModel(1, Gate()), max_batch=8, max_delay_ms=1)
+    with ThreadPoolExecutor(25) as pool:
+        first = pool.submit(batcher.predict, [image(0)])
+        while not batcher._queue.empty():  # the first request is in its (blocked) pass
+            pass
+        rest = [pool.submit(batcher.predict, [image(i)]) for i in range(1, 25)]
+        while batcher._queue.qsize() < 24:
+            threading.Event().wait(0.01)
+        release.set()
+        results = [first.result()] + [future.result() for future in rest]
+    batcher.close()
+    assert [r.probabilities[0, 0] for r in results] == list(range(25))
+    assert predictor.calls == [1, 8, 8, 8], predictor.calls

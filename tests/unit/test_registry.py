@@ -357,3 +357,24 @@ def test_two_versions_from_one_run_keep_their_own_weights(store: Store, tmp_path
     assert first.version != second.version
     downloaded = registry.download(first)
     assert torch.equal(_outputs(load_bundle(downloaded).model), _outputs(first_model))
+
+
+def test_evaluation_is_read_from_the_versions_run(store: Store, tmp_path: Path) -> None:
+    """The report ``training.train`` logs (``evaluation/evaluation.json``) behind the API's
+    ``/models/<v>/evaluation``; versions whose run logged none have no evaluation."""
+    import numpy as np
+
+    from human_face_emotions.evaluation import evaluate_predictions
+
+    report = evaluate_predictions(np.array([0, 1, 2, 3, 4, 4]), np.array([0, 1, 2, 3, 4, 0]))
+    path = report.write_json(tmp_path / "evaluation.json")
+    store.registry.client.log_artifact(store.v1.run_id, str(path), "evaluation")
+
+    evaluation = store.registry.evaluation(store.v1.version)
+    assert evaluation is not None
+    assert evaluation["confusion_matrix"] == report.confusion_matrix
+    assert evaluation["classes"] == ["Angry", "Fear", "Happy", "Sad", "Surprised"]
+    assert evaluation["accuracy"] == pytest.approx(5 / 6)
+    assert store.registry.evaluation(store.v2.version) is None
+    with pytest.raises(RegistryError):
+        store.registry.evaluation(99)

@@ -296,6 +296,11 @@ class FakeHolder:
         self.error = error
         self.asked = 0
 
+    @property
+    def serving_version(self) -> int | None:
+        """Like a real holder: nothing is served before the first successful load."""
+        return 1 if self.asked and self.error is None else None
+
     def for_job(self, pinned: int | None) -> ServingModel:
         self.asked += 1
         if self.error is not None:
@@ -368,6 +373,91 @@ def test_a_delivery_past_the_limit_gives_up_without_working(sessions, settings) 
     assert errors == {gave_up_reason(MAX)}
 
 
+def test_a_cancel_lands_between_micro_batches(
+    sessions, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import human_face_emotions.chunk_classifier as chunk_classifier
+
+    monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
+    job_id, chunks = make_job(sessions, 8, 8)
+    loaded: list[str] = []
+
+    def cancel_on_third(location: str, max_pixels: int) -> PILImage.Image:
+        loaded.append(location)
+        if len(loaded) == 3:
+            with sessions() as session:
+                session.execute(
+                    update(Job).where(Job.id == job_id).values(status=JobStatus.CANCELLED)
+                )
+                session.commit()
+        return a_face(location, max_pixels)
+
+    outcome = classify_chunk(
+        sessions, FakeHolder(), job_id, chunks[0], settings=settings, load_image=cancel_on_third
+    )
+    assert outcome.skipped == "job was cancelled"
+    assert 0 < outcome.succeeded < 8
+
+
+def test_status_checks_and_heartbeats_are_throttled(
+    sessions, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One database round trip per micro-batch (its write): the cancel check and the worker
+    heartbeat come at most every STATUS_INTERVAL_SECONDS; the heartbeat is throttled per
+    process, so a stream of small chunks does not pay one each, and carries what it skipped."""
+    import human_face_emotions.chunk_classifier as chunk_classifier
+
+    monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
+    calls = {"cancelled": 0, "heartbeat": []}
+    real_cancelled = chunk_classifier._cancelled
+
+    def counting_cancelled(*args):
+        calls["cancelled"] += 1
+        return real_cancelled(*args)
+
+    def counting_heartbeat(sessions, holder, worker_name, processed):
+        calls["heartbeat"].append(processed)
+
+    monkeypatch.setattr(chunk_classifier, "_cancelled", counting_cancelled)
+    monkeypatch.setattr(chunk_classifier, "_heartbeat", counting_heartbeat)
+    holder = FakeHolder()
+    job_id, chunks = make_job(sessions, 8, 8)  # batch_size 2: four micro-batches
+    outcome = classify_chunk(
+        sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face
+    )
+    assert outcome.succeeded == 8 and len(outcome.forward_batches) == 4
+    assert calls["cancelled"] == 0
+    assert calls["heartbeat"] == [2]  # the process's first heartbeat goes out at once
+
+    monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
+    job_id, chunks = make_job(sessions, 4, 4)
+    classify_chunk(sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face)
+    assert calls["heartbeat"] == [2, 6 + 2, 2]  # the six skipped ones are not lost
+    assert calls["cancelled"] == 1  # before the second micro-batch
+
+    # A new version is reported at once, however recent the last heartbeat.
+    monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr(FakeHolder, "serving_version", property(lambda self: 2))
+    job_id, chunks = make_job(sessions, 4, 4)
+    classify_chunk(sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face)
+    assert calls["heartbeat"] == [2, 6 + 2, 2, 2]
+
+
+def test_a_serving_worker_counts_the_delivery_when_the_chunk_starts(sessions, settings) -> None:
+    holder = FakeHolder()
+    first_job, first_chunks = make_job(sessions, 2, 2)
+    classify_chunk(
+        sessions, holder, first_job, first_chunks[0], settings=settings, load_image=a_face
+    )
+    assert holder.serving_version == 1
+    job_id, chunks = make_job(sessions, 4, 4)
+    outcome = classify_chunk(
+        sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face
+    )
+    assert (outcome.succeeded, outcome.attempt) == (4, 1)
+    assert attempts_of(sessions, job_id) == [1, 1, 1, 1]
+
+
 # --- the Celery task: bounded retries, then the images fail with the reason ---------------------
 
 
@@ -379,6 +469,7 @@ def eager_task(monkeypatch: pytest.MonkeyPatch, sessions, settings):
     monkeypatch.setattr(tasks, "sessions", lambda: sessions)
     monkeypatch.setattr(tasks, "holder", lambda: FakeHolder())
     monkeypatch.setattr(tasks, "image_loader", lambda: disk_on_fire)
+    monkeypatch.setattr(tasks, "batcher", lambda: None)
     monkeypatch.setattr(tasks, "settings", settings)
     countdowns: list[float] = []
     real_retry = tasks.classify_chunk_task.retry
