@@ -139,4 +139,8 @@ def _onnx_session(bundle: Bundle):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's idle threads spin-wait for the next pass by default: burnt CPU that the
+    # worker's decode threads, database writes and (with dynamic batching) other tasks need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(bundle.onnx_path), options, providers=["CPUExecutionProvider"])
