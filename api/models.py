@@ -65,9 +65,7 @@ def list_models() -> dict[str, Any]:
         versions = registry.list_versions()
     except Exception as exc:
         log.warning("model registry unreachable: %s", exc)
-        raise ApiError(
-            503, "registry_unavailable", "the model registry is unreachable; try again later"
-        ) from exc
+        raise _registry_unavailable() from exc
     alias = state.settings.model_alias
     champion = next((v.version for v in versions if alias in v.aliases), None)
     since = datetime.now(UTC) - WORKER_LIVENESS
@@ -116,18 +114,8 @@ def model_evaluation(version: int) -> dict[str, Any]:
         raise ApiError(404, "not_found", f"model has no version {version}")
     try:
         report = services().registry().evaluation(version)
-    except RegistryError as exc:
-        if _missing_version(exc):
-            raise ApiError(404, "not_found", f"model has no version {version}") from exc
-        log.warning("model registry unreachable: %s", exc)
-        raise ApiError(
-            503, "registry_unavailable", "the model registry is unreachable; try again later"
-        ) from exc
     except Exception as exc:
-        log.warning("model registry unreachable: %s", exc)
-        raise ApiError(
-            503, "registry_unavailable", "the model registry is unreachable; try again later"
-        ) from exc
+        raise _registry_error(exc, version) from exc
     if report is None:
         raise ApiError(404, "no_evaluation", f"version {version} has no recorded evaluation")
     return {
@@ -176,22 +164,26 @@ def promote_model(version: int) -> dict[str, Any]:
         registry = state.registry()
         previous = registry.alias_version(alias)
         registry.set_alias(version, alias)
-    except RegistryError as exc:
-        if _missing_version(exc):
-            raise ApiError(404, "not_found", f"model has no version {version}") from exc
-        log.warning("model registry unreachable: %s", exc)
-        raise ApiError(
-            503, "registry_unavailable", "the model registry is unreachable; try again later"
-        ) from exc
     except Exception as exc:
-        log.warning("model registry unreachable: %s", exc)
-        raise ApiError(
-            503, "registry_unavailable", "the model registry is unreachable; try again later"
-        ) from exc
+        raise _registry_error(exc, version) from exc
     previous_version = previous.version if previous is not None else None
     log.info("promoted version %s to %s (was %s)", version, alias, previous_version)
     _broadcast_reload()
     return {"version": version, "previous": previous_version, "alias": alias}
+
+
+def _registry_error(exc: Exception, version: int) -> ApiError:
+    """404 for a version the registry does not have, 503 for a registry that can't answer."""
+    if isinstance(exc, RegistryError) and _missing_version(exc):
+        return ApiError(404, "not_found", f"model has no version {version}")
+    log.warning("model registry unreachable: %s", exc)
+    return _registry_unavailable()
+
+
+def _registry_unavailable() -> ApiError:
+    return ApiError(
+        503, "registry_unavailable", "the model registry is unreachable; try again later"
+    )
 
 
 def _missing_version(exc: RegistryError) -> bool:

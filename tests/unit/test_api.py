@@ -98,18 +98,24 @@ def version(number: int, aliases: tuple[str, ...] = (), **tags: str) -> VersionI
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
+def api_settings(tmp_path: Path, **overrides) -> Settings:
+    """Settings of an API under test: files under ``tmp_path``, tiny chunks, no broker."""
+    (tmp_path / "data").mkdir()
+    values = {
+        "var_dir": tmp_path / "var",
+        "data_root": tmp_path / "data",
+        "batch_size": 2,
+        "chunk_batches": 1,
+        "admin_token": ADMIN_TOKEN,
+        "broker_url": "memory://",
+        **overrides,
+    }
+    return Settings(**values)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    (tmp_path / "data").mkdir()
-    return Settings(
-        var_dir=tmp_path / "var",
-        data_root=tmp_path / "data",
-        batch_size=2,
-        chunk_batches=1,
-        max_upload_mb=1,
-        admin_token=ADMIN_TOKEN,
-        broker_url="memory://",
-    )
+    return api_settings(tmp_path, max_upload_mb=1)
 
 
 def authed_client(app) -> FlaskClient:

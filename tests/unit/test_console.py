@@ -22,9 +22,9 @@ from human_face_emotions.labels import EMOTIONS
 from human_face_emotions.registry import RegistryError
 from human_face_emotions.settings import Settings
 from tests.unit.test_api import (
-    ADMIN_TOKEN,
     FakeQueue,
     FakeRegistry,
+    api_settings,
     authed_client,
     job_images,
     simulate_worker,
@@ -65,15 +65,7 @@ class EvaluatingRegistry(FakeRegistry):
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    (tmp_path / "data").mkdir()
-    return Settings(
-        var_dir=tmp_path / "var",
-        data_root=tmp_path / "data",
-        batch_size=2,
-        chunk_batches=1,
-        admin_token=ADMIN_TOKEN,
-        broker_url="memory://",
-    )
+    return api_settings(tmp_path)
 
 
 @pytest.fixture

@@ -9,21 +9,15 @@ import pytest
 
 from api import create_app
 from api.docs_assets import ASSETS, ASSETS_URL
-from human_face_emotions.settings import Settings
-from tests.unit.test_api import ADMIN_TOKEN, FakeQueue, FakeRegistry, version
+from tests.unit.test_api import FakeQueue, FakeRegistry, api_settings, version
 
 
 @pytest.fixture
 def client(tmp_path: Path):
-    (tmp_path / "data").mkdir()
-    settings = Settings(
-        var_dir=tmp_path / "var",
-        data_root=tmp_path / "data",
-        admin_token=ADMIN_TOKEN,
-        broker_url="memory://",
-    )
     app = create_app(
-        settings, job_queue=FakeQueue(), registry_factory=lambda: FakeRegistry([version(1)])
+        api_settings(tmp_path),
+        job_queue=FakeQueue(),
+        registry_factory=lambda: FakeRegistry([version(1)]),
     )
     return app.test_client()
 

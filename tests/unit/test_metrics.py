@@ -43,9 +43,9 @@ from human_face_emotions.metrics_multiprocess import (
 )
 from human_face_emotions.settings import Settings
 from tests.unit.test_api import (
-    ADMIN_TOKEN,
     FakeQueue,
     FakeRegistry,
+    api_settings,
     authed_client,
     simulate_worker,
     upload,
@@ -71,15 +71,7 @@ def value(text: str, name: str, **labels: str) -> float | None:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    (tmp_path / "data").mkdir()
-    return Settings(
-        var_dir=tmp_path / "var",
-        data_root=tmp_path / "data",
-        batch_size=2,
-        chunk_batches=1,
-        admin_token=ADMIN_TOKEN,
-        broker_url="memory://",
-    )
+    return api_settings(tmp_path)
 
 
 @pytest.fixture
