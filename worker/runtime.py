@@ -51,7 +51,11 @@ def configure_torch_threads(settings: Settings) -> None:
 
 @_once
 def sessions() -> sessionmaker[Session]:
-    return session_factory(create_db_engine(get_settings().resolved_database_url))
+    # One SQLite connection per process: with ``--pool threads`` the chunks running at once
+    # queue for it instead of sleeping in SQLite's busy handler (no effect on PostgreSQL).
+    return session_factory(
+        create_db_engine(get_settings().resolved_database_url, one_connection=True)
+    )
 
 
 @_once

@@ -21,13 +21,27 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def create_db_engine(url: str, *, echo: bool = False) -> Engine:
+def create_db_engine(url: str, *, echo: bool = False, one_connection: bool = False) -> Engine:
+    """``one_connection``: on SQLite, this process's threads take turns on one connection.
+
+    SQLite lets one writer in at a time and makes the others poll with sleeps of up to 100 ms
+    (its busy handler); threads of one process (a threads-pool worker) then lose more time
+    sleeping than writing. Queueing them on the pool's single connection hands it over the
+    moment it is free. Transactions must not nest (they don't in the worker). Other processes
+    still meet the busy handler, which is what it is for.
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pool_options = (
+            {"pool_size": 1, "max_overflow": 0, "pool_timeout": 120} if one_connection else {}
+        )
         engine = create_engine(
-            url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False}
+            url,
+            echo=echo,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            **pool_options,
         )
 
         @event.listens_for(engine, "connect")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -95,24 +96,26 @@ def test_model_errors_reach_every_waiting_request() -> None:
 def test_a_backlog_is_drained_in_full_batches_without_waiting_again() -> None:
     """Requests that queued up while a pass ran join the next pass even though they are
     already older than the delay (carried requests included)."""
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
     predictor = FakePredictor()
 
     class Gate:
         def predict_images(self, images):
-            release.wait(10)
+            entered.set()
+            assert release.wait(10), "the test never released the first pass"
             return predictor.predict_images(images)
 
     batcher = DynamicBatcher(lambda pinned: FakeModel(1, Gate()), max_batch=8, max_delay_ms=1)
     with ThreadPoolExecutor(25) as pool:
         first = pool.submit(batcher.predict, [image(0)])
-        while not batcher._queue.empty():  # the first request is in its (blocked) pass
-            pass
+        assert entered.wait(10), "the first request never reached the model"
         rest = [pool.submit(batcher.predict, [image(i)]) for i in range(1, 25)]
-        while batcher._queue.qsize() < 24:
-            threading.Event().wait(0.01)
+        deadline = time.monotonic() + 10
+        while batcher._queue.qsize() < 24:  # the other 24 wait behind the blocked pass
+            assert time.monotonic() < deadline, "requests did not queue up"
+            time.sleep(0.01)
         release.set()
-        results = [first.result()] + [future.result() for future in rest]
+        results = [first.result(10)] + [future.result(10) for future in rest]
     batcher.close()
     assert [r.probabilities[0, 0] for r in results] == list(range(25))
     assert predictor.calls == [1, 8, 8, 8], predictor.calls
