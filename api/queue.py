@@ -9,8 +9,10 @@ the model) just to enqueue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 from celery import Celery
 
@@ -92,7 +94,22 @@ class CeleryJobQueue:
         )
 
     def broadcast_reload(self) -> None:
-        # ensure_connection first: broadcast() itself would keep retrying a dead broker.
+        with self._connected() as connection:
+            self.app.control.broadcast(RELOAD_COMMAND, connection=connection)
+
+    def ping(self) -> bool:
+        try:
+            with self._connected():
+                pass
+            return True
+        except Exception as exc:
+            log.warning("broker %s unreachable: %s", _redacted(self.settings.broker_url), exc)
+            return False
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[Any]:
+        """A broker connection after one quick attempt, or the error: kombu (and broadcast())
+        would otherwise keep retrying a dead broker while a request waits."""
         with self.app.connection_for_write() as connection:
             connection.ensure_connection(
                 max_retries=1,
@@ -101,22 +118,7 @@ class CeleryJobQueue:
                 interval_max=0.5,
                 timeout=CONNECT_TIMEOUT_SECONDS,
             )
-            self.app.control.broadcast(RELOAD_COMMAND, connection=connection)
-
-    def ping(self) -> bool:
-        try:
-            with self.app.connection_for_write() as connection:
-                connection.ensure_connection(
-                    max_retries=1,
-                    interval_start=0,
-                    interval_step=0.5,
-                    interval_max=0.5,
-                    timeout=CONNECT_TIMEOUT_SECONDS,
-                )
-            return True
-        except Exception as exc:
-            log.warning("broker %s unreachable: %s", _redacted(self.settings.broker_url), exc)
-            return False
+            yield connection
 
 
 def _redacted(url: str) -> str:

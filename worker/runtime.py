@@ -38,7 +38,6 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
         with _BUILD_LOCK:
             return cached()
 
-    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
     return get
 
 

@@ -7,8 +7,10 @@ dropped here), so runs never see each other's queues or rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 from human_face_emotions.bundle import ModelSpec, save_bundle
 from human_face_emotions.models import create_model
@@ -29,6 +32,53 @@ REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 PG_DSN = os.environ.get("TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def gunicorn(env: dict[str, str], log_path: Path, *options: str) -> Iterator[str]:
+    """A real gunicorn serving ``api.wsgi:app`` with ``options`` (workers, threads, ...);
+    yields its URL once ``/healthz`` answers, terminates it afterwards."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                *options,
+                "api.wsgi:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                try:
+                    if requests.get(f"{url}/healthz", timeout=5).ok:
+                        break
+                except requests.RequestException:  # not listening yet, or still importing
+                    pass
+                assert time.monotonic() < deadline, (
+                    "gunicorn did not start:\n" + log_path.read_text()
+                )
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(15)
 
 
 def _redis_client(db: int = 0):

@@ -3,61 +3,22 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, gunicorn
 from tests.integration.test_batch_jobs import write_faces
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def api_server(services, tmp_path: Path):
-    port = free_port()
-    log = (tmp_path / "api.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--preload",
-            "api.wsgi:app",
-        ],
-        cwd=ROOT,
-        env=services.env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.3)
-        assert process.poll() is None, (tmp_path / "api.log").read_text()
-    yield url
-    process.terminate()
-    process.wait(15)
-    log.close()
+    with gunicorn(services.env(), tmp_path / "api.log", "--workers", "2", "--preload") as url:
+        yield url
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

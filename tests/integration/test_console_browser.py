@@ -8,20 +8,14 @@ pages fit a phone's width. Screenshots land in ``test-artifacts/`` at the reposi
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from human_face_emotions.labels import EMOTIONS
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, gunicorn
 from tests.integration.test_batch_jobs import write_faces
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,6 +29,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
+CONSOLE_GUNICORN = ("--workers", "1", "--threads", "8")
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -55,59 +50,10 @@ def browser() -> Iterator:
         browser.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def gunicorn(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """gunicorn serving the API and the console, as in production (threads for the browser's
-    parallel thumbnail requests); yields its URL."""
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--threads",
-                "8",
-                "api.wsgi:app",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                try:
-                    if requests.get(f"{url}/healthz", timeout=5).ok:
-                        break
-                except requests.RequestException:  # not listening yet, or still importing
-                    pass
-                assert time.monotonic() < deadline, (
-                    "gunicorn did not start:\n" + log_path.read_text()
-                )
-                time.sleep(0.3)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(15)
-
-
 @pytest.fixture
 def console_url(services, tmp_path: Path) -> Iterator[str]:
-    with gunicorn(services.env(), tmp_path / "api.log") as url:
+    # Threads, as in production: the browser asks for thumbnails in parallel.
+    with gunicorn(services.env(), tmp_path / "api.log", *CONSOLE_GUNICORN) as url:
         yield url
 
 
@@ -288,7 +234,7 @@ def test_console_sends_the_typed_token(services, browser, tmp_path: Path) -> Non
 
     token = "console-admin-token-0123456789"
     env = services.env(EMOTIONS_AUTH="enabled", EMOTIONS_ADMIN_TOKEN=token)
-    with gunicorn(env, tmp_path / "api.log") as url:
+    with gunicorn(env, tmp_path / "api.log", *CONSOLE_GUNICORN) as url:
         context = browser.new_context(viewport=PHONE)
         context.set_default_timeout(20_000)
         page = context.new_page()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from celery import Celery
 from api import create_app
 from human_face_emotions.cluster_metrics import queue_keys
 from human_face_emotions.settings import Settings
+from tests.integration.conftest import free_port
 from tests.unit.test_api import ADMIN_TOKEN, FakeQueue, FakeRegistry, version
 from tests.unit.test_metrics import samples, value
 
@@ -57,12 +57,6 @@ def test_queue_depth_counts_every_priority_list(redis_url: str, tmp_path: Path) 
     finally:
         client.delete(*queue_keys(TRAINING_QUEUE))
         sender.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_worker_serves_multiprocess_metrics_and_logs_json(redis_url: str, tmp_path: Path) -> None:
