@@ -90,6 +90,7 @@ def batcher() -> DynamicBatcher | None:
         settings.batch_size,
         settings.max_batch_delay_ms,
     )
+    warn_if_nothing_to_batch()
 
     def model_for(pinned: int | None) -> ServingModel:
         try:
@@ -104,6 +105,21 @@ def batcher() -> DynamicBatcher | None:
         max_batch=settings.batch_size,
         max_delay_ms=settings.max_batch_delay_ms,
     )
+
+
+def warn_if_nothing_to_batch() -> bool:
+    """A prefork pool process runs one task at a time (in its main thread): with dynamic
+    batching on, every pass would only wait out the delay alone. Say so instead of silently
+    running slower; ``True`` when warned."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    log.warning(
+        "EMOTIONS_DYNAMIC_BATCHING is on, but this worker runs one task at a time per "
+        "process, so there is nothing to share a forward pass with and each micro-batch "
+        "waits EMOTIONS_MAX_BATCH_DELAY_MS for nothing: start it with "
+        "--pool threads --concurrency N"
+    )
+    return True
 
 
 def _start_idle_refresher(model_holder: ModelHolder, interval: float) -> None:

@@ -119,3 +119,13 @@ def test_a_backlog_is_drained_in_full_batches_without_waiting_again() -> None:
     batcher.close()
     assert [r.probabilities[0, 0] for r in results] == list(range(25))
     assert predictor.calls == [1, 8, 8, 8], predictor.calls
+
+
+def test_a_worker_that_runs_one_task_at_a_time_is_told_it_has_nothing_to_batch(caplog) -> None:
+    from worker.runtime import warn_if_nothing_to_batch
+
+    with caplog.at_level("WARNING", logger="worker.runtime"):
+        assert warn_if_nothing_to_batch()  # a prefork pool process runs tasks here
+        with ThreadPoolExecutor(1) as pool:  # a threads-pool task does not
+            assert not pool.submit(warn_if_nothing_to_batch).result()
+    assert ["--pool threads" in r.getMessage() for r in caplog.records] == [True]
