@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT
-from tests.integration.test_client_cli import free_port
+from tests.integration.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
