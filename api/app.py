@@ -23,7 +23,7 @@ from api import (
     health,
     jobs,
     limits,
-    metrics,
+    metrics_route,
     models,
     security,
     thumbnails,
@@ -31,8 +31,8 @@ from api import (
 )
 from api.queue import CeleryJobQueue, JobQueue
 from api.schemas import ErrorOut
-from human_face_emotions import __version__
-from human_face_emotions.settings import Settings, get_settings
+from face_emotions import __version__
+from face_emotions.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def create_app(
     app.spec_processor(lambda spec: _process_spec(app, spec))
 
     if settings.migrate_on_start:
-        from human_face_emotions.db.migrate import upgrade
+        from face_emotions.jobs.migrate import upgrade
 
         upgrade(settings.resolved_database_url)
 
@@ -91,7 +91,7 @@ def create_app(
     docs_assets.init_app(app)  # before security: the docs policy follows where UI files live
     security.init_app(app, settings)
     extensions.init_app(app, settings, job_queue=job_queue, registry_factory=registry_factory)
-    metrics.init_app(app, settings)
+    metrics_route.init_app(app, settings)
     limits.init_app(app, settings, key=_rate_limit_key)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
@@ -147,7 +147,7 @@ def _rate_limit_key() -> str:
 def _default_registry_factory(settings: Settings) -> Callable[[], Any]:
     def factory() -> Any:
         # Imported here: MLflow is heavy, and the API must start while the registry is down.
-        from human_face_emotions.registry import Registry
+        from face_emotions.registry.mlflow_registry import Registry
 
         return Registry(settings)
 

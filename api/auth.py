@@ -3,7 +3,7 @@
 Credentials:
 
 - database tokens (``face-emotions tokens create --role submit|admin``), looked up by their
-  SHA-256 (:mod:`human_face_emotions.db.tokens`); the principal's id is the token's id, which
+  SHA-256 (:mod:`face_emotions.jobs.tokens`); the principal's id is the token's id, which
   jobs record as their owner;
 - the bootstrap ``EMOTIONS_ADMIN_TOKEN``, an admin with id ``admin``, so a fresh deployment
   can be driven before any token exists (compared with :func:`hmac.compare_digest`, so the
@@ -37,8 +37,8 @@ from flask import g, request
 from api.errors import ApiError
 from api.extensions import services
 from api.schemas import ErrorOut
-from human_face_emotions.db import tokens as db_tokens
-from human_face_emotions.settings import Settings
+from face_emotions.jobs import tokens as db_tokens
+from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from flask import Blueprint, render_template
 
 from api.extensions import services
 from api.schemas import MAX_BATCH_SIZE, PROMOTE_MODES
-from human_face_emotions.labels import EMOTIONS
+from face_emotions.labels import EMOTIONS
 
 bp = Blueprint("console", __name__, template_folder="templates")
 

@@ -19,8 +19,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.queue import JobQueue
-from human_face_emotions.db.engine import create_db_engine, session_factory
-from human_face_emotions.settings import Settings
+from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.settings import Settings
 
 _KEY = "face_emotions"
 _SESSION = "_face_emotions_session"

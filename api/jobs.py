@@ -49,20 +49,20 @@ from api.schemas import (
     SummaryOut,
 )
 from api.serialize import CSV_COLUMNS, csv_row, job_dict, model_versions_by_job, result_dict
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.db.jobs import NewImage
-from human_face_emotions.db.schema import Image, Job
-from human_face_emotions.intake import (
+from face_emotions.data.storage import Storage
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs.intake import (
     IntakeError,
     extract_zip,
     resolve_folder,
     secure_name,
     store_uploads,
 )
-from human_face_emotions.labels import EMOTIONS, canonical_emotion
-from human_face_emotions.logging_setup import job_context
-from human_face_emotions.settings import Settings
-from human_face_emotions.storage import Storage
+from face_emotions.jobs.queries import NewImage
+from face_emotions.jobs.schema import Image, Job
+from face_emotions.labels import EMOTIONS, canonical_emotion
+from face_emotions.ops.log_format import job_context
+from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 

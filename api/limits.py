@@ -38,8 +38,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from human_face_emotions.db.schema import Job, JobStatus
-from human_face_emotions.settings import Settings
+from face_emotions.jobs.schema import Job, JobStatus
+from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from api.extensions import db_session, services
 from api.queue import TrainingQueue
 from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.registry import (
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.labels import EMOTIONS
+from face_emotions.registry.mlflow_registry import (
     TAG_ARCHITECTURE,
     TAG_IMAGE_SIZE,
     RegistryError,

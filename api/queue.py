@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from celery import Celery
 
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 

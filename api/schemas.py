@@ -20,7 +20,7 @@ from apiflask.fields import (
 from apiflask.validators import Length, OneOf, Range
 from marshmallow import RAISE, ValidationError
 
-from human_face_emotions.labels import EMOTIONS
+from face_emotions.labels import EMOTIONS
 
 MAX_BATCH_SIZE = 1024
 #: Integer columns are 32-bit: a bigger number is refused as input, not overflowed in SQL.
@@ -307,7 +307,7 @@ RESERVED_GROUPS: dict[str, str] = {"data": "data", "model": "model"}
 @lru_cache(maxsize=1)
 def known_models() -> tuple[str, ...]:
     """The model zoo's architectures; imported on first use because it imports torch."""
-    from human_face_emotions.models import available_models
+    from face_emotions.modeling.zoo import available_models
 
     return tuple(available_models())
 

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 
 #: Largest non-multipart request body (413 above it).
 SMALL_BODY_BYTES = 1024 * 1024
@@ -62,13 +62,13 @@ REDACTED_LOGGERS = (
     "api.health",
     "api.jobs",
     "api.limits",
-    "api.metrics",
+    "api.metrics_route",
     "api.models",
     "api.queue",
     "api.thumbnails",
     "api.training_runs",
     "flask_limiter",
-    "human_face_emotions.cluster_metrics",
+    "api.cluster_metrics",
     "werkzeug",
 )
 REDACTED = "***"

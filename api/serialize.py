@@ -11,8 +11,8 @@ from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from human_face_emotions.db.schema import Image, Job, Result
-from human_face_emotions.labels import EMOTIONS
+from face_emotions.jobs.schema import Image, Job, Result
+from face_emotions.labels import EMOTIONS
 
 CSV_COLUMNS: tuple[str, ...] = (
     "image_path",

@@ -22,10 +22,10 @@ from api.auth import SUBMIT, current_principal, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
 from api.schemas import ErrorOut
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.db.schema import Image
-from human_face_emotions.images import ImageDecodeError, decode_image
-from human_face_emotions.storage import StorageLimitError, read_location
+from face_emotions.data.images import ImageDecodeError, decode_image
+from face_emotions.data.storage import StorageLimitError, read_location
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs.schema import Image
 
 log = logging.getLogger(__name__)
 

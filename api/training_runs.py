@@ -32,8 +32,8 @@ from api.schemas import (
     TrainingRunPageOut,
 )
 from api.serialize import aware
-from human_face_emotions.db import training_runs as db_runs
-from human_face_emotions.db.schema import TrainingRun
+from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs.schema import TrainingRun
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ and ``EMOTIONS_LOG_LEVEL`` (gunicorn's own error and access logs follow the form
 from __future__ import annotations
 
 from api.app import create_app
-from human_face_emotions.logging_setup import configure_logging, format_handlers_of
-from human_face_emotions.settings import get_settings
+from face_emotions.ops.log_format import configure_logging, format_handlers_of
+from face_emotions.settings import get_settings
 
 configure_logging(get_settings())
 format_handlers_of(("gunicorn.error", "gunicorn.access"), get_settings())

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned = False
     if args.mode == "tuned":
         # First thing, before numpy or torch allocate: exactly what worker/app.py does.
-        from human_face_emotions.allocator import tune_glibc_malloc
+        from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 
         tuned = tune_glibc_malloc()
 
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from human_face_emotions.bundle import load_bundle
-    from human_face_emotions.model_holder import choose_backend
-    from human_face_emotions.predictor import Predictor
+    from face_emotions.modeling.bundle import load_bundle
+    from face_emotions.serving.model_holder import choose_backend
+    from face_emotions.serving.predictor import Predictor
 
     torch.set_num_threads(args.threads)
     images = np.load(args.arrays)

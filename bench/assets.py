@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from human_face_emotions.images import decode_image, iter_image_files, load_batch_array
+from face_emotions.data.images import decode_image, iter_image_files, load_batch_array
 
 ARCHITECTURE = "efficientnet_lite0"
 FACES = "faces"
@@ -66,8 +66,8 @@ def make_faces(workspace: Workspace, tiny_jobs: int) -> list[Path]:
     arenas are paid before timing), ``warmup-one/`` (for the batch_size=1 arena) and one
     single-image folder per tiny job.
     """
-    from human_face_emotions.labels import EMOTIONS
-    from human_face_emotions.sample_data import write_sample_dataset
+    from face_emotions.data.sample_faces import write_sample_dataset
+    from face_emotions.labels import EMOTIONS
 
     per_class = -(-workspace.images // len(EMOTIONS))
     write_sample_dataset(workspace.faces, per_class, seed=0, progress=False)
@@ -97,8 +97,8 @@ def make_bundle(workspace: Workspace, size: int) -> Path:
         return directory
     import torch
 
-    from human_face_emotions.bundle import ModelSpec, save_bundle
-    from human_face_emotions.models import create_model
+    from face_emotions.modeling.bundle import ModelSpec, save_bundle
+    from face_emotions.modeling.zoo import create_model
 
     torch.manual_seed(0)  # the new 5-class head is random: make it the same every run
     model = create_model(ARCHITECTURE, pretrained=True).eval()
@@ -108,8 +108,8 @@ def make_bundle(workspace: Workspace, size: int) -> Path:
 
 def publish_champion(workspace: Workspace, bundle_dir: Path) -> int:
     """Register the bundle in the temp MLflow store and make it ``champion``."""
-    from human_face_emotions.registry import Registry
-    from human_face_emotions.settings import Settings
+    from face_emotions.registry.mlflow_registry import Registry
+    from face_emotions.settings import Settings
 
     settings = Settings(
         var_dir=workspace.var_dir,

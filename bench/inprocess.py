@@ -16,12 +16,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from human_face_emotions.batching import iter_decoded_batches
-from human_face_emotions.bundle import load_bundle
-from human_face_emotions.images import decode_image, load_batch_array
-from human_face_emotions.model_holder import choose_backend
-from human_face_emotions.predictor import Predictor, resolve_device, resolve_precision
-from human_face_emotions.settings import Settings
+from face_emotions.data.images import decode_image, load_batch_array
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.serving.decode_ahead import iter_decoded_batches
+from face_emotions.serving.model_holder import choose_backend
+from face_emotions.serving.predictor import Predictor, resolve_device, resolve_precision
+from face_emotions.settings import Settings
 
 
 class Runner(Protocol):
@@ -286,9 +286,9 @@ class ChunkLoop:
     """
 
     def __init__(self, settings: Settings, paths: Sequence[Path], batch_size: int) -> None:
-        from human_face_emotions.db.engine import create_db_engine, session_factory
-        from human_face_emotions.db.migrate import upgrade
-        from human_face_emotions.model_holder import ModelHolder
+        from face_emotions.jobs.database import create_db_engine, session_factory
+        from face_emotions.jobs.migrate import upgrade
+        from face_emotions.serving.model_holder import ModelHolder
 
         upgrade(settings.resolved_database_url)
         self.settings = settings
@@ -299,7 +299,7 @@ class ChunkLoop:
         self.holder.current()
 
     def _job(self, paths: Sequence[Path]) -> tuple[Any, list[list[int]]]:
-        from human_face_emotions.db import jobs as db_jobs
+        from face_emotions.jobs import queries as db_jobs
 
         with self.sessions() as session:
             job = db_jobs.create_job(
@@ -324,7 +324,7 @@ class ChunkLoop:
         return self.run(self.paths)
 
     def run(self, paths: Sequence[Path]) -> float:
-        from human_face_emotions.chunk_classifier import classify_chunk
+        from face_emotions.serving.chunk_classifier import classify_chunk
 
         job_id, chunks = self._job(paths)
         started = time.perf_counter()

@@ -164,14 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # The worker's allocator fix, before torch allocates anything: the in-process figures
     # must see what a worker sees (worker/app.py does the same at import).
-    from human_face_emotions.allocator import tune_glibc_malloc
+    from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 
     malloc_tuned = tune_glibc_malloc()
 
     import torch
 
     from bench import report
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device found: run the CPU benchmark without --device cuda", file=sys.stderr)
@@ -385,7 +385,7 @@ class Limit:
 
 def prepare_limit(context: Context, bundle_dir: Path, paths: list[Path], batch: int) -> Limit:
     from bench import inprocess
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     settings = Settings(device=context.args.device, torch_threads=context.threads, batch_size=batch)
     predictor = inprocess.worker_predictor(bundle_dir, settings)
@@ -441,7 +441,7 @@ def limit_best(samples: dict[str, Samples]) -> str:
 
 def prepare_backends(context: Context, bundle_dir: Path) -> Any:
     from bench import inprocess
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     settings = Settings(device=context.args.device, torch_threads=context.threads)
     backends = inprocess.backend_set(
@@ -630,7 +630,7 @@ def start_allocator(context: Context, workspace: Any, paths: list[Path]) -> Allo
     import numpy as np
 
     from bench import assets
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     bundle_dir = assets.make_bundle(workspace, ALLOCATOR_SIZE)
     images = assets.preprocessed(paths, ALLOCATOR_SIZE, context.plan.allocator_images)
@@ -770,7 +770,7 @@ class MemoryTrace:
 
 def dynamic_batching_supported() -> bool:
     """The worker's contract: a ``dynamic_batching`` setting (EMOTIONS_DYNAMIC_BATCHING)."""
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     return "dynamic_batching" in Settings.model_fields
 
@@ -780,7 +780,7 @@ def start_services(
 ) -> Any:
     """Publish the champion, claim a Redis DB, start the API and the workers (no waiting)."""
     from bench import assets, services
-    from human_face_emotions.db.migrate import upgrade
+    from face_emotions.jobs.migrate import upgrade
 
     assets.publish_champion(workspace, bundle_dir)
     upgrade(workspace.database_url)
@@ -924,7 +924,7 @@ def main_worker_figures(
 def chunk_loop(context: Context, workspace: Any, paths: list[Path]) -> Any:
     """The worker's chunk code in this process, or None (noted) if it cannot be set up."""
     from bench import inprocess
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     try:
         settings = Settings(
@@ -1063,7 +1063,7 @@ def _loss_story(chunk: float, worker: float) -> str:
 def micro_batching_figure(context: Context, samples: dict[str, Samples]) -> None:
     default, one = samples["pipeline"], samples["batch1"]
     ratio = speedup(default, one)
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     chunk = Settings().chunk_batches
     line = (
@@ -1093,7 +1093,7 @@ def micro_batching_figure(context: Context, samples: dict[str, Samples]) -> None
 
 def scale_out_figure(context: Context, cluster: Any) -> None:
     from bench import assets
-    from human_face_emotions.settings import Settings
+    from face_emotions.settings import Settings
 
     images = context.args.images
     chunk_batches = Settings().chunk_batches

@@ -405,7 +405,7 @@ class Cluster:
     # -- jobs ----------------------------------------------------------------------------
 
     def client(self) -> Any:
-        from human_face_emotions.client import EmotionsClient
+        from face_emotions.cli.api_client import EmotionsClient
 
         return EmotionsClient(self.api_url, timeout=120)
 

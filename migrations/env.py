@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from human_face_emotions.db.engine import create_db_engine
-from human_face_emotions.db.schema import Base
-from human_face_emotions.settings import Settings
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.schema import Base
+from face_emotions.settings import Settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url

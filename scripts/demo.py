@@ -94,7 +94,7 @@ class Demo:
 
     def migrate(self) -> None:
         say("database: applying migrations")
-        self.run([sys.executable, "-m", "human_face_emotions.cli", "db", "upgrade"])
+        self.run([sys.executable, "-m", "face_emotions.cli.main", "db", "upgrade"])
 
     def sample_data(self) -> None:
         if self.own_data:
@@ -109,7 +109,7 @@ class Demo:
                 [
                     sys.executable,
                     "-m",
-                    "human_face_emotions.cli",
+                    "face_emotions.cli.main",
                     "sample-data",
                     str(self.data),
                     "--per-class",
@@ -125,8 +125,8 @@ class Demo:
         )
 
     def train(self) -> int:
-        from human_face_emotions.registry import Registry
-        from human_face_emotions.settings import Settings
+        from face_emotions.registry.mlflow_registry import Registry
+        from face_emotions.settings import Settings
 
         settings = Settings(var_dir=self.var)
         champion = Registry(settings).alias_version()
@@ -212,8 +212,8 @@ class Demo:
         )
 
     def submit(self) -> None:
-        from human_face_emotions.cli import emit_results, follow_with_progress
-        from human_face_emotions.client import EmotionsClient
+        from face_emotions.cli.api_client import EmotionsClient
+        from face_emotions.cli.main import emit_results, follow_with_progress
 
         client = EmotionsClient(self.env["EMOTIONS_API_URL"])
         say(f"job: submitting folder {self.data.name}/ through POST /api/v1/jobs")

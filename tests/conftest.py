@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from human_face_emotions.sample_data import write_sample_dataset
+from face_emotions.data.sample_faces import write_sample_dataset
 
 #: ``moto_server``: an S3-compatible server process shared by unit and integration tests.
 pytest_plugins = ["tests.s3_fixtures"]
@@ -32,7 +32,7 @@ def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def isolated_env(monkeypatch: pytest.MonkeyPatch, var_dir: Path) -> Path:
     """Point every EMOTIONS_* default (MLflow store, caches) at the session's var dir."""
-    from human_face_emotions.settings import get_settings
+    from face_emotions.settings import get_settings
 
     monkeypatch.setenv("EMOTIONS_VAR_DIR", str(var_dir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

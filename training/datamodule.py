@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from human_face_emotions.bundle import ModelSpec
-from human_face_emotions.dataset import LabelledImage, ScanResult, scan_labelled_folder
-from human_face_emotions.images import decode_image
-from human_face_emotions.labels import EMOTIONS, NUM_CLASSES
-from human_face_emotions.splits import (
+from face_emotions.data.images import decode_image
+from face_emotions.data.labelled_folder import LabelledImage, ScanResult, scan_labelled_folder
+from face_emotions.data.splits import (
     DEFAULT_FRACTIONS,
     DEFAULT_SEED,
     near_duplicate_groups,
@@ -29,6 +27,8 @@ from human_face_emotions.splits import (
     stratified_group_split,
     summarise_split,
 )
+from face_emotions.labels import EMOTIONS, NUM_CLASSES
+from face_emotions.modeling.bundle import ModelSpec
 from training.transforms import Transform, eval_transform, train_transform
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from human_face_emotions.batching import iter_decoded_batches
-from human_face_emotions.bundle import Bundle, load_model_source
-from human_face_emotions.dataset import LabelledImage
-from human_face_emotions.evaluation import EvaluationReport, evaluate_predictions
-from human_face_emotions.predictor import Predictor
+from face_emotions.data.labelled_folder import LabelledImage
+from face_emotions.modeling.bundle import Bundle, load_model_source
+from face_emotions.modeling.evaluation import EvaluationReport, evaluate_predictions
+from face_emotions.serving.decode_ahead import iter_decoded_batches
+from face_emotions.serving.predictor import Predictor
 
 
 def predict_items(

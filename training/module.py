@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from human_face_emotions.bundle import ModelSpec
-from human_face_emotions.labels import NUM_CLASSES
-from human_face_emotions.models import create_model
+from face_emotions.labels import NUM_CLASSES
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.zoo import create_model
 
 
 class EmotionClassifier(L.LightningModule):

@@ -33,12 +33,12 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_r
 from celery.worker.control import Panel, control_command
 from sqlalchemy.orm import Session, sessionmaker
 
-from human_face_emotions.allocator import tune_glibc_malloc
-from human_face_emotions.db import training_runs as db_runs
-from human_face_emotions.db.engine import create_db_engine, session_factory, with_db_retry
-from human_face_emotions.db.schema import TrainingRun
-from human_face_emotions.logging_setup import apply_format
-from human_face_emotions.settings import Settings, get_settings
+from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs.database import create_db_engine, session_factory, with_db_retry
+from face_emotions.jobs.schema import TrainingRun
+from face_emotions.ops.log_format import apply_format
+from face_emotions.ops.malloc_tuning import tune_glibc_malloc
+from face_emotions.settings import Settings, get_settings
 
 # Before torch allocates anything and before the pool forks: children inherit it.
 tune_glibc_malloc()

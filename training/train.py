@@ -22,8 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from human_face_emotions.evaluation import EvaluationReport, plot_confusion_matrix
-from human_face_emotions.registry import PromotionDecision, VersionInfo
+from face_emotions.modeling.evaluation import EvaluationReport, plot_confusion_matrix
+from face_emotions.registry.mlflow_registry import PromotionDecision, VersionInfo
 
 log = logging.getLogger("training.train")
 
@@ -75,9 +75,9 @@ def resolve_precision(accelerator: str, precision: str | int) -> str | int:
 def run_training(cfg: DictConfig) -> TrainingResult:
     import lightning as L
 
-    from human_face_emotions.bundle import ModelSpec
-    from human_face_emotions.registry import Registry
-    from human_face_emotions.settings import Settings
+    from face_emotions.modeling.bundle import ModelSpec
+    from face_emotions.registry.mlflow_registry import Registry
+    from face_emotions.settings import Settings
     from training.datamodule import EmotionDataModule
     from training.module import EmotionClassifier
 
@@ -162,8 +162,8 @@ def _fit_and_publish(
     )
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from human_face_emotions.bundle import load_bundle, load_checkpoint, save_bundle
-    from human_face_emotions.registry import (
+    from face_emotions.modeling.bundle import load_bundle, load_checkpoint, save_bundle
+    from face_emotions.registry.mlflow_registry import (
         TAG_ARCHITECTURE,
         TAG_DATA_FINGERPRINT,
         TAG_IMAGE_SIZE,
@@ -345,8 +345,8 @@ def _refresh_rate() -> int:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from human_face_emotions.dataset import DatasetError
-    from human_face_emotions.models import PretrainedWeightsUnavailable
+    from face_emotions.data.labelled_folder import DatasetError
+    from face_emotions.modeling.zoo import PretrainedWeightsUnavailable
 
     try:
         result = run_training(cfg)

@@ -1,6 +1,6 @@
 """Image transforms for training and evaluation.
 
-Evaluation reuses :func:`human_face_emotions.images.load_batch_array` and the predictor's
+Evaluation reuses :func:`face_emotions.data.images.load_batch_array` and the predictor's
 normalisation constants, so a model is validated on exactly the tensors it will be served.
 """
 
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from human_face_emotions.bundle import ModelSpec
-from human_face_emotions.images import load_batch_array
+from face_emotions.data.images import load_batch_array
+from face_emotions.modeling.bundle import ModelSpec
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

@@ -29,10 +29,10 @@ from celery.signals import (
 )
 from celery.worker.control import control_command
 
-from human_face_emotions.allocator import tune_glibc_malloc
-from human_face_emotions.logging_setup import apply_format
-from human_face_emotions.settings import get_settings
-from worker.metrics import WorkerMetrics
+from face_emotions.ops.log_format import apply_format
+from face_emotions.ops.malloc_tuning import tune_glibc_malloc
+from face_emotions.settings import get_settings
+from worker.metrics_server import WorkerMetrics
 from worker.recovery import RecoverySweeper
 
 # Before torch allocates anything and before the pool forks: children inherit it.
@@ -86,7 +86,7 @@ def _stop_sweeper(**_kwargs) -> None:
 
 
 # Prometheus: pool processes write samples to a per-worker directory, the main process serves
-# their sum on EMOTIONS_WORKER_METRICS_PORT (see worker.metrics for the order of events).
+# their sum on EMOTIONS_WORKER_METRICS_PORT (see worker.metrics_server for the order of events).
 METRICS = WorkerMetrics(settings)
 
 

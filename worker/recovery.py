@@ -3,7 +3,7 @@
 Running it inside the workers means there is nothing more to deploy or scale (no beat
 service): wherever chunks can be classified, lost chunks are also found. A lock on the broker
 (``SET NX PX``, expiring after one sweep period and never released) lets one worker of the
-fleet sweep per period; the database claim in :func:`human_face_emotions.sweeper.sweep` keeps
+fleet sweep per period; the database claim in :func:`face_emotions.jobs.recovery.sweep` keeps
 even overlapping sweeps from doing anything twice, so the lock only saves work.
 
 While tasks wait in the inference queue, a job without progress is most likely just waiting its
@@ -32,9 +32,9 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from human_face_emotions.db.engine import create_db_engine, session_factory
-from human_face_emotions.settings import Settings
-from human_face_emotions.sweeper import SweepReport, sweep
+from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.recovery import SweepReport, sweep
+from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 

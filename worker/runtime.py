@@ -16,12 +16,12 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from human_face_emotions.chunk_classifier import ImageLoader, storage_image_loader
-from human_face_emotions.db.engine import create_db_engine, session_factory
-from human_face_emotions.dynamic_batching import DynamicBatcher
-from human_face_emotions.model_holder import ModelHolder, ModelUnavailable, ServingModel
-from human_face_emotions.registry import RegistryError
-from human_face_emotions.settings import Settings, get_settings
+from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.serving.chunk_classifier import ImageLoader, storage_image_loader
+from face_emotions.serving.dynamic_batcher import DynamicBatcher
+from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
+from face_emotions.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import uuid
 
 from celery import Task
 
-from human_face_emotions.chunk_classifier import (
+from face_emotions.jobs.recovery import fail_chunk
+from face_emotions.ops.log_format import job_context
+from face_emotions.serving.chunk_classifier import (
     chunk_attempts,
     classify_chunk,
     default_worker_name,
 )
-from human_face_emotions.logging_setup import job_context
-from human_face_emotions.model_holder import ModelUnavailable
-from human_face_emotions.sweeper import fail_chunk
+from face_emotions.serving.model_holder import ModelUnavailable
 from worker.app import CLASSIFY_TASK, app, settings
 from worker.runtime import batcher, holder, image_loader, sessions
 

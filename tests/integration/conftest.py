@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from human_face_emotions.bundle import ModelSpec, save_bundle
-from human_face_emotions.models import create_model
-from human_face_emotions.registry import Registry
-from human_face_emotions.settings import Settings
+from face_emotions.modeling.bundle import ModelSpec, save_bundle
+from face_emotions.modeling.zoo import create_model
+from face_emotions.registry.mlflow_registry import Registry
+from face_emotions.settings import Settings
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
@@ -221,7 +221,7 @@ def services(
     """One test's services; parametrised over PostgreSQL and the embedded SQLite."""
     from sqlalchemy import create_engine, text
 
-    from human_face_emotions.db.migrate import upgrade
+    from face_emotions.jobs.migrate import upgrade
 
     if request.param == "postgresql":
         database_url = postgres_url

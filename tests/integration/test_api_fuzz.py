@@ -30,8 +30,8 @@ from schemathesis.checks import not_a_server_error
 from werkzeug.datastructures import FileStorage
 
 from api import create_app
-from human_face_emotions.registry import RegistryError, VersionInfo
-from human_face_emotions.settings import Settings
+from face_emotions.registry.mlflow_registry import RegistryError, VersionInfo
+from face_emotions.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -278,7 +278,7 @@ def test_the_fuzzer_reached_every_operation() -> None:
 
 def test_storage_stays_inside_the_sandbox(api_app: Any) -> None:
     """After fuzzing, every stored upload is below the storage root."""
-    from human_face_emotions.storage import local_path
+    from face_emotions.data.storage import local_path
 
     storage = Path(local_path(api_app.extensions["face_emotions"].settings.resolved_storage_url))
     jobs = storage / "jobs"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from human_face_emotions.db.schema import Image, Result
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.sample_data import render_face
+from face_emotions.data.sample_faces import render_face
+from face_emotions.jobs.schema import Image, Result
+from face_emotions.labels import EMOTIONS
 from tests.integration.conftest import wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -249,8 +249,8 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
     import uuid
 
     from api.queue import CeleryJobQueue
-    from human_face_emotions.db.engine import create_db_engine, session_factory
-    from human_face_emotions.db.jobs import chunk_image_ids
+    from face_emotions.jobs.database import create_db_engine, session_factory
+    from face_emotions.jobs.queries import chunk_image_ids
 
     start_worker()
     write_faces(services.data_root / "again", 10, size=48)

@@ -23,7 +23,7 @@ def api_server(services, tmp_path: Path):
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "human_face_emotions.cli", *args],
+        [sys.executable, "-m", "face_emotions.cli.main", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from human_face_emotions.labels import EMOTIONS
+from face_emotions.labels import EMOTIONS
 from tests.integration.conftest import ROOT, gunicorn
 from tests.integration.test_batch_jobs import write_faces
 
@@ -61,7 +61,7 @@ def log_evaluation(registry, version: int, folder: Path) -> None:
     """Log a test-split report into the version's run, as ``training.train`` does."""
     import numpy as np
 
-    from human_face_emotions.evaluation import evaluate_predictions
+    from face_emotions.modeling.evaluation import evaluate_predictions
 
     truth = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     predicted = np.array([0, 1, 1, 1, 2, 2, 3, 2, 4, 0])

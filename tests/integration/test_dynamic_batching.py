@@ -12,10 +12,10 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, select
 
-from human_face_emotions.bundle import load_bundle
-from human_face_emotions.db.schema import Image, Result
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.predictor import Predictor
+from face_emotions.jobs.schema import Image, Result
+from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.serving.predictor import Predictor
 from tests.integration.conftest import wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -17,8 +17,8 @@ import redis
 from celery import Celery
 
 from api import create_app
-from human_face_emotions.cluster_metrics import queue_keys
-from human_face_emotions.settings import Settings
+from api.cluster_metrics import queue_keys
+from face_emotions.settings import Settings
 from tests.integration.conftest import free_port
 from tests.unit.test_api import ADMIN_TOKEN, FakeQueue, FakeRegistry, version
 from tests.unit.test_metrics import samples, value
@@ -122,7 +122,7 @@ def test_worker_serves_multiprocess_metrics_and_logs_json(redis_url: str, tmp_pa
     records = [json.loads(line) for line in lines]
     ready = [r for r in records if r["message"].endswith("ready.")]
     assert ready and {"timestamp", "level", "logger"} <= set(ready[0])
-    assert any(r["logger"] == "worker.metrics" for r in records)
+    assert any(r["logger"] == "worker.metrics_server" for r in records)
 
 
 @pytest.mark.slow

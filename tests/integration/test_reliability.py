@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from human_face_emotions.db.schema import Image, Job, Result
+from face_emotions.jobs.schema import Image, Job, Result
 from tests.integration.conftest import wait_for_job
 from tests.integration.test_batch_jobs import write_faces
 

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 from tests.integration.conftest import Services, wait_for_job
 from tests.integration.test_batch_jobs import all_results, assert_seed_shape, face_png
 from tests.s3_fixtures import MotoServer

@@ -32,10 +32,10 @@ from werkzeug.test import TestResponse
 
 from api import create_app
 from api.extensions import services
-from human_face_emotions.db import tokens as db_tokens
-from human_face_emotions.db.schema import Image, Job
-from human_face_emotions.settings import Settings
-from human_face_emotions.storage import local_path
+from face_emotions.data.storage import local_path
+from face_emotions.jobs import tokens as db_tokens
+from face_emotions.jobs.schema import Image, Job
+from face_emotions.settings import Settings
 
 pytestmark = pytest.mark.integration
 

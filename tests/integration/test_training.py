@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from human_face_emotions.bundle import load_bundle, load_checkpoint
-from human_face_emotions.registry import Registry
-from human_face_emotions.sample_data import write_sample_dataset
-from human_face_emotions.settings import Settings
+from face_emotions.data.sample_faces import write_sample_dataset
+from face_emotions.modeling.bundle import load_bundle, load_checkpoint
+from face_emotions.registry.mlflow_registry import Registry
+from face_emotions.settings import Settings
 from training.train import compose_config, run_training
 
 pytestmark = [pytest.mark.slow]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from human_face_emotions.sample_data import write_sample_dataset
+from face_emotions.data.sample_faces import write_sample_dataset
 from tests.integration.conftest import WorkerProcess, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -24,12 +24,12 @@ from werkzeug.datastructures import FileStorage
 from api import create_app
 from api.extensions import services
 from api.jobs import BROKER_WARNING
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.db.schema import Image, Job
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.registry import VersionInfo
-from human_face_emotions.settings import Settings
-from human_face_emotions.storage import local_path
+from face_emotions.data.storage import local_path
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs.schema import Image, Job
+from face_emotions.labels import EMOTIONS
+from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.settings import Settings
 
 CSV_HEADER = [
     "image_path",
@@ -869,7 +869,7 @@ def test_celery_queue_with_the_broker_down_fails_fast() -> None:
 def test_submissions_are_rate_limited_per_token(
     settings: Settings, queue: FakeQueue, registry: FakeRegistry
 ) -> None:
-    from human_face_emotions.db import tokens as db_tokens
+    from face_emotions.jobs import tokens as db_tokens
 
     limited = settings.model_copy(update={"submit_rate_limit": "2/minute"})
     app = create_app(limited, job_queue=queue, registry_factory=lambda: registry)

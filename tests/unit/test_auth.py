@@ -21,9 +21,9 @@ from api import create_app
 from api.auth import DISABLED_WARNING, required_role
 from api.extensions import services
 from api.security import install_log_redaction, redact
-from human_face_emotions.db import tokens as db_tokens
-from human_face_emotions.db.schema import ApiToken, Job
-from human_face_emotions.settings import Settings
+from face_emotions.jobs import tokens as db_tokens
+from face_emotions.jobs.schema import ApiToken, Job
+from face_emotions.settings import Settings
 from tests.unit.test_api import FakeQueue, FakeRegistry, png, version
 
 BOOTSTRAP = "bootstrap-admin-token-for-tests"

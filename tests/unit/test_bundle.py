@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from human_face_emotions.bundle import (
+from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.bundle import (
     FORMAT_VERSION,
     ONNX_FILE,
     SPEC_FILE,
@@ -22,8 +23,7 @@ from human_face_emotions.bundle import (
     load_model_source,
     save_bundle,
 )
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+from face_emotions.modeling.zoo import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 SIZE = 32
 
@@ -293,7 +293,7 @@ def test_source_model_uri_goes_through_the_registry(
         asked.append(uri)
         return directory
 
-    monkeypatch.setattr("human_face_emotions.registry.download_bundle", fake_download)
+    monkeypatch.setattr("face_emotions.registry.mlflow_registry.download_bundle", fake_download)
     assert load_model_source("models:/face-emotion@champion").metadata == {"kind": "mlflow"}
     assert load_model_source("runs:/abc/model").metadata == {"kind": "mlflow"}
     assert asked == ["models:/face-emotion@champion", "runs:/abc/model"]

@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from human_face_emotions.bundle import SPEC_FILE, ModelSpec, load_bundle, save_bundle
-from human_face_emotions.cli import main
-from human_face_emotions.images import decode_image
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.models import create_model
-from human_face_emotions.predictor import Predictor
-from human_face_emotions.sample_data import render_face
+from face_emotions.cli.main import main
+from face_emotions.data.images import decode_image
+from face_emotions.data.sample_faces import render_face
+from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.bundle import SPEC_FILE, ModelSpec, load_bundle, save_bundle
+from face_emotions.modeling.zoo import create_model
+from face_emotions.serving.predictor import Predictor
 
 RECORD_KEYS = ["image_path", "predicted_class", "predicted_emotion", "confidence"]
 

@@ -18,9 +18,9 @@ from PIL import Image as PILImage
 
 from api import create_app
 from api.security import CONSOLE_CSP, JSON_CSP
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.registry import RegistryError
-from human_face_emotions.settings import Settings
+from face_emotions.labels import EMOTIONS
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.settings import Settings
 from tests.unit.test_api import (
     FakeQueue,
     FakeRegistry,

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from human_face_emotions.dataset import (
+from face_emotions.data.labelled_folder import (
     DatasetError,
     LabelledImage,
     ScanResult,
     scan_labelled_folder,
 )
-from human_face_emotions.labels import EMOTIONS
+from face_emotions.labels import EMOTIONS
 
 LAYOUT = {
     "Angry": ["a1.png", "a2.jpg"],
@@ -47,7 +47,7 @@ def data_root(tmp_path: Path) -> Path:
 
 
 def test_scan_maps_merges_and_skips(data_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="human_face_emotions.dataset"):
+    with caplog.at_level(logging.WARNING, logger="face_emotions.data.labelled_folder"):
         result = scan_labelled_folder(data_root)
 
     assert result.class_counts == {"Angry": 2, "Fear": 1, "Happy": 3, "Sad": 1, "Surprised": 3}
@@ -97,7 +97,7 @@ def test_missing_classes_are_zero_and_warned(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _write_image(tmp_path / "joy" / "x.png")
-    with caplog.at_level(logging.WARNING, logger="human_face_emotions.dataset"):
+    with caplog.at_level(logging.WARNING, logger="face_emotions.data.labelled_folder"):
         result = scan_labelled_folder(tmp_path)
     assert result.class_counts == {"Angry": 0, "Fear": 0, "Happy": 1, "Sad": 0, "Surprised": 0}
     assert result.unknown_folders == {}
@@ -109,7 +109,7 @@ def test_loose_files_at_root_are_ignored_and_warned(
 ) -> None:
     _write_image(tmp_path / "Sad" / "x.png")
     _write_image(tmp_path / "loose.png")
-    with caplog.at_level(logging.WARNING, logger="human_face_emotions.dataset"):
+    with caplog.at_level(logging.WARNING, logger="face_emotions.data.labelled_folder"):
         result = scan_labelled_folder(tmp_path)
     assert [item.path.name for item in result.items] == ["x.png"]
     assert any("directly under" in r.getMessage() for r in caplog.records)

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -249,7 +249,7 @@ def test_every_command_names_something_that_exists(name: str) -> None:
     elif program in PYPROJECT["project"]["scripts"]:
         from click.testing import CliRunner
 
-        from human_face_emotions.cli import main
+        from face_emotions.cli.main import main
 
         result = CliRunner().invoke(main, [*cmd[1:], "--help"])
         assert result.exit_code == 0, result.output
@@ -263,7 +263,7 @@ def test_every_command_names_something_that_exists(name: str) -> None:
 
 
 def test_console_script_is_the_cli() -> None:
-    assert PYPROJECT["project"]["scripts"]["face-emotions"] == "human_face_emotions.cli:main"
+    assert PYPROJECT["project"]["scripts"]["face-emotions"] == "face_emotions.cli.main:main"
 
 
 def test_queues_match_the_code() -> None:
@@ -688,11 +688,11 @@ def test_build_context_installs_a_complete_package(tmp_path: Path) -> None:
         if "__pycache__" not in path.parts
     }
     assert expected - names == set(), "missing from the installed package"
-    for module in ("api/wsgi.py", "worker/app.py", "human_face_emotions/cli.py"):
+    for module in ("api/wsgi.py", "worker/app.py", "face_emotions/cli/main.py"):
         assert module in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert (
-        "face-emotions = human_face_emotions.cli:main"
+        "face-emotions = face_emotions.cli.main:main"
         in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 

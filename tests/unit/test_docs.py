@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

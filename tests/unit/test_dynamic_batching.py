@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from human_face_emotions.dynamic_batching import DynamicBatcher
+from face_emotions.serving.dynamic_batcher import DynamicBatcher
 
 
 @dataclass

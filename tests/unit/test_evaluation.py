@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from human_face_emotions.evaluation import (
+from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.evaluation import (
     TARGETS,
     confusion_matrix,
     evaluate_predictions,
     plot_confusion_matrix,
 )
-from human_face_emotions.labels import EMOTIONS
 
 LABELS = list(range(len(EMOTIONS)))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from human_face_emotions.images import (
+from face_emotions.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageDecodeError,

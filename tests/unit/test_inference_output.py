@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from human_face_emotions.inference_output import (
+from face_emotions.labels import EMOTIONS
+from face_emotions.serving.seed_format import (
     RULE,
     THIN_RULE,
     configuration_block,
@@ -15,7 +16,6 @@ from human_face_emotions.inference_output import (
     prediction_record,
     summary_table,
 )
-from human_face_emotions.labels import EMOTIONS
 
 HAPPY = [0.02, 0.03, 0.8934, 0.05, 0.0066]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from human_face_emotions.intake import (
+from face_emotions.data.storage import Storage, local_path
+from face_emotions.jobs.intake import (
     IntakeError,
     extract_zip,
     resolve_folder,
     secure_name,
     store_uploads,
 )
-from human_face_emotions.storage import Storage, local_path
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # content is never decoded by intake
 

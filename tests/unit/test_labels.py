@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from human_face_emotions.labels import (
+from face_emotions.labels import (
     ALIASES,
     EMOTIONS,
     NUM_CLASSES,

@@ -25,23 +25,23 @@ from sqlalchemy import create_engine, update
 from sqlalchemy.orm import sessionmaker
 
 from api import create_app
+from api.cluster_metrics import ClusterCollector, queue_keys, redis_url_of
 from api.extensions import services
-from human_face_emotions.cluster_metrics import ClusterCollector, queue_keys, redis_url_of
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.db.schema import WorkerState
-from human_face_emotions.logging_setup import (
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs.schema import WorkerState
+from face_emotions.ops.log_format import (
     JobLogger,
     apply_format,
     configure_logging,
     job_context,
     json_formatter,
 )
-from human_face_emotions.metrics_multiprocess import (
+from face_emotions.ops.prometheus_multiprocess import (
     ENV,
     multiprocess_registry,
     prepare_multiprocess_dir,
 )
-from human_face_emotions.settings import Settings
+from face_emotions.settings import Settings
 from tests.unit.test_api import (
     FakeQueue,
     FakeRegistry,
@@ -51,7 +51,7 @@ from tests.unit.test_api import (
     upload,
     version,
 )
-from worker.metrics import WorkerMetrics
+from worker.metrics_server import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -213,7 +213,7 @@ def test_queue_keys_follow_kombus_priority_lists() -> None:
 
 CHILD = """
 import sys
-from human_face_emotions import metrics
+from face_emotions.ops import inference_metrics as metrics
 metrics.record_batch(processed=3, failed=1, model_version=2, forward_images=4,
                      forward_seconds=0.2, decode_seconds=0.05)
 metrics.observe_decode(0.01)
@@ -274,7 +274,7 @@ def test_worker_helpers_add_up_across_pool_processes(tmp_path: Path) -> None:
 
 
 def test_helpers_never_raise_and_ignore_empty_batches() -> None:
-    from human_face_emotions import metrics
+    from face_emotions.ops import inference_metrics as metrics
 
     metrics.observe_forward(0.1, 0)
     metrics.count_images(processed=0, failed=0, model_version=None)
@@ -308,7 +308,7 @@ def free_port() -> int:
 
 def test_worker_serves_its_pool_processes_metrics(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(ENV, "inherited")  # an inherited directory is never used
-    monkeypatch.setattr("worker.metrics.multiprocess_mode_active", lambda: True)
+    monkeypatch.setattr("worker.metrics_server.multiprocess_mode_active", lambda: True)
     directory = tmp_path / "metrics"
     port = free_port()
     metrics = WorkerMetrics(

@@ -13,9 +13,10 @@ import timm
 import torch
 from torch import nn
 
-from human_face_emotions import models
-from human_face_emotions.labels import EMOTIONS, NUM_CLASSES
-from human_face_emotions.models import (
+from face_emotions.data.sample_faces import render_face
+from face_emotions.labels import EMOTIONS, NUM_CLASSES
+from face_emotions.modeling import zoo as models
+from face_emotions.modeling.zoo import (
     EmotionCNN,
     PretrainedWeightsUnavailable,
     available_models,
@@ -23,7 +24,6 @@ from human_face_emotions.models import (
     get_architecture,
     load_lite0_imagenet_weights,
 )
-from human_face_emotions.sample_data import render_face
 
 DROPOUT = 0.3  # not the default, so the test sees that the argument is really passed through
 

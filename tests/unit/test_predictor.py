@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from human_face_emotions.bundle import ModelSpec, load_bundle, save_bundle
-from human_face_emotions.images import load_batch_array
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.models import create_model
-from human_face_emotions.predictor import Predictor, resolve_device
-from human_face_emotions.sample_data import render_face
+from face_emotions.data.images import load_batch_array
+from face_emotions.data.sample_faces import render_face
+from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.bundle import ModelSpec, load_bundle, save_bundle
+from face_emotions.modeling.zoo import create_model
+from face_emotions.serving.predictor import Predictor, resolve_device
 
 SIZE = 32
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

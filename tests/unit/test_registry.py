@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from human_face_emotions.bundle import ModelSpec, load_bundle, load_model_source, save_bundle
-from human_face_emotions.models import create_model
-from human_face_emotions.registry import (
+from face_emotions.modeling.bundle import ModelSpec, load_bundle, load_model_source, save_bundle
+from face_emotions.modeling.zoo import create_model
+from face_emotions.registry.mlflow_registry import (
     TAG_TEST_SPLIT,
     PromoteMode,
     Registry,
@@ -22,7 +22,7 @@ from human_face_emotions.registry import (
     decide_promotion,
     parse_model_uri,
 )
-from human_face_emotions.settings import Settings, get_settings
+from face_emotions.settings import Settings, get_settings
 
 MODEL = "face-emotion"
 
@@ -364,7 +364,7 @@ def test_evaluation_is_read_from_the_versions_run(store: Store, tmp_path: Path) 
     ``/models/<v>/evaluation``; versions whose run logged none have no evaluation."""
     import numpy as np
 
-    from human_face_emotions.evaluation import evaluate_predictions
+    from face_emotions.modeling.evaluation import evaluate_predictions
 
     report = evaluate_predictions(np.array([0, 1, 2, 3, 4, 4]), np.array([0, 1, 2, 3, 4, 0]))
     path = report.write_json(tmp_path / "evaluation.json")

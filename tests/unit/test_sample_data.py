@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from human_face_emotions.labels import EMOTIONS
-from human_face_emotions.sample_data import render_face, write_sample_dataset
+from face_emotions.data.sample_faces import render_face, write_sample_dataset
+from face_emotions.labels import EMOTIONS
 
 
 def _files(root: Path) -> dict[str, bytes]:

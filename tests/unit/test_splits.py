@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from human_face_emotions import splits
-from human_face_emotions.splits import (
+from face_emotions.data import splits
+from face_emotions.data.splits import (
     DEFAULT_FRACTIONS,
     SPLITS,
     SplitSummary,

@@ -10,14 +10,7 @@ import pytest
 from PIL import Image as PILImage
 from pydantic import ValidationError
 
-from human_face_emotions.chunk_classifier import (
-    load_stored_image,
-    max_image_bytes,
-    storage_image_loader,
-)
-from human_face_emotions.intake import IntakeError, extract_zip, resolve_folder, store_uploads
-from human_face_emotions.settings import Settings
-from human_face_emotions.storage import (
+from face_emotions.data.storage import (
     Storage,
     StorageLimitError,
     StorageReader,
@@ -27,6 +20,13 @@ from human_face_emotions.storage import (
     parse_location,
     read_location,
 )
+from face_emotions.jobs.intake import IntakeError, extract_zip, resolve_folder, store_uploads
+from face_emotions.serving.chunk_classifier import (
+    load_stored_image,
+    max_image_bytes,
+    storage_image_loader,
+)
+from face_emotions.settings import Settings
 from tests.s3_fixtures import MotoServer
 
 

@@ -19,14 +19,14 @@ from PIL import Image as PILImage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from human_face_emotions.chunk_classifier import classify_chunk
-from human_face_emotions.db import jobs as db_jobs
-from human_face_emotions.db.engine import create_db_engine, session_factory
-from human_face_emotions.db.migrate import upgrade
-from human_face_emotions.db.schema import Image, Job, JobStatus, Result
-from human_face_emotions.model_holder import ModelUnavailable, ServingModel
-from human_face_emotions.settings import Settings
-from human_face_emotions.sweeper import gave_up_reason, sweep
+from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.migrate import upgrade
+from face_emotions.jobs.recovery import gave_up_reason, sweep
+from face_emotions.jobs.schema import Image, Job, JobStatus, Result
+from face_emotions.serving.chunk_classifier import classify_chunk
+from face_emotions.serving.model_holder import ModelUnavailable, ServingModel
+from face_emotions.settings import Settings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 STALL = 60.0
@@ -376,7 +376,7 @@ def test_a_delivery_past_the_limit_gives_up_without_working(sessions, settings) 
 def test_a_cancel_lands_between_micro_batches(
     sessions, settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import human_face_emotions.chunk_classifier as chunk_classifier
+    import face_emotions.serving.chunk_classifier as chunk_classifier
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
     job_id, chunks = make_job(sessions, 8, 8)
@@ -405,7 +405,7 @@ def test_status_checks_and_heartbeats_are_throttled(
     """One database round trip per micro-batch (its write): the cancel check and the worker
     heartbeat come at most every STATUS_INTERVAL_SECONDS; the heartbeat is throttled per
     process, so a stream of small chunks does not pay one each, and carries what it skipped."""
-    import human_face_emotions.chunk_classifier as chunk_classifier
+    import face_emotions.serving.chunk_classifier as chunk_classifier
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
     calls = {"cancelled": 0, "heartbeat": []}
@@ -532,7 +532,7 @@ def test_the_worker_sweeper_waits_longer_while_tasks_are_queued(tmp_path: Path, 
     its chunks are only sent once the queue is empty, or after the visibility timeout."""
     from celery import Celery
 
-    from human_face_emotions.db.schema import utcnow
+    from face_emotions.jobs.schema import utcnow
     from worker.recovery import RecoverySweeper
 
     url = str(sessions.kw["bind"].url)

@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from api import create_app
-from human_face_emotions.cli import main
-from human_face_emotions.db.schema import ApiToken
-from human_face_emotions.settings import Settings, get_settings
+from face_emotions.cli.main import main
+from face_emotions.jobs.schema import ApiToken
+from face_emotions.settings import Settings, get_settings
 from tests.unit.test_api import FakeQueue
 
 
@@ -138,7 +138,7 @@ def test_client_errors_say_what_to_do(
 
     import requests
 
-    from human_face_emotions.client import ApiClientError, EmotionsClient
+    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
 
     def fake_request(method: str, url: str, **kwargs: object) -> requests.Response:
         response = requests.Response()

@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from api import create_app
 from api.extensions import services
-from human_face_emotions.db import training_runs as db_runs
-from human_face_emotions.db.schema import TrainingRun
-from human_face_emotions.registry import RegistryError, VersionInfo
-from human_face_emotions.settings import Settings
+from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs.schema import TrainingRun
+from face_emotions.registry.mlflow_registry import RegistryError, VersionInfo
+from face_emotions.settings import Settings
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -195,7 +195,7 @@ def test_without_a_bootstrap_token_only_database_tokens_work(
 ) -> None:
     """No EMOTIONS_ADMIN_TOKEN: the old token is just an unknown one (401), and an admin
     token from the database still reaches the admin routes."""
-    from human_face_emotions.db import tokens as db_tokens
+    from face_emotions.jobs import tokens as db_tokens
 
     (tmp_path / "data" / "faces").mkdir(parents=True)
     settings = Settings(

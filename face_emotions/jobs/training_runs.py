@@ -1,0 +1,245 @@
+"""The queries of training runs, shared by the API (create, read) and the trainer (progress).
+
+Every status change is a conditional ``UPDATE`` (status only moves forward), so a task that the
+broker delivers twice cannot undo or repeat a finished run: the second delivery finds nothing
+to move and does nothing. The data folder check lives here too because both sides need it: the
+API refuses a bad folder at submission, the trainer resolves it again under its own data root
+(it may be mounted elsewhere) at run time.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from face_emotions.jobs.schema import TrainingRun, TrainingRunStatus, utcnow
+
+#: Stored errors are for people; a traceback-sized message would bloat every list page.
+MAX_ERROR_CHARS = 4000
+_ACTIVE = (TrainingRunStatus.QUEUED, TrainingRunStatus.RUNNING)
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class DataPathError(ValueError):
+    """A training data folder refused; ``code`` is ``invalid_path`` or ``not_found``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def resolve_data_path(data_root: Path, folder: str) -> Path:
+    """``folder`` (relative, no ``..``) as an existing directory inside ``data_root``.
+
+    Symlinks are resolved before the containment check, so a link planted in the shared data
+    tree cannot point a training run at ``/etc`` or at another tenant's files.
+    """
+    if "\x00" in folder:
+        raise DataPathError("invalid_path", "the folder contains a NUL byte")
+    if folder.startswith(("/", "\\")) or _DRIVE.match(folder):
+        raise DataPathError(
+            "invalid_path", f"{folder!r} is absolute; give a path relative to the data root"
+        )
+    parts = [part for part in re.split(r"[/\\]", folder) if part not in ("", ".")]
+    if ".." in parts:
+        raise DataPathError("invalid_path", f"{folder!r} contains '..'")
+    root = data_root.expanduser().resolve()
+    try:
+        target = (root / PurePosixPath(*parts)).resolve(strict=True) if parts else root
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise DataPathError("not_found", f"folder {folder!r} does not exist") from exc
+    except (OSError, RuntimeError) as exc:  # symlink loops, permissions
+        raise DataPathError("invalid_path", f"folder {folder!r} cannot be resolved") from exc
+    if not target.is_relative_to(root):
+        raise DataPathError("invalid_path", f"folder {folder!r} leads outside the data root")
+    if not target.is_dir():
+        raise DataPathError("not_found", f"{folder!r} is not a folder")
+    return target
+
+
+def create_run(
+    session: Session,
+    *,
+    data_path: str,
+    overrides: Sequence[str],
+    promote: str,
+    requested_by: str,
+    run_id: uuid.UUID | None = None,
+) -> TrainingRun:
+    """Insert a queued run (the caller commits before dispatching it)."""
+    run = TrainingRun(
+        id=run_id or uuid.uuid4(),
+        status=TrainingRunStatus.QUEUED,
+        requested_by=requested_by,
+        overrides=list(overrides),
+        data_path=data_path,
+        promote=promote,
+        promoted=False,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def get_run(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
+    return session.get(TrainingRun, run_id, populate_existing=True)
+
+
+def list_runs(session: Session, *, offset: int, limit: int) -> tuple[list[TrainingRun], int]:
+    """One page of runs, newest first, and the total count."""
+    runs = session.scalars(
+        select(TrainingRun)
+        .order_by(TrainingRun.created_at.desc(), TrainingRun.id)
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    total = session.scalar(select(func.count()).select_from(TrainingRun))
+    return list(runs), int(total or 0)
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+
+
+def claim_dispatch(session: Session, run_id: uuid.UUID) -> bool:
+    """Mark a queued, never-sent run as being sent; False if someone else sent it already.
+
+    The conditional update is the lock: of two processes dispatching pending runs at once,
+    only one sends each run, so a broker outage never turns into duplicate trainings.
+    """
+    claimed = session.execute(
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == run_id,
+            TrainingRun.status == TrainingRunStatus.QUEUED,
+            TrainingRun.dispatched_at.is_(None),
+        )
+        .values(dispatched_at=utcnow())
+    ).rowcount
+    return bool(claimed)
+
+
+def release_dispatch(session: Session, run_id: uuid.UUID) -> None:
+    """The broker refused the task: let the next dispatcher try again."""
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.QUEUED)
+        .values(dispatched_at=None)
+    )
+
+
+def dispatch_pending(
+    sessions: sessionmaker[Session], send: Callable[[str], None], *, limit: int = 100
+) -> tuple[list[uuid.UUID], Exception | None]:
+    """Send every queued run that never reached the broker, oldest first.
+
+    ``send`` raises when the broker refuses; dispatching stops there (the broker is down, the
+    rest would fail too) and the run is released for the next attempt. Returns the runs sent
+    and the error that stopped it, if any. Called after each submission and when a trainer
+    starts, which is how runs accepted during a broker outage still get trained.
+    """
+    with sessions() as session:
+        pending = list(
+            session.scalars(
+                select(TrainingRun.id)
+                .where(
+                    TrainingRun.status == TrainingRunStatus.QUEUED,
+                    TrainingRun.dispatched_at.is_(None),
+                )
+                .order_by(TrainingRun.created_at, TrainingRun.id)
+                .limit(limit)
+            )
+        )
+    sent: list[uuid.UUID] = []
+    for run_id in pending:
+        with sessions() as session:
+            if not claim_dispatch(session, run_id):
+                session.rollback()
+                continue
+            session.commit()
+            try:
+                send(str(run_id))
+            except Exception as exc:
+                release_dispatch(session, run_id)
+                session.commit()
+                return sent, exc
+        sent.append(run_id)
+    return sent, None
+
+
+# -- progress (the trainer) -------------------------------------------------------------------
+
+
+def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
+    """Start (or restart) a run; ``None`` tells the task to do nothing.
+
+    A run already ``running`` is restarted: with ``acks_late`` the broker only delivers its
+    task again when the trainer that had it died, so nobody else is working on it. A finished
+    run stays finished.
+    """
+    moved = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
+        .values(
+            status=TrainingRunStatus.RUNNING,
+            started_at=utcnow(),
+            attempts=TrainingRun.attempts + 1,
+            error=None,
+        )
+    ).rowcount
+    if not moved:
+        return None
+    return get_run(session, run_id)
+
+
+def mark_succeeded(
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    mlflow_run_id: str | None,
+    registered_version: int | None,
+    promoted: bool,
+    promotion_reason: str | None,
+    metrics: dict[str, Any],
+) -> bool:
+    """Record a finished run; False (and no change) if it had finished already."""
+    return _finish(
+        session,
+        run_id,
+        status=TrainingRunStatus.SUCCEEDED,
+        mlflow_run_id=mlflow_run_id,
+        registered_version=registered_version,
+        promoted=promoted,
+        promotion_reason=promotion_reason,
+        metrics=metrics,
+        error=None,
+    )
+
+
+def mark_failed(
+    session: Session, run_id: uuid.UUID, error: str, *, mlflow_run_id: str | None = None
+) -> bool:
+    """Record a failed run; False (and no change) if it had finished already."""
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[: MAX_ERROR_CHARS - 3] + "..."
+    values: dict[str, Any] = {"error": error}
+    if mlflow_run_id is not None:
+        values["mlflow_run_id"] = mlflow_run_id
+    return _finish(session, run_id, status=TrainingRunStatus.FAILED, **values)
+
+
+def _finish(session: Session, run_id: uuid.UUID, *, status: TrainingRunStatus, **values) -> bool:
+    finished = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
+        .values(status=status, finished_at=utcnow(), **values)
+    ).rowcount
+    return bool(finished)

@@ -1,0 +1,415 @@
+"""Classify one chunk of a job: the work behind a queued task, free of any Celery code.
+
+A chunk is a few micro-batches. Each micro-batch is decoded in a thread pool while the previous
+one runs through the model, then written in one transaction. Images that already have a result
+are skipped, so a redelivered chunk (worker crash, broker redelivery, sweeper) only finishes
+what is missing. The model is asked for at every micro-batch: that is where a hot reload lands.
+
+Every delivery that starts working on images counts against them (``images.attempts``), once a
+model is at hand: waiting for a model is not the chunk's fault. A delivery that finds its
+images already delivered ``max_chunk_attempts`` times fails them instead of trying again, so a
+chunk that kills its worker every time (redelivered forever by ``reject_on_worker_lost``)
+still lets its job finish.
+
+With a :class:`~face_emotions.serving.dynamic_batcher.DynamicBatcher` the forward pass of a
+micro-batch is shared with the micro-batches of other chunks running at the same time (other
+jobs' included); everything else (skipping, counting, writing) stays per chunk, so sharing a
+pass changes neither idempotency nor what a crash can lose.
+
+Per micro-batch the chunk makes one database round trip, the write: cancellation is checked
+and the worker heartbeat written at most every ``STATUS_INTERVAL_SECONDS``, and a worker that
+already serves a model counts the delivery in the transaction that starts the chunk. That
+matters for small jobs, where each round trip costs about as much as the forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from face_emotions.data.images import ImageDecodeError, decode_image
+from face_emotions.data.storage import StorageLimitError, StorageReader, local_path
+from face_emotions.jobs.database import with_db_retry
+from face_emotions.jobs.queries import (
+    ResultRow,
+    count_delivery,
+    pending_attempts,
+    pending_images,
+    record_results,
+    start_chunk,
+    touch_worker,
+)
+from face_emotions.jobs.recovery import fail_chunk, gave_up_reason
+from face_emotions.jobs.schema import TERMINAL_STATUSES, Job, JobStatus
+from face_emotions.ops import inference_metrics as metrics
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches
+from face_emotions.serving.dynamic_batcher import DynamicBatcher
+from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
+from face_emotions.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ImageLoader = Callable[[str, int], PILImage.Image | str]
+
+#: Cancellation checks and heartbeats within a chunk are at least this far apart.
+STATUS_INTERVAL_SECONDS = 1.0
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+#: Headroom over the pixel limit for file headers, metadata and embedded thumbnails.
+_HEADER_ALLOWANCE = 1024 * 1024
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The largest object worth downloading for an image of at most ``max_pixels`` pixels.
+
+    Uncompressed 4-byte pixels plus headers bound every legitimate image file, so anything
+    larger is refused before it is read into a worker's memory (the pixel limit only guards
+    decoding, which comes after the download).
+    """
+    return 4 * max_pixels + _HEADER_ALLOWANCE
+
+
+def load_stored_image(
+    location: str, max_pixels: int, *, reader: StorageReader | None = None
+) -> PILImage.Image | str:
+    """Decode the image at ``location`` (path, ``file://`` or ``s3://`` URL), or say why not.
+
+    Local files are decoded straight from disk (the fast path: no copy into memory); other
+    locations are read through the storage reader, so a worker can classify uploads an API on
+    another host stored in S3, and folder jobs on an ``s3://`` data root. A missing or
+    unreadable object is a per-image error, like a missing file; only a failure that is not
+    about the object itself (no connection to the store at all) propagates.
+    """
+    try:
+        path = local_path(location)
+    except ValueError as exc:  # an unsupported scheme in a row written by another version
+        return f"unsupported location: {exc}"
+    try:
+        if path is not None:
+            return decode_image(path, max_pixels=max_pixels)
+        data = (reader or StorageReader()).read_bytes(
+            location, max_bytes=max_image_bytes(max_pixels)
+        )
+        return decode_image(data, path=location, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return exc.reason
+    except StorageLimitError as exc:
+        return f"file is larger than {exc.limit} bytes"
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+
+
+def storage_image_loader(settings: Settings) -> ImageLoader:
+    """The :data:`ImageLoader` for ``settings``: local paths and URLs on its S3 endpoint."""
+    reader = StorageReader(s3_endpoint_url=settings.s3_endpoint_url)
+    return functools.partial(load_stored_image, reader=reader)
+
+
+#: Kept for callers of the local-only loader; it reads every kind of location now.
+load_local_image = load_stored_image
+
+
+@dataclass
+class ChunkOutcome:
+    job_id: str
+    skipped: str | None = None
+    succeeded: int = 0
+    failed: int = 0
+    already_done: int = 0
+    forward_batches: list[int] = field(default_factory=list)
+    model_versions: set[int] = field(default_factory=set)
+    seconds: float = 0.0
+    attempt: int = 0  # which delivery of these images this was (0: none was counted)
+
+    def as_dict(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "skipped": self.skipped,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "already_done": self.already_done,
+            "forward_batches": self.forward_batches,
+            "model_versions": sorted(self.model_versions),
+            "seconds": round(self.seconds, 3),
+            "attempt": self.attempt,
+        }
+
+
+def classify_chunk(
+    sessions: sessionmaker[Session],
+    holder: ModelHolder,
+    job_id: uuid.UUID,
+    image_ids: Sequence[int],
+    *,
+    settings: Settings,
+    worker_name: str | None = None,
+    load_image: ImageLoader | None = None,
+    batcher: DynamicBatcher | None = None,
+) -> ChunkOutcome:
+    """Classify the images of ``image_ids`` that have no result yet.
+
+    ``load_image`` defaults to :func:`storage_image_loader` for ``settings``; workers pass
+    their per-process one. ``batcher`` shares forward passes with concurrent chunks.
+
+    Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
+    later and no image is marked failed for it, and the delivery is not counted).
+    """
+    started = time.perf_counter()
+    worker_name = worker_name or default_worker_name()
+    outcome = ChunkOutcome(str(job_id))
+
+    # A worker already serving its champion counts the delivery in the same transaction
+    # that starts the chunk: one round trip less per task, which small jobs feel.
+    count_at_once = holder.serving_version is not None
+
+    def begin() -> tuple[Job | None, list[tuple[int, str, int]], bool]:
+        with sessions() as session:
+            job = start_chunk(session, job_id)
+            if job is None:
+                session.commit()
+                return None, [], False
+            images = pending_images(session, job_id, image_ids)
+            pending = [(image.id, image.location, image.attempts or 0) for image in images]
+            counted = (
+                count_at_once
+                and job.model_version is None
+                and bool(pending)
+                and max(attempts for _, _, attempts in pending) < settings.max_chunk_attempts
+            )
+            if counted:
+                count_delivery(session, job_id, [image_id for image_id, _, _ in pending])
+            session.commit()
+            return job, pending, counted
+
+    job, pending, counted = with_db_retry(begin)
+    if job is None:
+        outcome.skipped = "job is cancelled, finished or gone"
+        return outcome
+    outcome.already_done = len(image_ids) - len(pending)
+    if not pending:
+        outcome.skipped = "every image already has a result"
+        return outcome
+    ids = [image_id for image_id, _, _ in pending]
+    locations = [location for _, location, _ in pending]
+    delivered = max(attempts for _, _, attempts in pending)
+    if not counted and delivered >= settings.max_chunk_attempts:
+        outcome.failed = fail_chunk(
+            sessions, job_id, ids, gave_up_reason(delivered), worker=worker_name
+        )
+        outcome.skipped = f"gave up after {delivered} deliveries"
+        return outcome
+
+    # Fail fast before decoding anything if there is no model at all.
+    model = _model_for(holder, job.model_version)
+
+    def count() -> None:
+        with sessions() as session:
+            count_delivery(session, job_id, ids)
+            session.commit()
+
+    # Retrying may count one delivery twice if a commit's answer was lost: harmless, it only
+    # brings the give-up one delivery closer for a chunk whose connection is that unstable.
+    if not counted:
+        with_db_retry(count)
+    outcome.attempt = delivered + 1
+    batches = iter_decoded_batches(
+        locations,
+        job.batch_size,
+        workers=settings.decode_threads,
+        max_pixels=settings.max_image_pixels,
+        loader=load_image or storage_image_loader(settings),
+        keys=ids,
+    )
+    status_checked = time.monotonic()
+    first = True
+    for batch in batches:
+        now = time.monotonic()
+        # ``begin`` has just seen the job running: the first micro-batch needs no check.
+        if not first and now - status_checked >= STATUS_INTERVAL_SECONDS:
+            status_checked = now
+            if _cancelled(sessions, job_id):
+                outcome.skipped = "job was cancelled"
+                break
+        if isinstance(model, str):
+            rows = [ResultRow(i, error=model) for i in batch.keys]
+            version = None
+            forward_batch = 0
+        else:
+            rows, version, forward_batch = _predict(holder, batcher, job.model_version, batch)
+            if batch.images:
+                outcome.forward_batches.append(forward_batch)
+                outcome.model_versions.add(version)
+        rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
+        done, failed = _write(sessions, job_id, rows, version, worker_name, forward_batch)
+        outcome.succeeded += done
+        outcome.failed += failed
+        metrics.count_images(processed=done, failed=failed, model_version=version)
+        metrics.observe_decode(batch.decode_seconds)
+        due = _HEARTBEATS.add((id(sessions), worker_name), done + failed, holder.serving_version)
+        if due is not None:
+            _heartbeat(sessions, holder, worker_name, due)
+        first = False
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+class _HeartbeatThrottle:
+    """Process-wide: a worker's first heartbeat goes out at once, later ones at most every
+    ``STATUS_INTERVAL_SECONDS`` — or at once when the version it serves changed — carrying
+    the images processed in between.
+
+    Per process rather than per chunk, so that a stream of one-image tasks does not pay a
+    database round trip each. What a worker serves is never stale (the models page shows
+    it); only the image count of its last second before going idle waits for its next task.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[tuple[int, str], tuple[float, int, int | None]] = {}
+
+    def add(self, key: tuple[int, str], processed: int, version: int | None) -> int | None:
+        """Record ``processed`` images; the count to report now, or ``None`` if not due."""
+        now = time.monotonic()
+        with self._lock:
+            sent, unreported, reported_version = self._state.get(key, (-math.inf, 0, None))
+            unreported += processed
+            if now - sent < STATUS_INTERVAL_SECONDS and version == reported_version:
+                self._state[key] = (sent, unreported, reported_version)
+                return None
+            self._state[key] = (now, 0, version)
+            return unreported
+
+
+_HEARTBEATS = _HeartbeatThrottle()
+
+
+def _predict(
+    holder: ModelHolder,
+    batcher: DynamicBatcher | None,
+    pinned: int | None,
+    batch: DecodedBatch,
+) -> tuple[list[ResultRow], int | None, int]:
+    """Rows of the decoded images, the model version and the images in the forward pass.
+
+    The model is asked for at every micro-batch (directly, or by the batcher for every shared
+    pass): that is where a hot reload lands.
+    """
+    if batcher is not None and batch.images:
+        shared = batcher.predict(batch.images, pinned)
+        probabilities, version, forward_batch = (
+            shared.probabilities,
+            shared.version,
+            shared.forward_batch,
+        )
+    else:
+        model = _model_for(holder, pinned)
+        if isinstance(model, str):  # the pinned version vanished since the chunk began
+            return [ResultRow(i, error=model) for i in batch.keys], None, 0
+        version, forward_batch = model.version, len(batch.images)
+        probabilities = []
+        if batch.images:
+            started = time.perf_counter()
+            probabilities = model.predictor.predict_images(batch.images)
+            metrics.observe_forward(time.perf_counter() - started, forward_batch)
+    rows = [ResultRow(i, probabilities=p) for i, p in zip(batch.keys, probabilities, strict=True)]
+    return rows, version, forward_batch
+
+
+def chunk_attempts(
+    sessions: sessionmaker[Session], job_id: uuid.UUID, image_ids: Sequence[int]
+) -> int | None:
+    """How many deliveries the chunk's images without a result have had; ``None`` when each
+    of them has a result by now."""
+
+    def read() -> int | None:
+        with sessions() as session:
+            return pending_attempts(session, job_id, image_ids)
+
+    return with_db_retry(read)
+
+
+def _model_for(holder: ModelHolder, pinned: int | None) -> ServingModel | str:
+    """The model, or for a pinned version that does not exist the per-image error text."""
+    try:
+        return holder.for_job(pinned)
+    except RegistryError as exc:
+        if pinned is None:
+            raise ModelUnavailable(str(exc)) from exc
+        return f"model version {pinned} is not available: {exc}"
+
+
+def _cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> bool:
+    def read() -> bool:
+        with sessions() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            return status is None or JobStatus(status) in TERMINAL_STATUSES
+
+    return with_db_retry(read)
+
+
+def _write(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    rows: list[ResultRow],
+    version: int | None,
+    worker_name: str,
+    forward_batch: int,
+) -> tuple[int, int]:
+    def write() -> tuple[int, int]:
+        with sessions() as session:
+            counts = record_results(
+                session,
+                job_id,
+                rows,
+                model_version=version,
+                worker=worker_name,
+                forward_batch=forward_batch or None,
+            )
+            session.commit()
+            return counts
+
+    # Retrying the whole transaction is safe: results already written are not written twice.
+    return with_db_retry(write)
+
+
+def _heartbeat(
+    sessions: sessionmaker[Session], holder: ModelHolder, worker_name: str, processed: int
+) -> None:
+    described = holder.describe()
+    metrics.set_model_version(worker_name, described["version"])
+    try:
+        with sessions() as session:
+            touch_worker(
+                session,
+                worker_name,
+                model_version=described["version"],
+                device=described["device"],
+                backend=described["backend"],
+                processed=processed,
+            )
+            session.commit()
+    except Exception as exc:
+        log.warning("worker heartbeat failed: %s", exc)

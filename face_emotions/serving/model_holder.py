@@ -1,0 +1,234 @@
+"""ModelHolder: the model a worker serves, hot-reloaded without a restart.
+
+The serving alias is checked every ``model_refresh_seconds`` and whenever a reload is requested
+(promotion broadcasts one). A new version is downloaded and built on a background thread while
+the old one keeps serving; callers pick up the swap at their next micro-batch, so no batch ever
+mixes versions and no task fails or repeats because of a swap. A failed load is logged and the
+old model stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from face_emotions.modeling.bundle import Bundle, load_bundle
+from face_emotions.registry.mlflow_registry import Registry, RegistryError, VersionInfo
+from face_emotions.serving.predictor import Predictor, resolve_device
+from face_emotions.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """No model can be served yet (no champion, registry unreachable); retry later."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: int
+    predictor: Predictor
+
+    @property
+    def backend(self) -> str:
+        return self.predictor.backend
+
+    @property
+    def device(self) -> str:
+        return self.predictor.device.type
+
+
+def choose_backend(requested: str, device_type: str, bundle: Bundle) -> str:
+    """``auto``: ONNX Runtime on CPU when the version ships an ONNX file, torch otherwise."""
+    if requested == "auto":
+        return "onnx" if device_type == "cpu" and bundle.onnx_path is not None else "torch"
+    if requested == "onnx" and bundle.onnx_path is None:
+        log.warning("backend onnx requested but this version has no ONNX artefact; using torch")
+        return "torch"
+    return requested
+
+
+class ModelHolder:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry_factory: Callable[[], Registry] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reload_generation: Callable[[], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._registry_factory = registry_factory or (lambda: Registry(settings))
+        self._registry: Registry | None = None
+        self._clock = clock
+        self._reload_generation = reload_generation
+        self._seen_generation = reload_generation() if reload_generation else 0
+        self._lock = threading.Lock()
+        self._current: ServingModel | None = None
+        self._ready: ServingModel | None = None
+        self._loader: threading.Thread | None = None
+        self._next_check = 0.0
+        self._refresh_requested = False
+        self._pinned: OrderedDict[int, ServingModel] = OrderedDict()
+        self.device = resolve_device(settings.device)
+        self.swaps = 0
+
+    # -- public --------------------------------------------------------------------------
+
+    def current(self) -> ServingModel:
+        """The model to use for the next micro-batch (the swap point)."""
+        with self._lock:
+            if self._ready is not None:
+                old = self._current.version if self._current else None
+                self._current, self._ready = self._ready, None
+                self.swaps += 1
+                log.info("now serving version %s (was %s)", self._current.version, old)
+            current = self._current
+        if current is None:
+            return self._load_first()
+        self._maybe_start_refresh()
+        return current
+
+    def for_job(self, pinned_version: int | None) -> ServingModel:
+        if pinned_version is None:
+            return self.current()
+        current = self._current
+        if current is not None and current.version == pinned_version:
+            return current
+        return self.pinned(pinned_version)
+
+    def pinned(self, version: int) -> ServingModel:
+        """A specific version, kept in a small LRU cache beside the serving one."""
+        with self._lock:
+            cached = self._pinned.get(version)
+            if cached is not None:
+                self._pinned.move_to_end(version)
+                return cached
+        info = self.registry().get_version(version)
+        model = self._build(info)
+        with self._lock:
+            self._pinned[version] = model
+            while len(self._pinned) > self.settings.pinned_model_cache:
+                evicted, _ = self._pinned.popitem(last=False)
+                log.info("evicted pinned version %s from the cache", evicted)
+        return model
+
+    def poll(self) -> None:
+        """Idle-time check: start a background load if one is due (no swap happens here)."""
+        if self._current is not None:
+            self._maybe_start_refresh()
+
+    def request_refresh(self) -> None:
+        """Check the alias at the next micro-batch (promotion broadcasts call this)."""
+        self._refresh_requested = True
+
+    def wait_for_reload(self, timeout: float = 30.0) -> bool:
+        """Tests and tools: block until a background load in progress has finished."""
+        loader = self._loader
+        if loader is not None:
+            loader.join(timeout)
+            return not loader.is_alive()
+        return True
+
+    @property
+    def serving_version(self) -> int | None:
+        return self._current.version if self._current else None
+
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = self._registry_factory()
+        return self._registry
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _alias_version(self) -> VersionInfo:
+        try:
+            info = self.registry().alias_version()
+        except Exception as exc:
+            raise ModelUnavailable(f"model registry unreachable: {exc}") from exc
+        if info is None:
+            raise ModelUnavailable(
+                f"model {self.settings.model_name!r} has no version with alias "
+                f"{self.settings.model_alias!r}; train and promote one first"
+            )
+        return info
+
+    def _build(self, info: VersionInfo) -> ServingModel:
+        try:
+            bundle = load_bundle(self.registry().download(info))
+        except RegistryError:
+            raise
+        except Exception as exc:
+            raise ModelUnavailable(f"cannot load version {info.version}: {exc}") from exc
+        backend = choose_backend(self.settings.backend, self.device.type, bundle)
+        predictor = Predictor(
+            bundle,
+            device=self.device,
+            backend=backend,  # type: ignore[arg-type]
+            precision=self.settings.precision,
+            compile_model=self.settings.torch_compile and backend == "torch",
+        )
+        log.info(
+            "loaded %s version %s (%s, %s, %s px)",
+            info.name,
+            info.version,
+            bundle.spec.architecture,
+            backend,
+            bundle.spec.image_size,
+        )
+        return ServingModel(info.version, predictor)
+
+    def _load_first(self) -> ServingModel:
+        model = self._build(self._alias_version())
+        with self._lock:
+            if self._current is None:
+                self._current = model
+            self._next_check = self._clock() + self.settings.model_refresh_seconds
+            return self._current
+
+    def _due(self) -> bool:
+        if self._reload_generation is not None:
+            generation = self._reload_generation()
+            if generation != self._seen_generation:
+                self._seen_generation = generation
+                self._refresh_requested = True
+        return self._refresh_requested or self._clock() >= self._next_check
+
+    def _maybe_start_refresh(self) -> None:
+        if not self._due():
+            return
+        with self._lock:
+            if self._loader is not None and self._loader.is_alive():
+                return
+            self._refresh_requested = False
+            self._next_check = self._clock() + self.settings.model_refresh_seconds
+            self._loader = threading.Thread(target=self._refresh, name="model-reload", daemon=True)
+            self._loader.start()
+
+    def _refresh(self) -> None:
+        try:
+            info = self._alias_version()
+            current = self._current
+            if current is not None and info.version == current.version:
+                return
+            model = self._build(info)
+        except Exception as exc:
+            log.warning("model refresh failed, keeping version %s: %s", self.serving_version, exc)
+            return
+        with self._lock:
+            self._ready = model
+
+    def describe(self) -> dict[str, Any]:
+        current = self._current
+        return {
+            "version": current.version if current else None,
+            "backend": current.backend if current else None,
+            "device": self.device.type,
+            "pinned": list(self._pinned),
+            "swaps": self.swaps,
+        }
