@@ -50,7 +50,7 @@ from api.schemas import (
 )
 from api.serialize import CSV_COLUMNS, csv_row, job_dict, model_versions_by_job, result_dict
 from face_emotions.data.storage import Storage
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import job_queries
 from face_emotions.jobs.intake import (
     IntakeError,
     extract_zip,
@@ -58,7 +58,7 @@ from face_emotions.jobs.intake import (
     secure_name,
     store_uploads,
 )
-from face_emotions.jobs.queries import NewImage
+from face_emotions.jobs.job_queries import NewImage
 from face_emotions.jobs.schema import Image, Job
 from face_emotions.labels import EMOTIONS, canonical_emotion
 from face_emotions.ops.log_format import job_context
@@ -245,7 +245,7 @@ def create_job() -> Any:
     owner = current_principal().id
     key = _idempotency_key()
     if key is not None:
-        existing = db_jobs.find_by_idempotency_key(session, owner, key)
+        existing = job_queries.find_by_idempotency_key(session, owner, key)
         if existing is not None:
             return _job_payload(session, existing), 200, _location(existing.id)
     submission_limits(current_app).check_rate()
@@ -260,7 +260,7 @@ def create_job() -> Any:
     prefix = f"jobs/{job_id}"
     try:
         submission = _read_submission(settings, storage, prefix)
-        job = db_jobs.create_job(
+        job = job_queries.create_job(
             session,
             job_id=job_id,
             source_type=submission.source_type,
@@ -277,7 +277,7 @@ def create_job() -> Any:
         # Two requests with the same key raced past the lookup; the other one won.
         session.rollback()
         _remove_uploads(storage, prefix)
-        existing = db_jobs.find_by_idempotency_key(session, owner, key) if key else None
+        existing = job_queries.find_by_idempotency_key(session, owner, key) if key else None
         if existing is None:
             raise
         return _job_payload(session, existing), 200, _location(existing.id)
@@ -315,7 +315,7 @@ def _remove_uploads(storage: Storage, prefix: str) -> None:
 def _dispatch(session: Session, job: Job) -> bool:
     """Send one task per chunk; False when the broker refused (the job stays queued)."""
     queue = services().job_queue
-    chunks = db_jobs.chunk_image_ids(session, job.id)
+    chunks = job_queries.chunk_image_ids(session, job.id)
     session.commit()  # end the read transaction before talking to the broker
     sent = 0
     try:
@@ -488,7 +488,9 @@ def list_jobs(query_data: dict[str, int]) -> dict[str, Any]:
     page, limit = _page(query_data)
     session = db_session()
     owner = current_principal().owner_filter
-    jobs, total = db_jobs.list_jobs(session, owner=owner, offset=(page - 1) * limit, limit=limit)
+    jobs, total = job_queries.list_jobs(
+        session, owner=owner, offset=(page - 1) * limit, limit=limit
+    )
     versions = model_versions_by_job(session, [job.id for job in jobs])
     return {
         "items": [job_dict(job, versions.get(job.id, [])) for job in jobs],
@@ -519,7 +521,7 @@ def cancel_job(job_id: uuid.UUID) -> dict[str, Any]:
     """
     session = db_session()
     job = _job_or_404(session, job_id)
-    cancelled = db_jobs.cancel_job(session, job)
+    cancelled = job_queries.cancel_job(session, job)
     session.commit()
     if not cancelled:
         raise ApiError(409, "not_cancellable", f"job {job_id} is already {job.status}")
@@ -574,7 +576,7 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
 
     page, limit = _page(query_data)
     rows = session.execute(
-        db_jobs.results_query(job.id, emotion=emotion, status=status)
+        job_queries.results_query(job.id, emotion=emotion, status=status)
         .offset((page - 1) * limit)
         .limit(limit)
     ).all()
@@ -582,7 +584,7 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
         "items": [{**result_dict(image, result), "image_id": image.id} for image, result in rows],
         "page": page,
         "limit": limit,
-        "total": db_jobs.count_results(session, job.id, emotion=emotion, status=status),
+        "total": job_queries.count_results(session, job.id, emotion=emotion, status=status),
     }
 
 
@@ -600,7 +602,7 @@ def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
         "total": job.total,
         "done": job.done,
         "failed": job.failed,
-        "emotions": db_jobs.emotion_summary(session, job.id),
+        "emotions": job_queries.emotion_summary(session, job.id),
     }
 
 
@@ -609,7 +611,7 @@ def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
 
 def _job_or_404(session: Session, job_id: uuid.UUID) -> Job:
     """The job if this principal may see it; another token's job is "not found" too."""
-    job = db_jobs.get_job(session, job_id, owner=current_principal().owner_filter)
+    job = job_queries.get_job(session, job_id, owner=current_principal().owner_filter)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
     return job
@@ -619,7 +621,7 @@ def _job_payload(
     session: Session, job: Job, *, model_versions: list[int] | None = None
 ) -> dict[str, Any]:
     if model_versions is None:
-        model_versions = db_jobs.model_versions_used(session, job.id)
+        model_versions = job_queries.model_versions_used(session, job.id)
     return job_dict(job, model_versions)
 
 
@@ -663,7 +665,7 @@ def _iter_records(
     while True:
         with sessions() as session:
             rows = session.execute(
-                db_jobs.results_query(job_id, emotion=emotion, status=status)
+                job_queries.results_query(job_id, emotion=emotion, status=status)
                 .where(Image.position > last)
                 .limit(EXPORT_BATCH)
             ).all()

@@ -20,7 +20,7 @@ from api.extensions import db_session, services
 from api.queue import TrainingQueue
 from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import worker_heartbeats
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import (
     TAG_ARCHITECTURE,
@@ -69,7 +69,7 @@ def list_models() -> dict[str, Any]:
     alias = state.settings.model_alias
     champion = next((v.version for v in versions if alias in v.aliases), None)
     since = datetime.now(UTC) - WORKER_LIVENESS
-    workers = db_jobs.live_workers(db_session(), since=since)
+    workers = worker_heartbeats.live_workers(db_session(), since=since)
     return {
         "model": getattr(registry, "model_name", state.settings.model_name),
         "champion": champion,

@@ -24,7 +24,7 @@ from api.extensions import db_session, services
 from api.schemas import ErrorOut
 from face_emotions.data.images import ImageDecodeError, decode_image
 from face_emotions.data.storage import StorageLimitError, read_location
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import job_queries
 from face_emotions.jobs.schema import Image
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def thumbnail(job_id: uuid.UUID, image_id: int) -> Response:
     """
     settings = services().settings
     session = db_session()
-    job = db_jobs.get_job(session, job_id, owner=current_principal().owner_filter)
+    job = job_queries.get_job(session, job_id, owner=current_principal().owner_filter)
     image = session.get(Image, image_id) if job is not None else None
     if image is None or image.job_id != job.id:
         raise ApiError(404, "not_found", f"job {job_id} has no image {image_id}")

@@ -299,19 +299,19 @@ class ChunkLoop:
         self.holder.current()
 
     def _job(self, paths: Sequence[Path]) -> tuple[Any, list[list[int]]]:
-        from face_emotions.jobs import queries as db_jobs
+        from face_emotions.jobs import job_queries
 
         with self.sessions() as session:
-            job = db_jobs.create_job(
+            job = job_queries.create_job(
                 session,
                 source_type="folder",
                 source="bench",
-                images=[db_jobs.NewImage(str(p), str(p)) for p in paths],
+                images=[job_queries.NewImage(str(p), str(p)) for p in paths],
                 batch_size=self.batch_size,
                 chunk_size=self.batch_size * self.settings.chunk_batches,
             )
             session.commit()
-            chunks = db_jobs.chunk_image_ids(session, job.id)
+            chunks = job_queries.chunk_image_ids(session, job.id)
             session.commit()
             return job.id, [chunks[key] for key in sorted(chunks)]
 

@@ -33,7 +33,7 @@ from face_emotions.data.storage import (
     is_remote,
     local_path,
 )
-from face_emotions.jobs.queries import NewImage
+from face_emotions.jobs.job_queries import NewImage
 
 COPY_BUFFER: Final[int] = 1024 * 1024
 #: Entries smaller than this are not ratio-checked: a tiny flat-colour BMP legitimately

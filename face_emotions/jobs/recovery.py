@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import recovery_queries, result_writes
 from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.schema import utcnow
 
@@ -105,7 +105,7 @@ def sweep(
 
     def find() -> list[uuid.UUID]:
         with sessions() as session:
-            return db_jobs.stalled_job_ids(session, cutoff=cutoff, limit=limit)
+            return recovery_queries.stalled_job_ids(session, cutoff=cutoff, limit=limit)
 
     for job_id in with_db_retry(find):
         if not _recover_job(sessions, enqueue, job_id, cutoff, now, max_attempts, report):
@@ -124,13 +124,13 @@ def _recover_job(
 ) -> bool:
     """Handle one stalled job; False when the broker refused and the sweep should stop."""
 
-    def claim() -> tuple[bool, datetime | None, dict[int, db_jobs.PendingChunk]]:
+    def claim() -> tuple[bool, datetime | None, dict[int, recovery_queries.PendingChunk]]:
         with sessions() as session:
-            previous = db_jobs.last_progress(session, job_id)
-            if not db_jobs.claim_stalled_job(session, job_id, cutoff=cutoff, now=now):
+            previous = recovery_queries.last_progress(session, job_id)
+            if not recovery_queries.claim_stalled_job(session, job_id, cutoff=cutoff, now=now):
                 session.rollback()
                 return False, None, {}
-            chunks = db_jobs.pending_chunks(session, job_id)
+            chunks = recovery_queries.pending_chunks(session, job_id)
             session.commit()
             return True, previous, chunks
 
@@ -194,7 +194,9 @@ def fail_chunk(
 
     def write() -> int:
         with sessions() as session:
-            failed = db_jobs.fail_pending_images(session, job_id, image_ids, reason, worker=worker)
+            failed = result_writes.fail_pending_images(
+                session, job_id, image_ids, reason, worker=worker
+            )
             session.commit()
             return failed
 
@@ -207,7 +209,7 @@ def _release(
 ) -> None:
     def write() -> None:
         with sessions() as session:
-            db_jobs.release_claim(session, job_id, claimed_at=now, previous=previous)
+            recovery_queries.release_claim(session, job_id, claimed_at=now, previous=previous)
             session.commit()
 
     try:

@@ -76,6 +76,7 @@ TERMINAL_STATUSES = frozenset(
         JobStatus.CANCELLED,
     }
 )
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class Job(Base):

@@ -42,17 +42,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from face_emotions.data.images import ImageDecodeError, decode_image
 from face_emotions.data.storage import StorageLimitError, StorageReader, local_path
 from face_emotions.jobs.database import with_db_retry
-from face_emotions.jobs.queries import (
+from face_emotions.jobs.recovery import fail_chunk, gave_up_reason
+from face_emotions.jobs.result_writes import (
     ResultRow,
     count_delivery,
     pending_attempts,
     pending_images,
     record_results,
     start_chunk,
-    touch_worker,
 )
-from face_emotions.jobs.recovery import fail_chunk, gave_up_reason
 from face_emotions.jobs.schema import TERMINAL_STATUSES, Job, JobStatus
+from face_emotions.jobs.worker_heartbeats import touch_worker
 from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches

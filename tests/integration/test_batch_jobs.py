@@ -250,7 +250,7 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
 
     from api.queue import CeleryJobQueue
     from face_emotions.jobs.database import create_db_engine, session_factory
-    from face_emotions.jobs.queries import chunk_image_ids
+    from face_emotions.jobs.job_queries import chunk_image_ids
 
     start_worker()
     write_faces(services.data_root / "again", 10, size=48)

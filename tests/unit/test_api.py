@@ -25,7 +25,7 @@ from api import create_app
 from api.extensions import services
 from api.jobs import BROKER_WARNING
 from face_emotions.data.storage import local_path
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import job_queries, result_writes, worker_heartbeats
 from face_emotions.jobs.schema import Image, Job
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import VersionInfo
@@ -342,14 +342,14 @@ def test_idempotency_race_returns_the_winner_and_removes_files(
     headers = {"Idempotency-Key": "racy"}
     first = upload(client, ["a.png"], headers=headers)
     files, calls = stored_files(settings), list(queue.calls)
-    real_lookup = db_jobs.find_by_idempotency_key
+    real_lookup = job_queries.find_by_idempotency_key
     lookups: list[str] = []
 
     def late_lookup(session, owner: str, key: str):
         lookups.append(key)
         return None if len(lookups) == 1 else real_lookup(session, owner, key)
 
-    monkeypatch.setattr(db_jobs, "find_by_idempotency_key", late_lookup)
+    monkeypatch.setattr(job_queries, "find_by_idempotency_key", late_lookup)
     second = upload(client, ["b.png", "c.png"], headers=headers)
     assert second.status_code == 200, second.get_json()
     assert second.get_json()["id"] == first.get_json()["id"]
@@ -494,7 +494,7 @@ def test_failure_before_commit_removes_stored_files(
     def broken(*args: Any, **kwargs: Any) -> Job:
         raise RuntimeError("database exploded at /secret/internal/path")
 
-    monkeypatch.setattr(db_jobs, "create_job", broken)
+    monkeypatch.setattr(job_queries, "create_job", broken)
     error = assert_error(upload(client, ["a.png", "b.png"]), 500, "internal_error")
     assert "/secret" not in error["message"]
     assert "exploded" not in error["message"]
@@ -532,11 +532,13 @@ def simulate_worker(app, job_id: str) -> list[int]:
         [0.1, 0.1, 0.1, 0.1, 0.6],  # Surprised
     ]
     for image, probs in zip(images[:4], probabilities, strict=True):
-        rows.append(db_jobs.ResultRow(image_id=image.id, probabilities=probs))
-    rows.append(db_jobs.ResultRow(image_id=images[4].id, error="not an image"))
+        rows.append(result_writes.ResultRow(image_id=image.id, probabilities=probs))
+    rows.append(result_writes.ResultRow(image_id=images[4].id, error="not an image"))
     with app.app_context(), services().sessions() as session:
-        db_jobs.start_chunk(session, uuid.UUID(job_id))
-        db_jobs.record_results(session, uuid.UUID(job_id), rows, model_version=3, worker="worker-1")
+        result_writes.start_chunk(session, uuid.UUID(job_id))
+        result_writes.record_results(
+            session, uuid.UUID(job_id), rows, model_version=3, worker="worker-1"
+        )
         session.commit()
     return [image.id for image in images]
 
@@ -723,7 +725,7 @@ def test_unhandled_exception_is_json_500(settings: Settings, queue: FakeQueue) -
 
 def test_models(app, client: FlaskClient) -> None:
     with app.app_context(), services().sessions() as session:
-        db_jobs.touch_worker(
+        worker_heartbeats.touch_worker(
             session, "worker-1", model_version=2, device="cpu", backend="onnx", processed=7
         )
         session.commit()
@@ -952,10 +954,10 @@ def test_backlog_over_the_limit_is_503_and_stores_nothing(
     # Finished work leaves the backlog: results for the first job make room again.
     finished = job_images(app, first.get_json()["id"])
     with app.app_context(), services().sessions() as session:
-        db_jobs.record_results(
+        result_writes.record_results(
             session,
             uuid.UUID(first.get_json()["id"]),
-            [db_jobs.ResultRow(image_id=image.id, error="x") for image in finished],
+            [result_writes.ResultRow(image_id=image.id, error="x") for image in finished],
             model_version=1,
             worker="w",
         )

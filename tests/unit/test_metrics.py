@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker
 from api import create_app
 from api.cluster_metrics import ClusterCollector, queue_keys, redis_url_of
 from api.extensions import services
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.schema import WorkerState
 from face_emotions.ops.log_format import (
     JobLogger,
@@ -149,10 +149,12 @@ def test_jobs_by_status_and_image_counters_come_from_the_database(app, client) -
 def test_workers_model_versions_within_the_freshness_window(app) -> None:
     with app.app_context(), services().sessions() as session:
         for name, version_number in (("gpu-a:11", 3), ("gpu-b:12", 4), ("old:13", 2)):
-            db_jobs.touch_worker(
+            worker_heartbeats.touch_worker(
                 session, name, model_version=version_number, device="cpu", backend="torch"
             )
-        db_jobs.touch_worker(session, "loading:14", model_version=None, device=None, backend=None)
+        worker_heartbeats.touch_worker(
+            session, "loading:14", model_version=None, device=None, backend=None
+        )
         session.execute(
             update(WorkerState)
             .where(WorkerState.name == "old:13")

@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from face_emotions.jobs import queries as db_jobs
+from face_emotions.jobs import job_queries, recovery_queries, result_writes
 from face_emotions.jobs.database import create_db_engine, session_factory
 from face_emotions.jobs.migrate import upgrade
 from face_emotions.jobs.recovery import gave_up_reason, sweep
@@ -65,11 +65,11 @@ def make_job(
     progressed_at: datetime | None = T0,
 ) -> tuple[uuid.UUID, dict[int, list[int]]]:
     with sessions() as session:
-        job = db_jobs.create_job(
+        job = job_queries.create_job(
             session,
             source_type="folder",
             source="faces",
-            images=[db_jobs.NewImage(f"{i}.png", f"/nowhere/{i}.png") for i in range(count)],
+            images=[job_queries.NewImage(f"{i}.png", f"/nowhere/{i}.png") for i in range(count)],
             batch_size=2,
             chunk_size=chunk_size,
         )
@@ -79,7 +79,7 @@ def make_job(
             .where(Job.id == job.id)
             .values(status=status, created_at=created_at, progressed_at=progressed_at)
         )
-        chunks = db_jobs.chunk_image_ids(session, job.id)
+        chunks = job_queries.chunk_image_ids(session, job.id)
         session.commit()
         return job.id, chunks
 
@@ -87,8 +87,10 @@ def make_job(
 def succeed(sessions: sessionmaker[Session], job_id: uuid.UUID, image_ids: list[int]) -> None:
     """Predictions for these images, made at ``T0`` (the tests' clock, not the machine's)."""
     with sessions() as session:
-        rows = [db_jobs.ResultRow(i, probabilities=[0.1, 0.1, 0.6, 0.1, 0.1]) for i in image_ids]
-        db_jobs.record_results(session, job_id, rows, model_version=1, worker="test")
+        rows = [
+            result_writes.ResultRow(i, probabilities=[0.1, 0.1, 0.6, 0.1, 0.1]) for i in image_ids
+        ]
+        result_writes.record_results(session, job_id, rows, model_version=1, worker="test")
         session.execute(update(Job).where(Job.id == job_id).values(progressed_at=T0))
         session.commit()
 
@@ -207,11 +209,11 @@ def test_two_sweepers_cannot_both_claim_a_job(sessions) -> None:
     cutoff = now - timedelta(seconds=STALL)
     with sessions() as session:
         # Both found the job stalled; only the first UPDATE still matches.
-        assert db_jobs.stalled_job_ids(session, cutoff=cutoff, limit=10) == [job_id]
-        assert db_jobs.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
+        assert recovery_queries.stalled_job_ids(session, cutoff=cutoff, limit=10) == [job_id]
+        assert recovery_queries.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
         session.commit()
     with sessions() as session:
-        assert not db_jobs.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
+        assert not recovery_queries.claim_stalled_job(session, job_id, cutoff=cutoff, now=now)
 
 
 def test_chunks_out_of_deliveries_are_failed_and_the_job_terminates(sessions) -> None:

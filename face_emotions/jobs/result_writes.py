@@ -1,0 +1,228 @@
+"""What a worker writes while classifying a chunk: start it, count deliveries, record results.
+
+Every write that a redelivered task could repeat is idempotent: results are inserted with
+``ON CONFLICT DO NOTHING`` and only rows that were really inserted move the job's counters.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from face_emotions.jobs.schema import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Image,
+    Job,
+    JobStatus,
+    Result,
+    utcnow,
+)
+from face_emotions.labels import EMOTIONS
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    image_id: int
+    probabilities: Sequence[float] | None = None
+    error: str | None = None
+
+
+def start_chunk(session: Session, job_id: uuid.UUID) -> Job | None:
+    """Mark the job running; ``None`` tells the task to skip (cancelled, finished or gone).
+
+    A delivery that starts is progress: the recovery sweeper leaves the job alone for another
+    stall period, including while its chunks wait for a model (they retry on their own).
+    """
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=now, progressed_at=now)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(progressed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or JobStatus(job.status) in TERMINAL_STATUSES:
+        return None
+    return job
+
+
+def pending_images(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> list[Image]:
+    """Images of this chunk that still have no result, in position order."""
+    ids = list(image_ids)
+    if not ids:
+        return []
+    return list(
+        session.scalars(
+            select(Image)
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.job_id == job_id, Image.id.in_(ids), Result.image_id.is_(None))
+            .order_by(Image.position)
+        )
+    )
+
+
+def record_results(
+    session: Session,
+    job_id: uuid.UUID,
+    rows: Sequence[ResultRow],
+    *,
+    model_version: int | None,
+    worker: str | None,
+    forward_batch: int | None = None,
+) -> tuple[int, int]:
+    """Insert one micro-batch of results and move the counters by what was really new.
+
+    Returns (newly succeeded, newly failed). The caller commits; together with the unique
+    image id this is what makes a repeated task write nothing twice.
+    """
+    if not rows:
+        return 0, 0
+    now = utcnow()
+    values: list[dict[str, Any]] = []
+    for row in rows:
+        value: dict[str, Any] = {
+            "image_id": row.image_id,
+            "job_id": job_id,
+            "model_version": model_version,
+            "worker": worker,
+            "forward_batch": forward_batch,
+            "created_at": now,
+            "predicted_class": None,
+            "predicted_emotion": None,
+            "confidence": None,
+            "probabilities": None,
+            "error": None,
+        }
+        if row.error is not None or row.probabilities is None:
+            value.update(status="failed", error=row.error or "no prediction")
+        else:
+            probs = [float(p) for p in row.probabilities]
+            index = max(range(len(probs)), key=probs.__getitem__)
+            value.update(
+                status="succeeded",
+                predicted_class=index,
+                predicted_emotion=EMOTIONS[index],
+                confidence=probs[index],
+                probabilities={name: p for name, p in zip(EMOTIONS, probs, strict=True)},
+            )
+        values.append(value)
+    insert = _insert_for(session)
+    inserted = session.execute(
+        insert(Result)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["image_id"])
+        .returning(Result.image_id, Result.status)
+    ).all()
+    statuses = Counter(status for _, status in inserted)
+    new_done, new_failed = statuses.get("succeeded", 0), statuses.get("failed", 0)
+    if new_done or new_failed:
+        _advance_job(session, job_id, new_done, new_failed, now)
+    return new_done, new_failed
+
+
+def _advance_job(
+    session: Session, job_id: uuid.UUID, done: int, failed: int, now: datetime
+) -> None:
+    total, done_now, failed_now = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(done=Job.done + done, failed=Job.failed + failed, progressed_at=now)
+        .returning(Job.total, Job.done, Job.failed)
+    ).one()
+    if done_now + failed_now >= total:
+        if done_now == 0:
+            status = JobStatus.FAILED
+        elif failed_now:
+            status = JobStatus.COMPLETED_WITH_ERRORS
+        else:
+            status = JobStatus.SUCCEEDED
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.not_in(list(TERMINAL_STATUSES)))
+            .values(
+                status=status,
+                finished_at=now,
+                error="every image failed" if status is JobStatus.FAILED else None,
+            )
+        )
+
+
+def _insert_for(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only PostgreSQL and SQLite are supported
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    return insert
+
+
+def pending_attempts(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> int | None:
+    """Most deliveries among these images that still have no result; ``None`` when every one
+    of them has a result (nothing is left to retry or to give up on)."""
+    ids = list(image_ids)
+    if not ids:
+        return None
+    value = session.scalar(
+        select(func.max(Image.attempts))
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(Image.job_id == job_id, Image.id.in_(ids), Result.image_id.is_(None))
+    )
+    return None if value is None else int(value)
+
+
+def count_delivery(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> None:
+    """One more delivery of these (pending) images, which is progress of their job; caller
+    commits.
+
+    Counted per image rather than per message, so it survives redeliveries, Celery retries and
+    sweeper re-enqueues alike, and a partly finished chunk only counts what it still owes. A
+    delivery that starts working moves ``progressed_at`` so the sweeper gives it a whole stall
+    period before sending its chunk again.
+    """
+    ids = list(image_ids)
+    if ids:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids))
+            .values(attempts=Image.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(progressed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def fail_pending_images(
+    session: Session,
+    job_id: uuid.UUID,
+    image_ids: Iterable[int],
+    reason: str,
+    *,
+    worker: str | None,
+) -> int:
+    """Give up on these images: each one still without a result gets a failed result with
+    ``reason``. Goes through :func:`record_results`, so counters and the job's final status
+    move exactly as for any other result, and an image that got a prediction meanwhile keeps
+    it. Returns how many images were failed; caller commits."""
+    pending = [image.id for image in pending_images(session, job_id, image_ids)]
+    rows = [ResultRow(image_id, error=reason) for image_id in pending]
+    _, failed = record_results(session, job_id, rows, model_version=None, worker=worker)
+    return failed
