@@ -1,6 +1,6 @@
 """The Flask application factory: one app per call, configured only from :class:`Settings`.
 
-``job_queue`` and ``registry_factory`` are injectable so tests (and embedded setups) run
+``broker`` and ``registry_factory`` are injectable so tests (and embedded setups) run
 the API without a broker or an MLflow server; production passes nothing and gets Celery and
 the MLflow registry from the same ``EMOTIONS_*`` settings the workers read.
 """
@@ -29,9 +29,10 @@ from api import (
     thumbnails,
     training_runs,
 )
-from api.queue import CeleryJobQueue, JobQueue
 from api.schemas import ErrorOut
 from face_emotions import __version__
+from face_emotions.jobs.broker import BrokerClient, ChunkSender
+from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,13 @@ CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
 def create_app(
     settings: Settings | None = None,
     *,
-    job_queue: JobQueue | None = None,
+    broker: ChunkSender | None = None,
     registry_factory: Callable[[], Any] | None = None,
 ) -> APIFlask:
     """Build the API: config, migrations, error handlers, services, security, blueprints."""
     settings = settings or get_settings()
-    security.install_log_redaction(settings)  # before anything below can log a secret
+    # Before anything below can log a secret.
+    install_log_redaction(settings, security.REDACTED_LOGGERS)
     auth.warn_if_disabled(settings)
     app = APIFlask(
         __name__,
@@ -82,15 +84,15 @@ def create_app(
 
         upgrade(settings.resolved_database_url)
 
-    if job_queue is None:
-        job_queue = CeleryJobQueue(settings)
+    if broker is None:
+        broker = BrokerClient.from_settings(settings)
     if registry_factory is None:
         registry_factory = _default_registry_factory(settings)
 
     errors.init_app(app)
     docs_assets.init_app(app)  # before security: the docs policy follows where UI files live
     security.init_app(app, settings)
-    extensions.init_app(app, settings, job_queue=job_queue, registry_factory=registry_factory)
+    extensions.init_app(app, settings, broker=broker, registry_factory=registry_factory)
     metrics_route.init_app(app, settings)
     limits.init_app(app, settings, key=_rate_limit_key)
     app.register_blueprint(health.bp)

@@ -1,4 +1,4 @@
-"""Per-app services bound with ``init_app``: settings, database sessions, queue, registry.
+"""Per-app services bound with ``init_app``: settings, database sessions, broker, registry.
 
 Nothing here holds an app, an engine or a session at module level: each ``create_app`` call
 builds its own and stores it in ``app.extensions``, so tests can run several apps (different
@@ -18,7 +18,7 @@ from flask import Flask, current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.queue import JobQueue
+from face_emotions.jobs.broker import ChunkSender
 from face_emotions.jobs.database import create_db_engine, session_factory
 from face_emotions.settings import Settings
 
@@ -33,7 +33,7 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    job_queue: JobQueue
+    broker: ChunkSender
     registry_factory: Callable[[], Any]
     _registry: Any = None
     _registry_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,7 +56,7 @@ def init_app(
     app: Flask,
     settings: Settings,
     *,
-    job_queue: JobQueue,
+    broker: ChunkSender,
     registry_factory: Callable[[], Any],
 ) -> Services:
     engine = create_db_engine(settings.resolved_database_url)
@@ -64,7 +64,7 @@ def init_app(
         settings=settings,
         engine=engine,
         sessions=session_factory(engine),
-        job_queue=job_queue,
+        broker=broker,
         registry_factory=registry_factory,
     )
     app.extensions[_KEY] = state

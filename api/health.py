@@ -40,7 +40,7 @@ def readyz() -> tuple[dict[str, Any], int]:
     checks = run_checks(
         {
             "database": lambda: _check_database(state),
-            "broker": state.job_queue.ping,
+            "broker": state.broker.ping,
             "registry": lambda: _check_registry(state),
         },
         timeout=CHECK_TIMEOUT_SECONDS,

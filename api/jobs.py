@@ -314,13 +314,13 @@ def _remove_uploads(storage: Storage, prefix: str) -> None:
 
 def _dispatch(session: Session, job: Job) -> bool:
     """Send one task per chunk; False when the broker refused (the job stays queued)."""
-    queue = services().job_queue
+    queue = services().broker
     chunks = job_queries.chunk_image_ids(session, job.id)
     session.commit()  # end the read transaction before talking to the broker
     sent = 0
     try:
         for chunk in sorted(chunks):
-            queue.enqueue_chunk(str(job.id), chunks[chunk])
+            queue.send_chunk(str(job.id), chunks[chunk])
             sent += 1
     except Exception as exc:
         log.warning(

@@ -31,6 +31,7 @@ from prometheus_client.exposition import generate_latest
 from api.cluster_metrics import ClusterCollector
 from api.extensions import services
 from api.models import WORKER_LIVENESS
+from face_emotions.jobs.protocol import INFERENCE_QUEUE
 from face_emotions.ops.prometheus_multiprocess import ENV, multiprocess_registry
 from face_emotions.settings import Settings
 
@@ -43,8 +44,6 @@ UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Seconds, from a probe (milliseconds) to a large upload (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-#: Queues whose depth is reported: the API's own and the trainer's (see api.queue).
-INFERENCE_QUEUE = "inference"
 
 _KEY = "face_emotions_metrics"
 _STARTED = "_metrics_started"

@@ -17,10 +17,10 @@ from apiflask import APIBlueprint
 from api.auth import ADMIN, AUTH_RESPONSES, SUBMIT, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.queue import TrainingQueue
 from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
 from face_emotions.jobs import worker_heartbeats
+from face_emotions.jobs.broker import TrainingSender
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import (
     TAG_ARCHITECTURE,
@@ -28,6 +28,7 @@ from face_emotions.registry.mlflow_registry import (
     RegistryError,
     VersionInfo,
 )
+from face_emotions.registry.promotion import PromoteMode, promote
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +160,14 @@ def promote_model(version: int) -> dict[str, Any]:
     if version < 1 or version > MAX_VERSION:
         raise ApiError(404, "not_found", f"model has no version {version}")
     state = services()
-    alias = state.settings.model_alias
     try:
         registry = state.registry()
-        previous = registry.alias_version(alias)
-        registry.set_alias(version, alias)
+        decision = promote(
+            registry, registry.get_version(version), PromoteMode.FORCE, announce=_announce
+        )
     except Exception as exc:
         raise _registry_error(exc, version) from exc
-    previous_version = previous.version if previous is not None else None
-    log.info("promoted version %s to %s (was %s)", version, alias, previous_version)
-    _broadcast_reload()
-    return {"version": version, "previous": previous_version, "alias": alias}
+    return {"version": version, "previous": decision.previous, "alias": state.settings.model_alias}
 
 
 def _registry_error(exc: Exception, version: int) -> ApiError:
@@ -194,16 +192,16 @@ def _missing_version(exc: RegistryError) -> bool:
     return getattr(cause, "error_code", None) in MISSING_VERSION_CODES
 
 
-def _broadcast_reload() -> None:
+def _announce() -> None:
     """Best effort: a lost broadcast only delays the swap until the workers' next poll."""
-    queue = services().job_queue
-    if not isinstance(queue, TrainingQueue):
+    broker = services().broker
+    if isinstance(broker, TrainingSender):
+        try:
+            broker.broadcast_reload()
+        except Exception as exc:
+            log.warning("could not broadcast the model reload (workers will poll): %s", exc)
+    else:
         log.info("no broadcast channel configured; workers pick the version up when they poll")
-        return
-    try:
-        queue.broadcast_reload()
-    except Exception as exc:
-        log.warning("could not broadcast the model reload (workers will poll): %s", exc)
 
 
 def _version_dict(version: VersionInfo) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Response hardening and secret hygiene: security headers on every response, no CORS, and
-redaction of secrets (tokens, URL passwords) from the API's log records.
+the API's loggers that the log redactor (:mod:`face_emotions.ops.redaction`) watches.
 
 Headers: the API serves JSON (and CSV/JSONL exports) that no browser should sniff into HTML,
 frame or cache, so every response says ``nosniff``, ``DENY``, ``no-referrer``, ``/api/``
@@ -22,14 +22,11 @@ honest size is a few hundred bytes.
 
 from __future__ import annotations
 
-import logging
-import re
-import threading
-import traceback
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
+from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import Settings
 
 #: Largest non-multipart request body (413 above it).
@@ -64,18 +61,12 @@ REDACTED_LOGGERS = (
     "api.limits",
     "api.metrics_route",
     "api.models",
-    "api.queue",
     "api.thumbnails",
     "api.training_runs",
     "flask_limiter",
     "api.cluster_metrics",
     "werkzeug",
 )
-REDACTED = "***"
-
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
-_API_TOKEN = re.compile(r"fe_[A-Za-z0-9_-]{16,}")
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
 
 
 def docs_csp(app: Flask) -> str:
@@ -134,78 +125,10 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     app.before_request(cap_small_bodies)
     app.after_request(add_security_headers)
-    install_log_redaction(settings)
+    install_log_redaction(settings, REDACTED_LOGGERS)
 
 
 def is_console_request() -> bool:
     """Whether the request was routed to a console page or a static file (not the API)."""
     endpoint = request.endpoint or ""
     return endpoint == "static" or endpoint.startswith(CONSOLE_BLUEPRINT + ".")
-
-
-# -- secrets in logs -------------------------------------------------------------------------
-
-
-class SecretRedactor(logging.Filter):
-    """Rewrites log records so that known secrets and token-shaped strings never reach a
-    handler: bearer values, ``fe_`` API tokens, passwords in URLs and the configured secrets
-    (admin token, database and broker passwords). Tracebacks are formatted and redacted too,
-    since exception messages are where a URL with a password usually hides."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._secrets: set[str] = set()
-        self._lock = threading.Lock()
-
-    def add_secret(self, secret: str | None) -> None:
-        if secret and len(secret) >= 4:
-            with self._lock:
-                self._secrets.add(secret)
-
-    def redact(self, text: str) -> str:
-        with self._lock:
-            secrets = sorted(self._secrets, key=len, reverse=True)
-        for secret in secrets:
-            text = text.replace(secret, REDACTED)
-        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
-        text = _API_TOKEN.sub(REDACTED, text)
-        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string: leave it to the handler to report
-            return True
-        record.msg = self.redact(message)
-        record.args = None
-        if record.exc_info and record.exc_info[1] is not None:
-            formatted = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
-            record.exc_text = self.redact(formatted)
-            record.exc_info = None
-        return True
-
-
-redactor = SecretRedactor()
-
-
-def redact(text: str) -> str:
-    """Module-level shortcut, for messages built outside logging (error bodies)."""
-    return redactor.redact(text)
-
-
-def install_log_redaction(settings: Settings) -> None:
-    """Register ``settings``' secrets and attach the redactor to the API's loggers (once)."""
-    redactor.add_secret(settings.admin_token)
-    for url in (settings.resolved_database_url, settings.broker_url):
-        redactor.add_secret(_url_password(url))
-    for name in REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if redactor not in logger.filters:
-            logger.addFilter(redactor)
-
-
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None

@@ -22,7 +22,6 @@ from flask import url_for
 from api.auth import ADMIN, AUTH_RESPONSES, current_principal, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.queue import TrainingQueue
 from api.schemas import (
     ErrorOut,
     PageQuery,
@@ -33,6 +32,7 @@ from api.schemas import (
 )
 from api.serialize import aware
 from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs.broker import TrainingSender
 from face_emotions.jobs.schema import TrainingRun
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,10 @@ def _responses(*codes: int) -> dict[int, dict[str, Any]]:
     }
 
 
-def training_queue() -> TrainingQueue:
-    """The app's queue, if it can send training runs (a test's job-only fake can't)."""
-    queue = services().job_queue
-    if not isinstance(queue, TrainingQueue):
+def training_sender() -> TrainingSender:
+    """The app's broker, if it can send training runs (a test's job-only fake can't)."""
+    queue = services().broker
+    if not isinstance(queue, TrainingSender):
         raise ApiError(503, "training_unavailable", "this server has no training queue configured")
     return queue
 
@@ -88,7 +88,7 @@ def create_training_run(body: dict[str, Any]) -> Any:
     hydra.* are set by the service). Follow the run at the `Location` it answers with.
     """
     state = services()
-    queue = training_queue()
+    queue = training_sender()
     folder = body["data"].strip()
     try:
         data_root = state.settings.resolved_data_root
@@ -118,7 +118,7 @@ def create_training_run(body: dict[str, Any]) -> Any:
     )
     # Committed before anything is sent: a trainer must find the row its task names.
     session.commit()
-    sent, error = db_runs.dispatch_pending(state.sessions, queue.enqueue_training)
+    sent, error = db_runs.dispatch_pending(state.sessions, queue.send_training_run)
     payload = run_dict(db_runs.get_run(session, run.id) or run)
     if run.id not in sent:
         payload["warning"] = BROKER_WARNING

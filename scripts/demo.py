@@ -213,7 +213,7 @@ class Demo:
 
     def submit(self) -> None:
         from face_emotions.cli.api_client import EmotionsClient
-        from face_emotions.cli.main import emit_results, follow_with_progress
+        from face_emotions.cli.jobs import emit_results, follow_with_progress
 
         client = EmotionsClient(self.env["EMOTIONS_API_URL"])
         say(f"job: submitting folder {self.data.name}/ through POST /api/v1/jobs")

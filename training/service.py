@@ -34,7 +34,9 @@ from celery.worker.control import Panel, control_command
 from sqlalchemy.orm import Session, sessionmaker
 
 from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs.broker import BrokerClient
 from face_emotions.jobs.database import create_db_engine, session_factory, with_db_retry
+from face_emotions.jobs.protocol import RELOAD_COMMAND, TRAIN_TASK
 from face_emotions.jobs.schema import TrainingRun
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
@@ -46,10 +48,6 @@ tune_glibc_malloc()
 log = logging.getLogger(__name__)
 settings = get_settings()
 
-TRAIN_TASK = "emotions.train"
-#: Must match ``worker.app.RELOAD_COMMAND``; not imported from there, which would load the
-#: inference worker's task modules into the trainer.
-RELOAD_COMMAND = "emotions_reload_model"
 MIN_VISIBILITY_TIMEOUT = 6 * 3600
 #: Redis keys of this app's unacknowledged tasks (see the module docstring).
 UNACKED_KEYS = {
@@ -85,6 +83,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("face_emotions_trainer", broker=settings.broker_url)
 app.conf.update(celery_config(settings))
+broker = BrokerClient.from_settings(settings)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -94,17 +93,11 @@ app.conf.update(celery_config(settings))
 def train(run_id: str) -> str | None:
     """Execute training run ``run_id``; returns its final status (None: nothing to do)."""
     return execute_run(
-        uuid.UUID(run_id), settings=settings, sessions=_sessions(), on_promoted=broadcast_reload
+        uuid.UUID(run_id),
+        settings=settings,
+        sessions=_sessions(),
+        announce=broker.announce_promotion,
     )
-
-
-def broadcast_reload() -> None:
-    """Tell every inference worker to re-check the serving alias now (fire and forget)."""
-    try:
-        app.control.broadcast(RELOAD_COMMAND)
-        log.info("broadcast %s", RELOAD_COMMAND)
-    except Exception as exc:  # workers still poll the alias; a lost broadcast only delays
-        log.warning("could not broadcast %s: %s", RELOAD_COMMAND, exc)
 
 
 @dataclass(frozen=True)
@@ -121,14 +114,14 @@ def execute_run(
     *,
     settings: Settings,
     sessions: sessionmaker[Session],
-    on_promoted: Callable[[], None],
-    train_fn: Callable[[Any], Any] | None = None,
+    announce: Callable[[], None] | None = None,
+    train_fn: Callable[..., Any] | None = None,
 ) -> str | None:
     """Load the run, train, record the outcome; every failure is recorded, none is raised.
 
     Failures are not retried: a bad override or a bad folder fails the same way twice, and a
-    run of hours should not silently start again. ``train_fn`` replaces ``run_training`` in
-    tests.
+    run of hours should not silently start again. ``announce`` reaches the workers when the
+    run promotes its version; ``train_fn`` replaces ``run_training`` in tests.
     """
     from training.train import compose_config, run_training
 
@@ -152,7 +145,7 @@ def execute_run(
     # A restarted run must not pick up the dead attempt's checkpoints as its own.
     shutil.rmtree(output_dir, ignore_errors=True)
     try:
-        result = (train_fn or run_training)(cfg)
+        result = (train_fn or run_training)(cfg, announce=announce)
     except Exception as exc:
         log.exception("training run %s failed", run_id)
         _record_failure(sessions, run_id, _message(exc))
@@ -167,8 +160,6 @@ def execute_run(
         outcome.promoted,
         outcome.promotion_reason,
     )
-    if outcome.promoted:
-        on_promoted()
     return "succeeded"
 
 
@@ -280,9 +271,7 @@ def _dispatch_pending(sender: Any = None, **_kwargs: Any) -> None:
         return  # another Celery app's worker in this process (the signal is global)
     engine = create_db_engine(settings.resolved_database_url)
     try:
-        sent, error = db_runs.dispatch_pending(
-            session_factory(engine), lambda run_id: send_run(app, run_id)
-        )
+        sent, error = db_runs.dispatch_pending(session_factory(engine), broker.send_training_run)
     except Exception as exc:  # a trainer must start even while the database is down
         log.warning("could not dispatch pending training runs: %s", exc)
         return
@@ -292,13 +281,6 @@ def _dispatch_pending(sender: Any = None, **_kwargs: Any) -> None:
         log.info("dispatched %d pending training run(s)", len(sent))
     if error is not None:
         log.warning("dispatching pending training runs stopped: %s", error)
-
-
-def send_run(celery_app: Celery, run_id: str) -> None:
-    """Enqueue ``emotions.train`` for ``run_id`` on the training queue."""
-    celery_app.send_task(
-        TRAIN_TASK, kwargs={"run_id": run_id}, queue=settings.training_queue, retry=True
-    )
 
 
 if RELOAD_COMMAND not in Panel.data:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from face_emotions.modeling.evaluation import EvaluationReport, plot_confusion_matrix
-from face_emotions.registry.mlflow_registry import PromotionDecision, VersionInfo
+from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.registry.promotion import PromotionDecision
 
 log = logging.getLogger("training.train")
 
@@ -72,7 +74,12 @@ def resolve_precision(accelerator: str, precision: str | int) -> str | int:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def run_training(cfg: DictConfig) -> TrainingResult:
+def run_training(cfg: DictConfig, *, announce: Callable[[], None] | None = None) -> TrainingResult:
+    """Split, train, evaluate, register and apply ``cfg.promote``.
+
+    ``announce`` is called once a promotion moved the alias (the services pass their broker's
+    reload broadcast); see :func:`face_emotions.registry.promotion.promote`.
+    """
     import lightning as L
 
     from face_emotions.modeling.bundle import ModelSpec
@@ -131,7 +138,9 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     # later runs or services of the same process.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        result = _fit_and_publish(cfg, model, datamodule, split, registry, run_id, output_dir)
+        result = _fit_and_publish(
+            cfg, model, datamodule, split, registry, run_id, output_dir, announce
+        )
     except BaseException:
         registry.client.set_terminated(run_id, status="FAILED")
         raise
@@ -152,6 +161,7 @@ def _fit_and_publish(
     registry: Any,
     run_id: str,
     output_dir: Path,
+    announce: Callable[[], None] | None,
 ) -> TrainingResult:
     import lightning as L
     from lightning.pytorch.callbacks import (
@@ -169,6 +179,7 @@ def _fit_and_publish(
         TAG_IMAGE_SIZE,
         TAG_TEST_SPLIT,
     )
+    from face_emotions.registry.promotion import promote
     from training.evaluate import evaluate_bundle
 
     client = registry.client
@@ -294,8 +305,8 @@ def _fit_and_publish(
         )
         champion_metrics = champion_report.metrics()
         client.log_metric(run_id, "champion_test_accuracy", champion_report.accuracy)
-    result.promotion = registry.promote(
-        version, str(cfg.promote), champion_metrics=champion_metrics
+    result.promotion = promote(
+        registry, version, str(cfg.promote), champion_metrics=champion_metrics, announce=announce
     )
     client.set_tag(run_id, "registered_version", str(version.version))
     client.set_tag(run_id, "promoted", str(result.promotion.promote).lower())
@@ -338,6 +349,14 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+def _broadcast_reload() -> None:
+    """Tell running workers about a promotion made from the command line (best effort)."""
+    from face_emotions.jobs.broker import BrokerClient
+    from face_emotions.settings import get_settings
+
+    BrokerClient.from_settings(get_settings()).announce_promotion()
+
+
 def _refresh_rate() -> int:
     """Redraw often on a terminal, rarely in CI logs where each redraw is a new line."""
     return 1 if sys.stderr.isatty() else 20
@@ -349,7 +368,7 @@ def main(cfg: DictConfig) -> float:
     from face_emotions.modeling.zoo import PretrainedWeightsUnavailable
 
     try:
-        result = run_training(cfg)
+        result = run_training(cfg, announce=_broadcast_reload)
     except (DatasetError, PretrainedWeightsUnavailable, ValueError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

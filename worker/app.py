@@ -14,8 +14,8 @@ sweeper that the main process of every worker runs (see worker.recovery).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+from typing import Any
 
 from celery import Celery
 from celery.signals import (
@@ -29,25 +29,21 @@ from celery.signals import (
 )
 from celery.worker.control import control_command
 
+from face_emotions.jobs.broker import BrokerClient
+from face_emotions.jobs.protocol import CLASSIFY_TASK, INFERENCE_QUEUE, RELOAD_COMMAND
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
+from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import get_settings
 from worker.metrics_server import WorkerMetrics
 from worker.recovery import RecoverySweeper
+from worker.reload_signal import request_reload
 
 # Before torch allocates anything and before the pool forks: children inherit it.
 tune_glibc_malloc()
 
 log = logging.getLogger(__name__)
 settings = get_settings()
-
-INFERENCE_QUEUE = "inference"
-CLASSIFY_TASK = "emotions.classify_chunk"
-RELOAD_COMMAND = "emotions_reload_model"
-
-# Promotion broadcasts reach the worker's main process; pool processes (forked from it) see
-# this shared counter change at their next micro-batch and re-check the alias.
-RELOAD_GENERATION = multiprocessing.Value("L", 0)
 
 app = Celery("face_emotions", broker=settings.broker_url, include=["worker.tasks"])
 app.conf.update(
@@ -71,7 +67,7 @@ app.conf.update(
 )
 
 
-SWEEPER = RecoverySweeper(app, settings, task_name=CLASSIFY_TASK, queue=INFERENCE_QUEUE)
+SWEEPER = RecoverySweeper(BrokerClient.from_settings(settings), settings)
 
 
 @worker_ready.connect
@@ -119,14 +115,13 @@ def _log_format(logger=None, loglevel=None, **_kwargs) -> None:
     off, so Celery installs them only where nothing else has)."""
     if logger is not None:
         apply_format(logger, settings, level=loglevel)
+        install_log_redaction(settings, ("celery", "worker", "face_emotions"))
 
 
-@control_command()
-def emotions_reload_model(state, **_kwargs) -> dict:
+@control_command(name=RELOAD_COMMAND)
+def reload_model(state: Any, **_kwargs: Any) -> dict[str, str]:
     """Broadcast target: ask every pool process to re-check the serving alias now."""
-    with RELOAD_GENERATION.get_lock():
-        RELOAD_GENERATION.value += 1
-        generation = RELOAD_GENERATION.value
+    generation = request_reload()
     log.info("model reload requested (generation %s)", generation)
     return {"ok": f"reload requested (generation {generation})"}
 
@@ -138,7 +133,7 @@ def _init_pool_process(**_kwargs) -> None:
     The model itself is loaded by the first task (see worker.runtime), never in the parent:
     CUDA can't survive a fork and a loaded model would be copied into every child.
     """
-    from worker.runtime import configure_torch_threads
+    from worker.runtime import configure_torch_threads  # the task modules' imports, not ours
 
     # A pool process forked after the sweeper started inherits its engine: let it go unused.
     SWEEPER.forget_after_fork()

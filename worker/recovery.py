@@ -27,30 +27,27 @@ import secrets
 import threading
 from typing import Any
 
-from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from face_emotions.jobs.broker import BrokerClient
 from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.protocol import INFERENCE_QUEUE
 from face_emotions.jobs.recovery import SweepReport, sweep
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "face-emotions:recovery-sweeper"
-#: Publishing a recovered chunk must not hang the sweep when the broker goes away again.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 class RecoverySweeper:
     """Calls :func:`sweep` every ``settings.sweep_seconds`` on a daemon thread."""
 
-    def __init__(self, app: Celery, settings: Settings, *, task_name: str, queue: str) -> None:
-        self.app = app
+    def __init__(self, broker: BrokerClient, settings: Settings) -> None:
+        self.broker = broker
         self.settings = settings
-        self.task_name = task_name
-        self.queue = queue
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._stop = threading.Event()
@@ -95,8 +92,7 @@ class RecoverySweeper:
 
     def run_once(self) -> SweepReport | None:
         """Sweep now if no other worker did during this period; ``None`` when skipped."""
-        with self.app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+        with self.broker.connection() as connection:
             channel = connection.default_channel
             if not self._take_lock(channel):
                 return None
@@ -106,7 +102,7 @@ class RecoverySweeper:
             stall = max(stall, float(self.settings.visibility_timeout))
         report = sweep(
             self.sessions(),
-            self.enqueue,
+            self.broker.send_chunk,
             stall_seconds=stall,
             max_attempts=self.settings.max_chunk_attempts,
         )
@@ -120,16 +116,6 @@ class RecoverySweeper:
             self._sessions = session_factory(self._engine)
         return self._sessions
 
-    def enqueue(self, job_id: str, image_ids: list[int]) -> None:
-        """Send a chunk exactly as the API does (same task name, kwargs and queue)."""
-        self.app.send_task(
-            self.task_name,
-            kwargs={"job_id": job_id, "image_ids": list(image_ids)},
-            queue=self.queue,
-            retry=True,
-            retry_policy=PUBLISH_RETRY,
-        )
-
     def _take_lock(self, channel: Any) -> bool:
         """One sweep per period across the fleet; sweeps anyway on a broker without keys."""
         client = getattr(channel, "client", None)
@@ -141,7 +127,7 @@ class RecoverySweeper:
     def _waiting(self, channel: Any) -> int:
         """Tasks waiting in the inference queue (not those being worked on)."""
         try:
-            return int(channel.queue_declare(queue=self.queue, passive=True).message_count)
+            return int(channel.queue_declare(queue=INFERENCE_QUEUE, passive=True).message_count)
         except ChannelError:  # Redis drops an empty list: no queue is an empty queue
             return 0
 

@@ -22,6 +22,7 @@ from face_emotions.serving.chunk_classifier import ImageLoader, storage_image_lo
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
 from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
 from face_emotions.settings import Settings, get_settings
+from worker.reload_signal import reload_generation
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,10 @@ def image_loader() -> ImageLoader:
 
 @_once
 def holder() -> ModelHolder:
-    from worker.app import RELOAD_GENERATION
-
     settings = get_settings()
     # A threads pool has no worker_process_init: set the intra-op threads here too.
     configure_torch_threads(settings)
-    model_holder = ModelHolder(settings, reload_generation=lambda: RELOAD_GENERATION.value)
+    model_holder = ModelHolder(settings, reload_generation=reload_generation)
     _start_idle_refresher(model_holder, settings.model_refresh_seconds)
     return model_holder
 

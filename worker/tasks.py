@@ -20,6 +20,7 @@ import uuid
 
 from celery import Task
 
+from face_emotions.jobs.protocol import CLASSIFY_TASK
 from face_emotions.jobs.recovery import fail_chunk
 from face_emotions.ops.log_format import job_context
 from face_emotions.serving.chunk_classifier import (
@@ -28,7 +29,7 @@ from face_emotions.serving.chunk_classifier import (
     default_worker_name,
 )
 from face_emotions.serving.model_holder import ModelUnavailable
-from worker.app import CLASSIFY_TASK, app, settings
+from worker.app import app, settings
 from worker.runtime import batcher, holder, image_loader, sessions
 
 log = logging.getLogger(__name__)

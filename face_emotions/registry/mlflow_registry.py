@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ class RegistryError(RuntimeError):
     """The registry can't be reached, or a version/alias asked for does not exist."""
 
 
-class PromoteMode(StrEnum):
-    AUTO = "auto"
-    NEVER = "never"
-    FORCE = "force"
-
-
 @dataclass(frozen=True)
 class VersionInfo:
     name: str
@@ -65,13 +58,6 @@ class VersionInfo:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    promote: bool
-    reason: str
-    previous: int | None = None
 
 
 @dataclass
@@ -222,33 +208,6 @@ class Registry:
         except (OSError, ValueError) as exc:
             raise RegistryError(f"cannot read the evaluation of version {version}: {exc}") from exc
 
-    # -- promotion ---------------------------------------------------------------------------
-
-    def promote(
-        self,
-        candidate: VersionInfo,
-        mode: PromoteMode | str,
-        *,
-        champion_metrics: dict[str, float] | None = None,
-    ) -> PromotionDecision:
-        """Apply ``mode`` and move the alias if the decision says so.
-
-        ``champion_metrics`` are the current champion's metrics measured on the candidate's test
-        split; without them the champion's own tags are used, but only if they were measured on
-        the same split (same ``test_split_fingerprint``), otherwise ``auto`` refuses to guess.
-        """
-        mode = PromoteMode(mode)
-        champion = self.alias_version()
-        decision = decide_promotion(candidate, champion, mode, champion_metrics)
-        if decision.promote:
-            self.set_alias(candidate.version)
-            log.info(
-                "promoted version %s to %s: %s", candidate.version, "champion", decision.reason
-            )
-        else:
-            log.info("version %s not promoted: %s", candidate.version, decision.reason)
-        return decision
-
     # -- loading -----------------------------------------------------------------------------
 
     def resolve(self, reference: str | int | None = None) -> VersionInfo:
@@ -303,42 +262,6 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
-
-
-def decide_promotion(
-    candidate: VersionInfo,
-    champion: VersionInfo | None,
-    mode: PromoteMode,
-    champion_metrics: dict[str, float] | None = None,
-) -> PromotionDecision:
-    """Pure decision logic: accuracy decides, weighted F1 breaks ties; ties keep the champion."""
-    previous = champion.version if champion else None
-    if mode is PromoteMode.NEVER:
-        return PromotionDecision(False, "promote=never", previous)
-    if mode is PromoteMode.FORCE:
-        return PromotionDecision(True, "promote=force", previous)
-    if champion is None:
-        return PromotionDecision(True, "no champion yet", previous)
-    if champion.version == candidate.version:
-        return PromotionDecision(False, "candidate already is the champion", previous)
-    if champion_metrics is None:
-        if champion.tags.get(TAG_TEST_SPLIT) != candidate.tags.get(TAG_TEST_SPLIT):
-            return PromotionDecision(
-                False,
-                "champion was evaluated on a different test split; evaluate it on the "
-                "candidate's split to compare",
-                previous,
-            )
-        champion_metrics = {k: v for k in METRIC_TAGS if (v := champion.metric(k)) is not None}
-    new = (candidate.metric("accuracy") or 0.0, candidate.metric("weighted_f1") or 0.0)
-    old = (champion_metrics.get("accuracy", 0.0), champion_metrics.get("weighted_f1", 0.0))
-    summary = (
-        f"accuracy {new[0]:.4f} vs champion v{champion.version} {old[0]:.4f}, "
-        f"weighted F1 {new[1]:.4f} vs {old[1]:.4f}"
-    )
-    if new > old:
-        return PromotionDecision(True, f"beats the champion: {summary}", previous)
-    return PromotionDecision(False, f"does not beat the champion: {summary}", previous)
 
 
 def download_bundle(uri: str, settings: Settings | None = None) -> Path:

@@ -45,10 +45,10 @@ MAX_EXAMPLES = 20
 class FuzzQueue:
     """Takes chunks, training runs and reload broadcasts; never fails."""
 
-    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         pass
 
-    def enqueue_training(self, run_id: str) -> None:
+    def send_training_run(self, run_id: str) -> None:
         pass
 
     def broadcast_reload(self) -> None:
@@ -126,7 +126,7 @@ def api_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         # The fuzzer submits many jobs quickly: limits are tested in test_security.py.
         submit_rate_limit="100000/minute",
     )
-    app = create_app(config, job_queue=FuzzQueue(), registry_factory=FuzzRegistry)
+    app = create_app(config, broker=FuzzQueue(), registry_factory=FuzzRegistry)
     app.config["TESTING"] = False  # exceptions become 500s, as in production
 
     @app.after_request
@@ -151,7 +151,7 @@ def _spec_app() -> Any:
     config = Settings(
         database_url="sqlite://", broker_url="memory://", admin_token=TOKEN, migrate_on_start=False
     )
-    return create_app(config, job_queue=FuzzQueue(), registry_factory=FuzzRegistry)
+    return create_app(config, broker=FuzzQueue(), registry_factory=FuzzRegistry)
 
 
 schema = schemathesis.openapi.from_wsgi("/openapi.json", _spec_app())

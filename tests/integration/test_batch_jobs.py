@@ -248,7 +248,7 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
     """Re-sending every chunk of a finished job writes nothing and changes no counter."""
     import uuid
 
-    from api.queue import CeleryJobQueue
+    from face_emotions.jobs.broker import BrokerClient
     from face_emotions.jobs.database import create_db_engine, session_factory
     from face_emotions.jobs.job_queries import chunk_image_ids
 
@@ -259,9 +259,9 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
     sessions = session_factory(create_db_engine(services.database_url))
     with sessions() as session:
         chunks = chunk_image_ids(session, uuid.UUID(job_id))
-    queue = CeleryJobQueue(services.settings())
+    queue = BrokerClient(services.broker_url)
     for image_ids in chunks.values():
-        queue.enqueue_chunk(job_id, image_ids)
+        queue.send_chunk(job_id, image_ids)
     time.sleep(3)
     again = api.get(f"/api/v1/jobs/{job_id}").get_json()
     assert (again["done"], again["failed"], again["status"]) == (10, 0, first["status"])

@@ -48,7 +48,7 @@ def test_queue_depth_counts_every_priority_list(redis_url: str, tmp_path: Path) 
             training_queue=TRAINING_QUEUE,
         )
         app = create_app(
-            settings, job_queue=FakeQueue(), registry_factory=lambda: FakeRegistry([version(1)])
+            settings, broker=FakeQueue(), registry_factory=lambda: FakeRegistry([version(1)])
         )
         text = app.test_client().get("/metrics").get_data(as_text=True)
         assert value(text, "emotions_queue_length", queue=TRAINING_QUEUE) == 4

@@ -48,7 +48,7 @@ class FakeQueue:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []
 
-    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         self.calls.append((job_id, list(image_ids)))
 
     def ping(self) -> bool:
@@ -537,7 +537,7 @@ def test_hostile_input(row: Row, tmp_path: Path, request: pytest.FixtureRequest)
     }
     settings = Settings(**{**values, **overrides})
     queue = FakeQueue()
-    app = create_app(settings, job_queue=queue, registry_factory=lambda: None)
+    app = create_app(settings, broker=queue, registry_factory=lambda: None)
     with app.app_context(), services().sessions() as session:
         token = db_tokens.create_token(session, role="submit", name="me").token
         other = db_tokens.create_token(session, role="submit", name="other").token

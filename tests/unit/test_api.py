@@ -50,7 +50,7 @@ class FakeQueue:
         self.calls: list[tuple[str, list[int]]] = []
         self.up = True
 
-    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         if not self.up:
             raise ConnectionError("broker down")
         self.calls.append((job_id, list(image_ids)))
@@ -150,7 +150,7 @@ def registry() -> FakeRegistry:
 
 @pytest.fixture
 def app(settings: Settings, queue: FakeQueue, registry: FakeRegistry):
-    return create_app(settings, job_queue=queue, registry_factory=lambda: registry)
+    return create_app(settings, broker=queue, registry_factory=lambda: registry)
 
 
 @pytest.fixture
@@ -710,7 +710,7 @@ def test_not_found_and_method_errors(client: FlaskClient) -> None:
 
 
 def test_unhandled_exception_is_json_500(settings: Settings, queue: FakeQueue) -> None:
-    app = create_app(settings, job_queue=queue, registry_factory=lambda: None)
+    app = create_app(settings, broker=queue, registry_factory=lambda: None)
 
     @app.get("/boom")
     def boom() -> str:
@@ -769,7 +769,7 @@ def test_registry_factory_failure_is_retried(settings: Settings, queue: FakeQueu
             raise ConnectionError("mlflow down")
         return working
 
-    client = authed_client(create_app(settings, job_queue=queue, registry_factory=factory))
+    client = authed_client(create_app(settings, broker=queue, registry_factory=factory))
     assert_error(client.get("/api/v1/models"), 503, "registry_unavailable")
     assert client.get("/api/v1/models").status_code == 200
     assert client.get("/api/v1/models").status_code == 200
@@ -827,22 +827,22 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
     assert "error" in error_schema["properties"]
 
 
-# -- the Celery queue ------------------------------------------------------------------------
+# -- the broker client ------------------------------------------------------------------------
 
 
-def test_celery_queue_sends_the_chunk_task() -> None:
-    from api.queue import QUEUE_NAME, TASK_NAME, CeleryJobQueue
+def test_broker_client_sends_the_chunk_task() -> None:
+    from face_emotions.jobs.broker import BrokerClient
+    from face_emotions.jobs.protocol import CLASSIFY_TASK, INFERENCE_QUEUE
 
-    job_queue = CeleryJobQueue(Settings(broker_url="memory://", visibility_timeout=7200))
-    assert job_queue.app.conf.broker_transport_options["visibility_timeout"] == 7200
-    assert job_queue.app.conf.task_ignore_result is True
-    assert job_queue.ping() is True
-    job_queue.enqueue_chunk("job-1", [4, 5, 6])
-    with job_queue.app.connection_for_read() as connection:
-        simple = connection.SimpleQueue(QUEUE_NAME)
+    broker = BrokerClient("memory://")
+    assert broker.ping() is True
+    broker.send_chunk("job-1", [4, 5, 6])
+    with broker.connection() as connection:
+        simple = connection.SimpleQueue(INFERENCE_QUEUE)
         try:
             message = simple.get(timeout=2)
-            assert message.headers["task"] == TASK_NAME
+            assert message.headers["task"] == CLASSIFY_TASK
+            assert message.headers["id"] == message.properties["correlation_id"]
             args, kwargs, _ = message.payload
             assert (args, kwargs) == ([], {"job_id": "job-1", "image_ids": [4, 5, 6]})
             message.ack()
@@ -850,18 +850,18 @@ def test_celery_queue_sends_the_chunk_task() -> None:
             simple.close()
 
 
-def test_celery_queue_with_the_broker_down_fails_fast() -> None:
+def test_broker_client_with_the_broker_down_fails_fast() -> None:
     import time
 
     from kombu.exceptions import OperationalError
 
-    from api.queue import CeleryJobQueue
+    from face_emotions.jobs.broker import BrokerClient
 
-    job_queue = CeleryJobQueue(Settings(broker_url="redis://127.0.0.1:1/0"))
+    broker = BrokerClient("redis://127.0.0.1:1/0")
     started = time.monotonic()
-    assert job_queue.ping() is False
+    assert broker.ping() is False
     with pytest.raises(OperationalError):
-        job_queue.enqueue_chunk("job-1", [1])
+        broker.send_chunk("job-1", [1])
     assert time.monotonic() - started < 15
 
 
@@ -874,7 +874,7 @@ def test_submissions_are_rate_limited_per_token(
     from face_emotions.jobs import tokens as db_tokens
 
     limited = settings.model_copy(update={"submit_rate_limit": "2/minute"})
-    app = create_app(limited, job_queue=queue, registry_factory=lambda: registry)
+    app = create_app(limited, broker=queue, registry_factory=lambda: registry)
     client = authed_client(app)
     key = {"Idempotency-Key": "first"}
     assert upload(client, ["a.png"], headers=key).status_code == 202
@@ -898,7 +898,7 @@ def test_submissions_are_rate_limited_per_token(
 def test_a_bad_rate_limit_stops_start_up(settings: Settings, queue: FakeQueue) -> None:
     broken = settings.model_copy(update={"submit_rate_limit": "lots"})
     with pytest.raises(ValueError, match="EMOTIONS_SUBMIT_RATE_LIMIT"):
-        create_app(broken, job_queue=queue, registry_factory=lambda: None)
+        create_app(broken, broker=queue, registry_factory=lambda: None)
 
 
 def test_unreachable_rate_limit_redis_falls_back_to_memory(
@@ -907,7 +907,7 @@ def test_unreachable_rate_limit_redis_falls_back_to_memory(
     dead = settings.model_copy(
         update={"broker_url": "redis://127.0.0.1:1/0", "submit_rate_limit": "1/minute"}
     )
-    app = create_app(dead, job_queue=queue, registry_factory=lambda: None)
+    app = create_app(dead, broker=queue, registry_factory=lambda: None)
     assert "unreachable" in caplog.text
     client = authed_client(app)
     assert upload(client, ["a.png"]).status_code == 202
@@ -918,7 +918,7 @@ def test_backlog_over_the_limit_is_503_and_stores_nothing(
     settings: Settings, queue: FakeQueue, registry: FakeRegistry
 ) -> None:
     small = settings.model_copy(update={"max_queued_images": 3})
-    app = create_app(small, job_queue=queue, registry_factory=lambda: registry)
+    app = create_app(small, broker=queue, registry_factory=lambda: registry)
     client = authed_client(app)
     first = upload(client, ["a.png", "b.png"])
     assert first.status_code == 202

@@ -20,9 +20,10 @@ from sqlalchemy import select, update
 from api import create_app
 from api.auth import DISABLED_WARNING, required_role
 from api.extensions import services
-from api.security import install_log_redaction, redact
+from api.security import REDACTED_LOGGERS
 from face_emotions.jobs import tokens as db_tokens
 from face_emotions.jobs.schema import ApiToken, Job
+from face_emotions.ops.redaction import install_log_redaction, redact, redact_url
 from face_emotions.settings import Settings
 from tests.unit.test_api import FakeQueue, FakeRegistry, png, version
 
@@ -45,7 +46,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def app(settings: Settings) -> Flask:
     registry = FakeRegistry([version(1, ("champion",))])
-    return create_app(settings, job_queue=FakeQueue(), registry_factory=lambda: registry)
+    return create_app(settings, broker=FakeQueue(), registry_factory=lambda: registry)
 
 
 @pytest.fixture
@@ -246,7 +247,7 @@ def test_idempotency_keys_belong_to_their_token(client: FlaskClient, tokens) -> 
 def test_training_runs_record_which_token_asked(settings: Settings) -> None:
     from tests.unit.test_training_runs_api import FakeQueue as TrainingFakeQueue
 
-    app = create_app(settings, job_queue=TrainingFakeQueue(), registry_factory=lambda: None)
+    app = create_app(settings, broker=TrainingFakeQueue(), registry_factory=lambda: None)
     token, token_id = make_token(app, "admin", "trainer-bot")
     client = app.test_client()
     response = client.post(
@@ -269,7 +270,7 @@ def test_disabled_auth_lets_everyone_in_and_warns_loudly(
     open_settings = settings.model_copy(update={"auth": "disabled", "admin_token": None})
     with caplog.at_level(logging.WARNING, logger="api.auth"):
         app = create_app(
-            open_settings, job_queue=FakeQueue(), registry_factory=lambda: FakeRegistry([])
+            open_settings, broker=FakeQueue(), registry_factory=lambda: FakeRegistry([])
         )
     assert "AUTHENTICATION IS DISABLED" in caplog.text
     assert "Anyone who can reach this port" in caplog.text
@@ -289,7 +290,7 @@ def test_enabled_auth_does_not_warn(
     settings: Settings, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        create_app(settings, job_queue=FakeQueue(), registry_factory=lambda: None)
+        create_app(settings, broker=FakeQueue(), registry_factory=lambda: None)
     assert "DISABLED" not in caplog.text
     assert "DISABLED" not in capsys.readouterr().err
 
@@ -361,7 +362,7 @@ def test_tokens_never_reach_logs_or_error_bodies(
     settings: Settings, tokens, caplog: pytest.LogCaptureFixture
 ) -> None:
     token = tokens["alice"][0]
-    app = create_app(settings, job_queue=FakeQueue(), registry_factory=lambda: None)
+    app = create_app(settings, broker=FakeQueue(), registry_factory=lambda: None)
 
     @app.get("/api/v1/boom")
     def boom() -> str:
@@ -390,7 +391,8 @@ def test_database_and_broker_passwords_are_redacted_from_logs(
         Settings(
             database_url="postgresql+psycopg://emotions:hunter2-db@db.internal:5432/emotions",
             broker_url="redis://:broker-pw-42@redis.internal:6379/0",
-        )
+        ),
+        REDACTED_LOGGERS,
     )
     log = logging.getLogger("api.jobs")
     with caplog.at_level(logging.INFO, logger="api.jobs"):
@@ -402,6 +404,8 @@ def test_database_and_broker_passwords_are_redacted_from_logs(
     assert "hunter2-db" not in caplog.text and "broker-pw-42" not in caplog.text
     assert "db.internal" in caplog.text and "ConnectionError" in caplog.text
     assert "hunter2" not in redact("password in s3://key:hunter2-db@bucket/x")
+    assert redact_url("redis://:pw@redis.internal:6379/0") == "redis://***@redis.internal:6379/0"
+    assert redact_url("sqlite:////var/jobs.db") == "sqlite:////var/jobs.db"
 
 
 # -- security headers and CORS ----------------------------------------------------------------

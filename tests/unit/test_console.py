@@ -75,7 +75,7 @@ def registry() -> EvaluatingRegistry:
 
 @pytest.fixture
 def app(settings: Settings, registry: EvaluatingRegistry):
-    return create_app(settings, job_queue=FakeQueue(), registry_factory=lambda: registry)
+    return create_app(settings, broker=FakeQueue(), registry_factory=lambda: registry)
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_unknown_console_paths_are_json_404(app) -> None:
 def test_auth_disabled_says_so(settings: Settings) -> None:
     app = create_app(
         settings.model_copy(update={"auth": "disabled"}),
-        job_queue=FakeQueue(),
+        broker=FakeQueue(),
         registry_factory=lambda: FakeRegistry([]),
     )
     html = app.test_client().get("/").get_data(as_text=True)

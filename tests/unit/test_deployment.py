@@ -267,14 +267,9 @@ def test_console_script_is_the_cli() -> None:
 
 
 def test_queues_match_the_code() -> None:
-    worker_app = ast.parse((ROOT / "worker" / "app.py").read_text())
-    inference_queue = next(
-        node.value.value
-        for node in worker_app.body
-        if isinstance(node, ast.Assign)
-        and any(getattr(target, "id", None) == "INFERENCE_QUEUE" for target in node.targets)
-    )
-    assert option(command(SERVICES["worker"]), "-Q", "--queues") == inference_queue
+    from face_emotions.jobs.protocol import INFERENCE_QUEUE
+
+    assert option(command(SERVICES["worker"]), "-Q", "--queues") == INFERENCE_QUEUE
     training_queue = Settings.model_fields["training_queue"].default
     assert option(command(SERVICES["trainer"]), "-Q", "--queues") == training_queue
     for name in GPU_SERVICES:

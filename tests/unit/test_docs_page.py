@@ -16,7 +16,7 @@ from tests.unit.test_api import FakeQueue, FakeRegistry, api_settings, version
 def client(tmp_path: Path):
     app = create_app(
         api_settings(tmp_path),
-        job_queue=FakeQueue(),
+        broker=FakeQueue(),
         registry_factory=lambda: FakeRegistry([version(1)]),
     )
     return app.test_client()

@@ -78,7 +78,7 @@ def settings(tmp_path: Path) -> Settings:
 def app(settings: Settings):
     return create_app(
         settings,
-        job_queue=FakeQueue(),
+        broker=FakeQueue(),
         registry_factory=lambda: FakeRegistry([version(1, ("champion",))]),
     )
 

@@ -15,13 +15,12 @@ from face_emotions.modeling.bundle import ModelSpec, load_bundle, load_model_sou
 from face_emotions.modeling.zoo import create_model
 from face_emotions.registry.mlflow_registry import (
     TAG_TEST_SPLIT,
-    PromoteMode,
     Registry,
     RegistryError,
     VersionInfo,
-    decide_promotion,
     parse_model_uri,
 )
+from face_emotions.registry.promotion import PromoteMode, decide_promotion, promote
 from face_emotions.settings import Settings, get_settings
 
 MODEL = "face-emotion"
@@ -243,15 +242,15 @@ def test_promotion_sequence(store: Store) -> None:
     _clear_champion(registry)
     assert registry.alias_version() is None
 
-    first = registry.promote(store.v1, "auto")
+    first = promote(registry, store.v1, "auto")
     assert first.promote and first.previous is None
     assert registry.alias_version().version == 1
 
-    worse = registry.promote(store.v2, "auto")  # accuracy 0.80 < 0.90 on the same split
+    worse = promote(registry, store.v2, "auto")  # accuracy 0.80 < 0.90 on the same split
     assert not worse.promote and worse.previous == 1
     assert registry.alias_version().version == 1
 
-    forced = registry.promote(store.v2, PromoteMode.FORCE)
+    forced = promote(registry, store.v2, PromoteMode.FORCE)
     assert forced.promote and forced.previous == 1
     assert registry.alias_version().version == 2
 
@@ -263,7 +262,7 @@ def test_promotion_sequence(store: Store) -> None:
 
 def test_promote_never_keeps_the_alias(store: Store) -> None:
     store.registry.set_alias(1)
-    decision = store.registry.promote(store.v2, "never")
+    decision = promote(store.registry, store.v2, "never")
     assert not decision.promote
     assert store.registry.alias_version().version == 1
 
@@ -378,3 +377,19 @@ def test_evaluation_is_read_from_the_versions_run(store: Store, tmp_path: Path) 
     assert store.registry.evaluation(store.v2.version) is None
     with pytest.raises(RegistryError):
         store.registry.evaluation(99)
+
+
+def test_promote_announces_only_a_moved_alias(store: Store) -> None:
+    """The one promote path tells the workers exactly when the alias moved."""
+    store.registry.set_alias(1)
+    announced: list[int] = []
+
+    def announce() -> None:
+        announced.append(store.registry.alias_version().version)
+
+    kept = promote(store.registry, store.v2, "auto", announce=announce)
+    assert not kept.promote and announced == []
+    assert kept.summary().startswith("v2 not promoted, v1 stays champion: does not beat")
+    moved = promote(store.registry, store.v2, "force", announce=announce)
+    assert moved.promote and announced == [2], "announced before the alias moved"
+    assert moved.summary() == "v2 is now champion (replaces v1): promote=force"

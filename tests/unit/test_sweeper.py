@@ -532,20 +532,21 @@ def test_retry_backoff_grows_and_is_capped() -> None:
 def test_the_worker_sweeper_waits_longer_while_tasks_are_queued(tmp_path: Path, sessions) -> None:
     """With tasks waiting, a job without progress is most likely waiting its turn: copies of
     its chunks are only sent once the queue is empty, or after the visibility timeout."""
-    from celery import Celery
-
+    from face_emotions.jobs.broker import BrokerClient
+    from face_emotions.jobs.protocol import INFERENCE_QUEUE
     from face_emotions.jobs.schema import utcnow
     from worker.recovery import RecoverySweeper
 
     url = str(sessions.kw["bind"].url)
-    app = Celery("sweeper-test", broker="memory://", set_as_current=False)
+    broker = BrokerClient("memory://")
     settings = Settings(var_dir=tmp_path, database_url=url, stall_seconds=5, visibility_timeout=600)
-    sweeper = RecoverySweeper(app, settings, task_name="emotions.classify_chunk", queue="q")
+    sweeper = RecoverySweeper(broker, settings)
 
     def waiting() -> int:
-        with app.connection_for_write() as connection:
+        with broker.connection() as connection:
             try:
-                return connection.default_channel.queue_declare(queue="q", passive=True)[1]
+                channel = connection.default_channel
+                return channel.queue_declare(queue=INFERENCE_QUEUE, passive=True)[1]
             except Exception:
                 return 0
 

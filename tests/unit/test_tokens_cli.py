@@ -105,9 +105,7 @@ def test_created_tokens_authenticate_against_the_api(database: str, tmp_path: Pa
     submit_token = run("tokens", "create", "--role", "submit").stdout.strip()
     admin_token = run("tokens", "create", "--role", "admin").stdout.strip()
     settings = Settings(database_url=database, var_dir=tmp_path / "var", broker_url="memory://")
-    client = create_app(
-        settings, job_queue=FakeQueue(), registry_factory=lambda: None
-    ).test_client()
+    client = create_app(settings, broker=FakeQueue(), registry_factory=lambda: None).test_client()
 
     def status(url: str, token: str) -> int:
         return client.get(url, headers={"Authorization": f"Bearer {token}"}).status_code

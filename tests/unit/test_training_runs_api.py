@@ -34,14 +34,14 @@ class FakeQueue:
         self.broadcasts = 0
         self.up = True
 
-    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         self._check()
         self.chunks.append((job_id, list(image_ids)))
 
     def ping(self) -> bool:
         return self.up
 
-    def enqueue_training(self, run_id: str) -> None:
+    def send_training_run(self, run_id: str) -> None:
         self._check()
         self.training.append(run_id)
 
@@ -57,7 +57,7 @@ class FakeQueue:
 class JobOnlyQueue:
     """A queue that predates training runs (like test_api's fake)."""
 
-    def enqueue_chunk(self, job_id: str, image_ids: list[int]) -> None:
+    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         pass
 
     def ping(self) -> bool:
@@ -95,6 +95,13 @@ class FakeRegistry:
         number = self.aliases.get(alias or "champion")
         return None if number is None else self._version(number)
 
+    def get_version(self, version: int) -> VersionInfo:
+        if not self.up:
+            raise RegistryError("registry down") from ConnectionError("refused")
+        if version not in self.versions:
+            raise RegistryError(f"no version {version}") from MissingVersion()
+        return self._version(version)
+
     def set_alias(self, version: int, alias: str | None = None) -> None:
         if version not in self.versions:
             raise RegistryError(f"no version {version}") from MissingVersion()
@@ -126,7 +133,7 @@ def registry() -> FakeRegistry:
 
 @pytest.fixture
 def app(settings: Settings, queue: FakeQueue, registry: FakeRegistry):
-    return create_app(settings, job_queue=queue, registry_factory=lambda: registry)
+    return create_app(settings, broker=queue, registry_factory=lambda: registry)
 
 
 @pytest.fixture
@@ -204,7 +211,7 @@ def test_without_a_bootstrap_token_only_database_tokens_work(
         admin_token=token,
         broker_url="memory://",
     )
-    app = create_app(settings, job_queue=queue, registry_factory=lambda: registry)
+    app = create_app(settings, broker=queue, registry_factory=lambda: registry)
     client = app.test_client()
     assert_error(getattr(client, method)(url, json=body, headers=AUTH), 401, "unauthorized")
     empty = {"Authorization": "Bearer "}
@@ -366,7 +373,7 @@ def test_broker_down_leaves_the_run_queued_and_the_next_submission_sends_it(
 def test_training_needs_a_training_queue(
     tmp_path: Path, settings: Settings, registry: FakeRegistry
 ) -> None:
-    app = create_app(settings, job_queue=JobOnlyQueue(), registry_factory=lambda: registry)
+    app = create_app(settings, broker=JobOnlyQueue(), registry_factory=lambda: registry)
     response = app.test_client().post(RUNS, json={"data": "faces"}, headers=AUTH)
     assert_error(response, 503, "training_unavailable")
 
@@ -512,15 +519,17 @@ def trainer(app, settings: Settings, client: FlaskClient):
         sessions = services().sessions
 
     def run(run_id: str, train=None) -> str | None:
-        def fake_train(cfg):
+        def fake_train(cfg, announce):
+            """Promotes, as ``run_training`` with ``promote=force`` would: through ``announce``."""
             calls["configs"].append(cfg)
+            announce()
             return FakeResult(promote=True)
 
         return execute_run(
             uuid.UUID(run_id),
             settings=settings,
             sessions=sessions,
-            on_promoted=lambda: calls["broadcasts"].append(1),
+            announce=lambda: calls["broadcasts"].append(1),
             train_fn=train or fake_train,
         )
 
@@ -564,7 +573,7 @@ def test_task_trains_records_and_broadcasts(
 
 def test_task_does_not_broadcast_without_a_promotion(client: FlaskClient, trainer) -> None:
     run_id = submit(client, promote="never").get_json()["id"]
-    assert trainer(run_id, train=lambda cfg: FakeResult(promote=False)) == "succeeded"
+    assert trainer(run_id, train=lambda cfg, announce: FakeResult(promote=False)) == "succeeded"
     assert trainer.calls["broadcasts"] == []
     assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["promoted"] is False
 
@@ -592,7 +601,7 @@ def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, tra
 def test_training_error_fails_the_run(client: FlaskClient, trainer) -> None:
     run_id = submit(client).get_json()["id"]
 
-    def explode(cfg):
+    def explode(cfg, announce):
         raise ValueError("no images found under faces")
 
     assert trainer(run_id, train=explode) == "failed"
@@ -623,15 +632,11 @@ def test_a_starting_trainer_sends_runs_the_broker_missed(
 
     queue.up = False
     run_id = submit(client).get_json()["id"]
-    sent: list[tuple[str, dict[str, Any], str]] = []
+    sent: list[str] = []
     monkeypatch.setattr(service, "settings", settings)
-    monkeypatch.setattr(
-        service.app,
-        "send_task",
-        lambda name, kwargs, queue, **_: sent.append((name, kwargs, queue)),
-    )
+    monkeypatch.setattr(service.broker, "send_training_run", sent.append)
     service._dispatch_pending(sender=SimpleNamespace(app=service.app))
-    assert sent == [("emotions.train", {"run_id": run_id}, "training")]
+    assert sent == [run_id]
     service._dispatch_pending(sender=SimpleNamespace(app=service.app))
     assert len(sent) == 1  # claimed once, sent once
     service._dispatch_pending(sender=SimpleNamespace(app=object()))  # another app's worker
@@ -663,42 +668,47 @@ def test_trainer_celery_settings() -> None:
     assert longer["broker_transport_options"]["visibility_timeout"] == 86400
 
 
-def test_task_names_match_across_services() -> None:
-    import api.queue
+def test_services_register_the_protocol_names() -> None:
+    """Senders and receivers share one protocol module: the names each service registers are
+    the ones the broker client sends."""
     import training.service
     import worker.app
+    from face_emotions.jobs import protocol
 
-    assert api.queue.TRAIN_TASK_NAME == training.service.TRAIN_TASK
-    assert api.queue.RELOAD_COMMAND == training.service.RELOAD_COMMAND == worker.app.RELOAD_COMMAND
-    assert training.service.TRAIN_TASK in training.service.app.tasks
+    assert protocol.TRAIN_TASK in training.service.app.tasks
+    assert protocol.CLASSIFY_TASK in worker.app.app.tasks
+    from celery.worker.control import Panel
+
+    assert protocol.RELOAD_COMMAND in Panel.data
 
 
-def test_celery_queue_sends_training_runs_and_broadcasts() -> None:
-    from api.queue import TRAIN_TASK_NAME, CeleryJobQueue
+def test_broker_client_sends_training_runs_and_broadcasts() -> None:
+    from face_emotions.jobs.broker import BrokerClient
+    from face_emotions.jobs.protocol import TRAIN_TASK
 
-    queue = CeleryJobQueue(Settings(broker_url="memory://", training_queue="training-test"))
-    queue.enqueue_training("run-1")
-    with queue.app.connection_for_read() as connection:
+    broker = BrokerClient("memory://", training_queue="training-test")
+    broker.send_training_run("run-1")
+    with broker.connection() as connection:
         simple = connection.SimpleQueue("training-test")
         try:
             message = simple.get(timeout=2)
-            assert message.headers["task"] == TRAIN_TASK_NAME
+            assert message.headers["task"] == TRAIN_TASK
             assert message.payload[1] == {"run_id": "run-1"}
             message.ack()
         finally:
             simple.close()
-    queue.broadcast_reload()  # memory transport: must not raise
+    broker.broadcast_reload()  # memory transport: must not raise
 
 
-def test_celery_queue_broadcast_with_the_broker_down_fails_fast() -> None:
+def test_broker_client_broadcast_with_the_broker_down_fails_fast() -> None:
     import time
 
-    from api.queue import CeleryJobQueue
+    from face_emotions.jobs.broker import BrokerClient
 
-    queue = CeleryJobQueue(Settings(broker_url="redis://127.0.0.1:1/0"))
+    queue = BrokerClient("redis://127.0.0.1:1/0")
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017 - kombu's OperationalError or a socket error
         queue.broadcast_reload()
     with pytest.raises(Exception):  # noqa: B017
-        queue.enqueue_training("run-1")
+        queue.send_training_run("run-1")
     assert time.monotonic() - started < 20

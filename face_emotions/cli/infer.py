@@ -1,0 +1,120 @@
+"""``face-emotions infer``: classify local images with any model, no services needed.
+
+Prints the seed's JSON (stdout or ``--output``), its configuration block and summary table
+(stderr). Exit code 0 if any image was classified, 1 if none could be, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from face_emotions.cli.common import UserError, stderr_console
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_source",
+    default="models:/face-emotion@champion",
+    show_default=True,
+    help="Checkpoint (.ckpt), bundle directory, or MLflow URI models:/NAME@ALIAS|/VERSION.",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
+@click.option("--recursive/--no-recursive", default=True, show_default=True)
+@click.option("--quiet", is_flag=True, help="No configuration block, progress or summary.")
+def infer(
+    model_source: str,
+    paths: tuple[Path, ...],
+    output: Path | None,
+    batch_size: int,
+    device: str,
+    backend: str,
+    recursive: bool,
+    quiet: bool,
+) -> None:
+    """Classify images or folders PATHS locally and print the seed's JSON.
+
+    Exit code 0 if any image was classified, 1 if none could be, 2 on a usage error.
+    """
+    from rich.progress import Progress
+
+    from face_emotions.data.images import iter_image_files
+    from face_emotions.modeling.bundle import BundleError, load_model_source
+    from face_emotions.registry.mlflow_registry import RegistryError
+    from face_emotions.serving.decode_ahead import iter_decoded_batches
+    from face_emotions.serving.predictor import Predictor, resolve_device
+    from face_emotions.serving.seed_format import (
+        configuration_block,
+        inference_document,
+        prediction_record,
+        summary_table,
+    )
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += iter_image_files(path, recursive=recursive)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    if not files:
+        raise UserError(f"no image files found in {', '.join(map(str, paths))}")
+    try:
+        torch_device = resolve_device(device)
+        bundle = load_model_source(model_source)
+        predictor = Predictor(bundle, device=torch_device, backend=backend)  # type: ignore[arg-type]
+    except (BundleError, RegistryError, RuntimeError) as exc:
+        raise UserError(str(exc)) from exc
+
+    images_path = ", ".join(str(p) for p in paths)
+    if not quiet:
+        click.echo(
+            configuration_block(
+                {
+                    "Checkpoint": model_source,
+                    "Images": f"{images_path} ({len(files)} files)",
+                    "Output": output or "stdout",
+                    "Accelerator": torch_device.type,
+                    "Backend": backend,
+                    "Batch size": batch_size,
+                }
+            ),
+            err=True,
+        )
+    predictions: list[dict] = []
+    errors: list[dict[str, str]] = []
+    with Progress(disable=quiet, transient=True, console=stderr_console()) as progress:
+        task = progress.add_task("classifying", total=len(files))
+        for batch in iter_decoded_batches(files, batch_size):
+            if batch.images:
+                probabilities = predictor.predict_images(batch.images)
+                predictions += [
+                    prediction_record(str(p), row)
+                    for p, row in zip(batch.paths, probabilities, strict=True)
+                ]
+            errors += [{"image_path": str(p), "error": reason} for p, reason in batch.errors]
+            progress.advance(task, len(batch.paths) + len(batch.errors))
+
+    document = inference_document(model_source, images_path, predictions, errors)
+    text = json.dumps(document, indent=4)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+    else:
+        click.echo(text)
+    if not quiet:
+        click.echo(summary_table(predictions, errors), err=True)
+    if not predictions:
+        click.echo(f"error: none of {len(files)} images could be read", err=True)
+        sys.exit(1)

@@ -1,0 +1,202 @@
+"""``face-emotions submit|status|results``: batch jobs through the REST API.
+
+The CLI speaks only the documented HTTP contract (:mod:`face_emotions.cli.api_client`), so it
+works against any deployment: ``--url`` / ``EMOTIONS_API_URL`` and ``--token`` /
+``EMOTIONS_API_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from face_emotions.cli.common import UserError, client_exit, stderr_console
+
+API_OPTIONS = [
+    click.option("--url", envvar="EMOTIONS_API_URL", help="API base URL (default 127.0.0.1:8000)."),
+    click.option("--token", envvar="EMOTIONS_API_TOKEN", help="API token (Bearer)."),
+]
+
+
+def api_options(command):
+    for option in reversed(API_OPTIONS):
+        command = option(command)
+    return command
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@api_options
+@click.option(
+    "--folder",
+    "as_folder",
+    is_flag=True,
+    help="PATH is a folder on the server's shared storage, relative to its EMOTIONS_DATA_ROOT; "
+    "nothing is uploaded.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 1024))
+@click.option("--model-version", type=click.IntRange(min=1), help="Pin a model version.")
+@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option("--wait/--no-wait", default=False, help="Follow the job and print its results.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
+def submit(
+    paths: tuple[Path, ...],
+    url: str | None,
+    token: str | None,
+    as_folder: bool,
+    batch_size: int | None,
+    model_version: int | None,
+    idempotency_key: str | None,
+    wait: bool,
+    output: Path | None,
+    fmt: str,
+) -> None:
+    """Submit images, folders (uploaded) or a .zip as one batch job."""
+    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        if as_folder:
+            if len(paths) != 1:
+                raise UserError("--folder takes exactly one folder path")
+            job = client.submit_folder(
+                str(paths[0]),
+                batch_size=batch_size,
+                model_version=model_version,
+                idempotency_key=idempotency_key,
+            )
+        else:
+            job = client.submit_files(
+                _upload_files(paths),
+                batch_size=batch_size,
+                model_version=model_version,
+                idempotency_key=idempotency_key,
+            )
+        click.echo(f"job {job['id']}: {job['status']}, {job['total']} images", err=True)
+        if job.get("warning"):
+            click.echo(f"warning: {job['warning']}", err=True)
+        if not wait:
+            click.echo(job["id"])
+            return
+        finished = follow_with_progress(client, job["id"])
+        emit_results(client, finished, fmt, output, source=", ".join(map(str, paths)))
+    except ApiClientError as exc:
+        client_exit(exc)
+
+
+@click.command()
+@click.argument("job_id")
+@api_options
+@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it ends.")
+def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
+    """Show a job's status, counts and model versions."""
+    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        job = follow_with_progress(client, job_id) if wait else client.job(job_id)
+    except ApiClientError as exc:
+        client_exit(exc)
+    click.echo(json.dumps(job, indent=2))
+
+
+@click.command()
+@click.argument("job_id")
+@api_options
+@click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+def results(job_id: str, url: str | None, token: str | None, fmt: str, output: Path | None) -> None:
+    """Print or save a job's results (json: the seed's document; jsonl/csv: exports)."""
+    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        emit_results(client, client.job(job_id), fmt, output, source=job_id, summary=False)
+    except ApiClientError as exc:
+        client_exit(exc)
+
+
+def _upload_files(paths: tuple[Path, ...]) -> list[Path]:
+    from face_emotions.data.images import iter_image_files
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += iter_image_files(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    if not files:
+        raise UserError("no image files to upload")
+    return files
+
+
+def follow_with_progress(client, job_id: str) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=stderr_console(), transient=False) as progress:
+        task = progress.add_task(f"job {job_id[:8]}", total=None, state="")
+
+        def update(job: dict) -> None:
+            progress.update(
+                task,
+                total=job["total"],
+                completed=job["done"] + job["failed"],
+                state=f"{job['status']} ({job['failed']} failed)",
+            )
+
+        return client.wait(job_id, on_progress=update)
+
+
+def emit_results(
+    client,
+    job: dict,
+    fmt: str,
+    output: Path | None,
+    *,
+    source: str,
+    summary: bool = True,
+) -> None:
+    from face_emotions.serving.seed_format import inference_document, summary_table
+
+    if fmt != "json":
+        text = client.export(job["id"], fmt)
+    else:
+        items = client.results(job["id"])
+        predictions = [_seed_record(i) for i in items if i.get("status") == "succeeded"]
+        errors = [
+            {"image_path": i["image_path"], "error": i.get("error") or "failed"}
+            for i in items
+            if i.get("status") != "succeeded"
+        ]
+        versions = ",".join(str(v) for v in job.get("model_versions") or []) or "?"
+        document = inference_document(
+            f"models:/face-emotion (versions {versions})", source, predictions, errors
+        )
+        document["job_id"] = job["id"]
+        document["status"] = job["status"]
+        text = json.dumps(document, indent=4)
+        if summary:
+            click.echo(summary_table(predictions, errors), err=True)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text if text.endswith("\n") else text + "\n")
+        click.echo(f"results written to {output}", err=True)
+    else:
+        click.echo(text)
+
+
+def _seed_record(item: dict) -> dict:
+    keys = ("image_path", "predicted_class", "predicted_emotion", "confidence", "all_probabilities")
+    return {key: item[key] for key in keys}

@@ -1,0 +1,105 @@
+"""One redaction of secrets for every service's logs and every message shown to a user.
+
+Secrets leak through logs in a few predictable shapes: a URL with a password in it (database,
+broker, S3 endpoint) inside an exception message, a bearer header, an API token. The API, the
+workers, the trainer and the CLI all filter their records (and the error texts they store or
+print) through :data:`redactor`, so a rule added here holds everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from face_emotions.settings import Settings
+
+REDACTED = "***"
+
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
+_API_TOKEN = re.compile(r"fe_[A-Za-z0-9_-]{16,}")
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+class SecretRedactor(logging.Filter):
+    """Rewrites log records so that known secrets and token-shaped strings never reach a
+    handler: bearer values, ``fe_`` API tokens, passwords in URLs and the configured secrets
+    (admin token, database and broker passwords). Tracebacks are formatted and redacted too,
+    since exception messages are where a URL with a password usually hides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add_secret(self, secret: str | None) -> None:
+        if secret and len(secret) >= 4:
+            with self._lock:
+                self._secrets.add(secret)
+
+    def redact(self, text: str) -> str:
+        with self._lock:
+            secrets = sorted(self._secrets, key=len, reverse=True)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _API_TOKEN.sub(REDACTED, text)
+        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler to report
+            return True
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            formatted = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = self.redact(formatted)
+            record.exc_info = None
+        return True
+
+
+redactor = SecretRedactor()
+
+
+def redact(text: str) -> str:
+    """For messages built outside logging (error bodies, stored failure reasons, CLI output)."""
+    return redactor.redact(text)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: any user name and password replaced, the rest kept."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", url)
+
+
+def install_log_redaction(settings: Settings, logger_names: Iterable[str] = ()) -> None:
+    """Register ``settings``' secrets and attach the redactor to ``logger_names`` and to the
+    root logger's handlers (once each).
+
+    Logger filters see records where they are created, before any handler; handler filters see
+    every record that propagates to the root, whichever module logged it.
+    """
+    redactor.add_secret(settings.admin_token)
+    for url in (settings.resolved_database_url, settings.broker_url):
+        redactor.add_secret(_url_password(url))
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if redactor not in logger.filters:
+            logger.addFilter(redactor)
+    for handler in logging.getLogger().handlers:
+        if redactor not in handler.filters:
+            handler.addFilter(redactor)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
