@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from face_emotions.data.images import decode_image
 from face_emotions.data.labelled_folder import LabelledImage, ScanResult, scan_labelled_folder
+from face_emotions.data.near_duplicates import near_duplicate_groups
+from face_emotions.data.perceptual_hashing import perceptual_hashes
 from face_emotions.data.splits import (
     DEFAULT_FRACTIONS,
     DEFAULT_SEED,
-    near_duplicate_groups,
-    perceptual_hashes,
     stratified_group_split,
     summarise_split,
 )

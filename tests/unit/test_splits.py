@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from face_emotions.data import splits
+from face_emotions.data import near_duplicates, perceptual_hashing
+from face_emotions.data.near_duplicates import near_duplicate_groups
+from face_emotions.data.perceptual_hashing import perceptual_hash, perceptual_hashes
 from face_emotions.data.splits import (
     DEFAULT_FRACTIONS,
     SPLITS,
     SplitSummary,
-    near_duplicate_groups,
-    perceptual_hash,
-    perceptual_hashes,
     stratified_group_split,
     summarise_split,
 )
@@ -174,7 +173,7 @@ class _CountingHash:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self._lock = threading.Lock()
-        self._real = splits.perceptual_hash
+        self._real = perceptual_hashing.perceptual_hash
 
     def __call__(self, path: str | os.PathLike[str]) -> int:
         with self._lock:
@@ -186,7 +185,7 @@ def test_cache_hit_and_invalidation(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     paths = [save(smooth_noise(i), tmp_path / f"img{i}.png") for i in range(5)]
     cache = tmp_path / "cache" / "phash.json"
     counter = _CountingHash()
-    monkeypatch.setattr(splits, "perceptual_hash", counter)
+    monkeypatch.setattr(perceptual_hashing, "perceptual_hash", counter)
 
     first = perceptual_hashes(paths, cache_file=cache, workers=2)
     assert len(counter.calls) == 5
@@ -301,7 +300,7 @@ def test_lookup_table_popcount_matches_native() -> None:
     values = random_hashes(rng, 1_000)
     table = np.array([bin(b).count("1") for b in range(256)])
     by_table = table[values.view(np.uint8)].reshape(-1, 8).sum(axis=1)
-    np.testing.assert_array_equal(splits._popcount(values), by_table)
+    np.testing.assert_array_equal(near_duplicates._popcount(values), by_table)
 
 
 # ------------------------------------------------------------------------------------------
