@@ -14,11 +14,12 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from api.auth import ADMIN, AUTH_RESPONSES, SUBMIT, require_role
+from api.auth import ADMIN, SUBMIT, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
+from api.openapi_docs import error_responses
 from api.queue import TrainingQueue
-from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
+from api.schemas.models import EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
 from face_emotions.jobs import worker_heartbeats
 from face_emotions.labels import EMOTIONS
@@ -42,18 +43,13 @@ MAX_VERSION = 2**31 - 1
 #: Workers heartbeat far more often; one silent this long is gone (or stuck).
 WORKER_LIVENESS = timedelta(minutes=5)
 
+REGISTRY_UNREACHABLE: dict[int, str] = {503: "The model registry is unreachable"}
+
 
 @bp.get("")
 @require_role(SUBMIT)
 @bp.output(ModelsOut)
-@bp.doc(
-    responses={
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        }
-    }
-)
+@bp.doc(responses=error_responses(REGISTRY_UNREACHABLE))
 def list_models() -> dict[str, Any]:
     """Registered model versions, the champion, and the workers seen in the last 5 minutes
 
@@ -92,16 +88,9 @@ def list_models() -> dict[str, Any]:
 @require_role(SUBMIT)
 @bp.output(EvaluationOut)
 @bp.doc(
-    responses={
-        404: {
-            "description": "No such version, or it has no recorded evaluation",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-    }
+    responses=error_responses(
+        {404: "No such version, or it has no recorded evaluation", **REGISTRY_UNREACHABLE}
+    )
 )
 def model_evaluation(version: int) -> dict[str, Any]:
     """Test-split evaluation of a version: confusion matrix and per-class metrics
@@ -135,19 +124,7 @@ def model_evaluation(version: int) -> dict[str, Any]:
 @bp.post("/<int:version>/promote")
 @require_role(ADMIN)
 @bp.output(PromoteOut, description="The serving alias now points at this version")
-@bp.doc(
-    responses={
-        **AUTH_RESPONSES,
-        404: {
-            "description": "No such version",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-    },
-)
+@bp.doc(responses=error_responses({404: "No such version", **REGISTRY_UNREACHABLE}, auth=True))
 def promote_model(version: int) -> dict[str, Any]:
     """Make a version the one workers serve
 
