@@ -8,7 +8,6 @@ the MLflow registry from the same ``EMOTIONS_*`` settings the workers read.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +24,12 @@ from api import (
     limits,
     metrics_route,
     models,
+    openapi_docs,
     security,
     thumbnails,
     training_runs,
 )
-from api.schemas import ErrorOut
+from api.schemas.common import ErrorOut
 from face_emotions import __version__
 from face_emotions.jobs.broker import BrokerClient, ChunkSender
 from face_emotions.ops.redaction import install_log_redaction
@@ -38,13 +38,6 @@ from face_emotions.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-#: ``<converter(args):name>`` in a Werkzeug rule.
-_VARIABLE = re.compile(r"<(?:(?P<converter>[A-Za-z_]\w*)(?:\([^)]*\))?:)?(?P<name>\w+)>")
-#: What the converters our routes use accept (``int`` is unsigned unless told otherwise).
-CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "uuid": {"type": "string", "format": "uuid"},
-    "int": {"type": "integer", "minimum": 0},
-}
 
 
 def create_app(
@@ -77,7 +70,7 @@ def create_app(
         HTTP_ERROR_SCHEMA=ErrorOut,
     )
     app.json.sort_keys = False  # keep the documented field order (seed record shape)
-    app.spec_processor(lambda spec: _process_spec(app, spec))
+    app.spec_processor(lambda spec: openapi_docs.process_spec(app, spec))
 
     if settings.migrate_on_start:
         from face_emotions.jobs.migrate import upgrade
@@ -102,38 +95,6 @@ def create_app(
     app.register_blueprint(training_runs.bp)
     app.register_blueprint(console.bp)
     return app
-
-
-def _process_spec(app: APIFlask, spec: dict[str, Any]) -> dict[str, Any]:
-    """What APIFlask cannot infer: security on every /api/ route, the two request bodies of
-    job submission, and what the URL converters accept."""
-    spec = auth.document_security(spec)
-    spec = jobs.document_request_bodies(spec)
-    return _document_path_converters(app, spec)
-
-
-def _document_path_converters(app: APIFlask, spec: dict[str, Any]) -> dict[str, Any]:
-    """Say in the spec what the URL converters accept (``uuid`` ids, non-negative integers).
-
-    APIFlask documents every path parameter as a plain string or integer; clients and
-    fuzzers that read the spec then build URLs that cannot match any route.
-    """
-    formats: dict[tuple[str, str], dict[str, Any]] = {}
-    for rule in app.url_map.iter_rules():
-        path = _VARIABLE.sub(lambda m: "{" + m["name"] + "}", rule.rule)
-        for match in _VARIABLE.finditer(rule.rule):
-            schema = CONVERTER_SCHEMAS.get(match["converter"] or "")
-            if schema is not None:
-                formats[(path, match["name"])] = schema
-    for path, operations in spec.get("paths", {}).items():
-        for operation in operations.values():
-            if not isinstance(operation, dict):
-                continue
-            for parameter in operation.get("parameters", []):
-                schema = formats.get((path, parameter.get("name", "")))
-                if parameter.get("in") == "path" and schema is not None:
-                    parameter["schema"] = dict(schema)
-    return spec
 
 
 def _rate_limit_key() -> str:

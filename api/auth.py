@@ -36,7 +36,6 @@ from flask import g, request
 
 from api.errors import ApiError
 from api.extensions import services
-from api.schemas import ErrorOut
 from face_emotions.jobs import tokens as db_tokens
 from face_emotions.settings import Settings
 
@@ -44,14 +43,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Name of the OpenAPI security scheme.
-SECURITY_SCHEME = "bearerAuth"
-BEARER_SCHEME = {
-    "type": "http",
-    "scheme": "bearer",
-    "description": "An API token (`face-emotions tokens create --role submit|admin`) or the "
-    "bootstrap EMOTIONS_ADMIN_TOKEN: `Authorization: Bearer <token>`.",
-}
 SUBMIT = "submit"
 ADMIN = "admin"
 #: Which roles satisfy a requirement: admin can do everything submit can.
@@ -65,18 +56,6 @@ BOOTSTRAP_ID = "admin"
 ANONYMOUS_ID = ""
 _PRINCIPAL = "_face_emotions_principal"
 _REQUIRED_ROLE = "_face_emotions_required_role"
-
-#: OpenAPI responses every protected route can give.
-AUTH_RESPONSES: dict[int, dict[str, Any]] = {
-    401: {
-        "description": "Missing, unknown or revoked bearer token",
-        "content": {"application/json": {"schema": ErrorOut}},
-    },
-    403: {
-        "description": "The token's role may not do this",
-        "content": {"application/json": {"schema": ErrorOut}},
-    },
-}
 
 DISABLED_WARNING = """\
 ################################################################################
@@ -205,34 +184,6 @@ def warn_if_disabled(settings: Settings) -> None:
         return
     log.warning("%s", DISABLED_WARNING)
     print(DISABLED_WARNING, file=sys.stderr, flush=True)
-
-
-def document_security(spec: dict[str, Any]) -> dict[str, Any]:
-    """APIFlask spec processor: every ``/api/`` operation needs the bearer scheme.
-
-    Done on the finished spec rather than per view so that a new route cannot be forgotten;
-    the 401/403 responses are added where a view did not document them itself.
-    """
-    components = spec.setdefault("components", {})
-    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = dict(BEARER_SCHEME)
-    error_ref = {"$ref": "#/components/schemas/ErrorOut"}
-    for path, operations in spec.get("paths", {}).items():
-        if not path.startswith("/api/"):
-            continue
-        for method, operation in operations.items():
-            if method not in {"get", "post", "put", "patch", "delete"}:
-                continue
-            operation["security"] = [{SECURITY_SCHEME: []}]
-            responses = operation.setdefault("responses", {})
-            for status, doc in AUTH_RESPONSES.items():
-                responses.setdefault(
-                    str(status),
-                    {
-                        "description": doc["description"],
-                        "content": {"application/json": {"schema": dict(error_ref)}},
-                    },
-                )
-    return spec
 
 
 def _verify_database_token(token: str) -> Any:

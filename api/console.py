@@ -15,7 +15,8 @@ import uuid
 from flask import Blueprint, render_template
 
 from api.extensions import services
-from api.schemas import MAX_BATCH_SIZE, PROMOTE_MODES
+from api.schemas.jobs import MAX_BATCH_SIZE
+from api.schemas.training_runs import PROMOTE_MODES
 from face_emotions.labels import EMOTIONS
 
 bp = Blueprint("console", __name__, template_folder="templates")

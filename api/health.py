@@ -17,7 +17,8 @@ from apiflask import APIBlueprint
 from sqlalchemy import text
 
 from api.extensions import Services, services
-from api.schemas import HealthOut, ReadyOut
+from api.openapi_docs import response_doc
+from api.schemas.common import HealthOut, ReadyOut
 
 bp = APIBlueprint("health", __name__, tag="health")
 
@@ -33,7 +34,8 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 @bp.output(ReadyOut, description="Every dependency answers")
-@bp.doc(responses={503: {"description": "A dependency is down (see checks)"}})
+# Not an error body: a 503 still carries the checks, so it only gets a description.
+@bp.doc(responses={503: response_doc("A dependency is down (see checks)")})
 def readyz() -> tuple[dict[str, Any], int]:
     """Readiness: database, broker and model registry answer"""
     state = services()

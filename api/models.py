@@ -14,10 +14,11 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from api.auth import ADMIN, AUTH_RESPONSES, SUBMIT, require_role
+from api.auth import ADMIN, SUBMIT, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.schemas import ErrorOut, EvaluationOut, ModelsOut, PromoteOut
+from api.openapi_docs import error_responses
+from api.schemas.models import EvaluationOut, ModelsOut, PromoteOut
 from api.serialize import aware
 from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.broker import TrainingSender
@@ -43,18 +44,13 @@ MAX_VERSION = 2**31 - 1
 #: Workers heartbeat far more often; one silent this long is gone (or stuck).
 WORKER_LIVENESS = timedelta(minutes=5)
 
+REGISTRY_UNREACHABLE: dict[int, str] = {503: "The model registry is unreachable"}
+
 
 @bp.get("")
 @require_role(SUBMIT)
 @bp.output(ModelsOut)
-@bp.doc(
-    responses={
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        }
-    }
-)
+@bp.doc(responses=error_responses(REGISTRY_UNREACHABLE))
 def list_models() -> dict[str, Any]:
     """Registered model versions, the champion, and the workers seen in the last 5 minutes
 
@@ -93,16 +89,9 @@ def list_models() -> dict[str, Any]:
 @require_role(SUBMIT)
 @bp.output(EvaluationOut)
 @bp.doc(
-    responses={
-        404: {
-            "description": "No such version, or it has no recorded evaluation",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-    }
+    responses=error_responses(
+        {404: "No such version, or it has no recorded evaluation", **REGISTRY_UNREACHABLE}
+    )
 )
 def model_evaluation(version: int) -> dict[str, Any]:
     """Test-split evaluation of a version: confusion matrix and per-class metrics
@@ -136,19 +125,7 @@ def model_evaluation(version: int) -> dict[str, Any]:
 @bp.post("/<int:version>/promote")
 @require_role(ADMIN)
 @bp.output(PromoteOut, description="The serving alias now points at this version")
-@bp.doc(
-    responses={
-        **AUTH_RESPONSES,
-        404: {
-            "description": "No such version",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-        503: {
-            "description": "The model registry is unreachable",
-            "content": {"application/json": {"schema": ErrorOut}},
-        },
-    },
-)
+@bp.doc(responses=error_responses({404: "No such version", **REGISTRY_UNREACHABLE}, auth=True))
 def promote_model(version: int) -> dict[str, Any]:
     """Make a version the one workers serve
 
@@ -195,13 +172,13 @@ def _missing_version(exc: RegistryError) -> bool:
 def _announce() -> None:
     """Best effort: a lost broadcast only delays the swap until the workers' next poll."""
     broker = services().broker
-    if isinstance(broker, TrainingSender):
-        try:
-            broker.broadcast_reload()
-        except Exception as exc:
-            log.warning("could not broadcast the model reload (workers will poll): %s", exc)
-    else:
+    if not isinstance(broker, TrainingSender):
         log.info("no broadcast channel configured; workers pick the version up when they poll")
+        return
+    try:
+        broker.broadcast_reload()
+    except Exception as exc:
+        log.warning("could not broadcast the model reload (workers will poll): %s", exc)
 
 
 def _version_dict(version: VersionInfo) -> dict[str, Any]:

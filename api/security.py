@@ -65,6 +65,8 @@ REDACTED_LOGGERS = (
     "api.training_runs",
     "flask_limiter",
     "api.cluster_metrics",
+    # The core's submission logs broker errors, which may quote the broker URL.
+    "face_emotions.jobs.submission",
     "werkzeug",
 )
 

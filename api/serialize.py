@@ -14,17 +14,6 @@ from sqlalchemy.orm import Session
 from face_emotions.jobs.schema import Image, Job, Result
 from face_emotions.labels import EMOTIONS
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "image_path",
-    "status",
-    "predicted_class",
-    "predicted_emotion",
-    "confidence",
-    *EMOTIONS,
-    "model_version",
-    "error",
-)
-
 
 def aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC."""
@@ -117,17 +106,3 @@ def result_dict(image: Image, result: Result) -> dict[str, Any]:
     if result.status != "succeeded":
         record["error"] = result.error
     return record
-
-
-def csv_row(record: dict[str, Any]) -> list[Any]:
-    probabilities = record.get("all_probabilities") or {}
-    return [
-        record["image_path"],
-        record["status"],
-        record["predicted_class"],
-        record["predicted_emotion"],
-        record["confidence"],
-        *(probabilities.get(name) for name in EMOTIONS),
-        record["model_version"],
-        record.get("error"),
-    ]

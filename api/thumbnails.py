@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 from api.auth import SUBMIT, current_principal, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.schemas import ErrorOut
+from api.openapi_docs import error_responses
 from face_emotions.data.images import ImageDecodeError, decode_image
 from face_emotions.data.storage import StorageLimitError, read_location
 from face_emotions.jobs import job_queries
@@ -44,10 +44,6 @@ JPEG_QUALITY = 85
 HEADER_ALLOWANCE = 1024 * 1024
 
 
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": ErrorOut}}}
-
-
 @bp.get("/<uuid:job_id>/images/<int:image_id>/thumbnail")
 @require_role(SUBMIT)
 @bp.output(
@@ -56,11 +52,13 @@ def _error(description: str) -> dict:
     description=f"A JPEG of the image, at most {THUMBNAIL_PIXELS} px on its longer side",
 )
 @bp.doc(
-    responses={
-        404: _error("No such job, no such image in it, or the stored image is gone"),
-        422: _error("The stored image cannot be decoded (its result carries the reason)"),
-        503: _error("The storage holding the image is unreachable"),
-    }
+    responses=error_responses(
+        {
+            404: "No such job, no such image in it, or the stored image is gone",
+            422: "The stored image cannot be decoded (its result carries the reason)",
+            503: "The storage holding the image is unreachable",
+        }
+    )
 )
 def thumbnail(job_id: uuid.UUID, image_id: int) -> Response:
     """A small JPEG of one image of a job

@@ -19,12 +19,12 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import url_for
 
-from api.auth import ADMIN, AUTH_RESPONSES, current_principal, require_role
+from api.auth import ADMIN, current_principal, require_role
 from api.errors import ApiError
 from api.extensions import db_session, services
-from api.schemas import (
-    ErrorOut,
-    PageQuery,
+from api.openapi_docs import error_responses
+from api.schemas.common import PageQuery, clamp_page
+from api.schemas.training_runs import (
     TrainingRunCreatedOut,
     TrainingRunIn,
     TrainingRunOut,
@@ -43,30 +43,10 @@ BROKER_WARNING = (
     "queued in the database; the broker is unreachable, the run will be dispatched by the next "
     "submission or when a trainer starts"
 )
-#: Keeps ``OFFSET`` inside a 64-bit integer whatever page a client asks for.
-MAX_PAGE = 2**31 - 1
-
-
-def _responses(*codes: int) -> dict[int, dict[str, Any]]:
-    descriptions = {
-        400: "Invalid input",
-        404: "Training run not found",
-        503: "Training is not available on this server",
-    }
-    return {
-        **AUTH_RESPONSES,
-        **{
-            code: {
-                "description": descriptions[code],
-                "content": {"application/json": {"schema": ErrorOut}},
-            }
-            for code in codes
-        },
-    }
 
 
 def training_sender() -> TrainingSender:
-    """The app's broker, if it can send training runs (a test's job-only fake can't)."""
+    """The app's queue, if it can send training runs (a test's job-only fake can't)."""
     queue = services().broker
     if not isinstance(queue, TrainingSender):
         raise ApiError(503, "training_unavailable", "this server has no training queue configured")
@@ -77,7 +57,11 @@ def training_sender() -> TrainingSender:
 @require_role(ADMIN)
 @bp.input(TrainingRunIn, arg_name="body")
 @bp.output(TrainingRunCreatedOut, status_code=202, description="Run accepted and queued")
-@bp.doc(responses=_responses(400, 503))
+@bp.doc(
+    responses=error_responses(
+        {400: "Invalid input", 503: "Training is not available on this server"}, auth=True
+    )
+)
 def create_training_run(body: dict[str, Any]) -> Any:
     """Start a training run
 
@@ -131,14 +115,13 @@ def create_training_run(body: dict[str, Any]) -> Any:
 @require_role(ADMIN)
 @bp.input(PageQuery, location="query", arg_name="query")
 @bp.output(TrainingRunPageOut)
-@bp.doc(responses=_responses())
+@bp.doc(responses=error_responses({}, auth=True))
 def list_training_runs(query: dict[str, int]) -> dict[str, Any]:
     """List training runs, newest first
 
     `limit` is clamped to 1..EMOTIONS_MAX_PAGE_SIZE and `page` to >= 1.
     """
-    limit = min(max(int(query.get("limit", 20)), 1), services().settings.max_page_size)
-    page = min(max(int(query.get("page", 1)), 1), MAX_PAGE)
+    page, limit = clamp_page(query, services().settings.max_page_size)
     runs, total = db_runs.list_runs(db_session(), offset=(page - 1) * limit, limit=limit)
     return {"items": [run_dict(run) for run in runs], "page": page, "limit": limit, "total": total}
 
@@ -146,7 +129,7 @@ def list_training_runs(query: dict[str, int]) -> dict[str, Any]:
 @bp.get("/<uuid:run_id>")
 @require_role(ADMIN)
 @bp.output(TrainingRunOut)
-@bp.doc(responses=_responses(404))
+@bp.doc(responses=error_responses({404: "Training run not found"}, auth=True))
 def get_training_run(run_id: uuid.UUID) -> dict[str, Any]:
     """Status, MLflow run, test metrics, registered version and promotion of a run"""
     run = db_runs.get_run(db_session(), run_id)

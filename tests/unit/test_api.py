@@ -652,9 +652,9 @@ def test_results_export_jsonl_and_csv(client: FlaskClient, finished_job: str) ->
 def test_results_export_streams_across_batches(
     app, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, finished_job: str
 ) -> None:
-    import api.jobs
+    import api.exports
 
-    monkeypatch.setattr(api.jobs, "EXPORT_BATCH", 2)
+    monkeypatch.setattr(api.exports, "EXPORT_BATCH", 2)
     body = client.get(f"/api/v1/jobs/{finished_job}/results?format=jsonl").get_data(as_text=True)
     paths = [json.loads(line)["image_path"] for line in body.splitlines()]
     assert paths == [f"img{i}.png" for i in range(5)]
@@ -986,7 +986,7 @@ def test_part_content_types(client: FlaskClient, app, settings: Settings) -> Non
 
 
 def test_documented_submission_bodies_match_the_validating_schemas(client: FlaskClient) -> None:
-    from api.schemas import JobFolderIn, JobUploadForm
+    from api.schemas.jobs import JobFolderIn, JobUploadForm
 
     content = client.get("/openapi.json").get_json()["paths"]["/api/v1/jobs"]["post"][
         "requestBody"

@@ -1,0 +1,118 @@
+"""Every result of a job as one streamed download: JSON Lines or CSV.
+
+A job may hold millions of results, so the body is a generator that Flask streams after the
+view has returned: it reads keyset pages with short-lived sessions of its own (the request's
+session is closed by then) and never holds more than one page in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.serialize import result_dict
+from face_emotions.jobs import job_queries
+from face_emotions.jobs.schema import Image
+from face_emotions.labels import EMOTIONS
+
+#: Rows per keyset page (and per short-lived session).
+EXPORT_BATCH = 1000
+#: CSV rows buffered before a piece of the body is sent.
+CSV_FLUSH_ROWS = 500
+MIMETYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv"}
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "image_path",
+    "status",
+    "predicted_class",
+    "predicted_emotion",
+    "confidence",
+    *EMOTIONS,
+    "model_version",
+    "error",
+)
+
+
+def export_response(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    fmt: str,
+    *,
+    emotion: str | None,
+    status: str | None,
+) -> Response:
+    """The streamed attachment for ``format=jsonl`` or ``format=csv``."""
+    records = iter_records(sessions, job_id, emotion=emotion, status=status)
+    body = jsonl_lines(records) if fmt == "jsonl" else csv_lines(records)
+    return Response(
+        body,
+        mimetype=MIMETYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-results.{fmt}"'},
+    )
+
+
+def iter_records(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    *,
+    emotion: str | None,
+    status: str | None,
+) -> Iterator[dict[str, Any]]:
+    """Every result in position order, read in keyset pages with short-lived sessions.
+
+    The export outlives the request's session (the body streams after the view returns) and
+    may be millions of rows; keyset paging keeps memory flat and no transaction open long.
+    """
+    last = -1
+    while True:
+        with sessions() as session:
+            rows = session.execute(
+                job_queries.results_query(job_id, emotion=emotion, status=status)
+                .where(Image.position > last)
+                .limit(EXPORT_BATCH)
+            ).all()
+            records = [result_dict(image, result) for image, result in rows]
+        yield from records
+        if len(rows) < EXPORT_BATCH:
+            return
+        last = rows[-1][0].position
+
+
+def jsonl_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
+    return (json.dumps(record) + "\n" for record in records)
+
+
+def csv_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
+    """The CSV body in pieces of :data:`CSV_FLUSH_ROWS` rows, header first."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for count, record in enumerate(records, start=1):
+        writer.writerow(csv_row(record))
+        if count % CSV_FLUSH_ROWS == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def csv_row(record: dict[str, Any]) -> list[Any]:
+    """One record flattened to :data:`CSV_COLUMNS` (one column per emotion's probability)."""
+    probabilities = record.get("all_probabilities") or {}
+    return [
+        record["image_path"],
+        record["status"],
+        record["predicted_class"],
+        record["predicted_emotion"],
+        record["confidence"],
+        *(probabilities.get(name) for name in EMOTIONS),
+        record["model_version"],
+        record.get("error"),
+    ]

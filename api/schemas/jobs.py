@@ -1,0 +1,157 @@
+"""Schemas of ``/api/v1/jobs``: submission options, jobs, their results and summaries."""
+
+from __future__ import annotations
+
+from apiflask import Schema
+from apiflask.fields import Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.validators import OneOf, Range
+from marshmallow import RAISE
+
+from api.schemas.common import MAX_INT32, PageQuery, validate_path_text
+from face_emotions.labels import EMOTIONS
+
+MAX_BATCH_SIZE = 1024
+RESULT_FORMATS = ("json", "jsonl", "csv")
+RESULT_STATUSES = ("succeeded", "failed")
+
+
+# -- job submission -------------------------------------------------------------------------
+
+
+class _JobOptions(Schema):
+    class Meta:
+        unknown = RAISE
+
+    batch_size = Integer(
+        validate=Range(min=1, max=MAX_BATCH_SIZE),
+        metadata={"description": "Images per forward pass (default EMOTIONS_BATCH_SIZE)."},
+    )
+    model_version = Integer(
+        validate=Range(min=1, max=MAX_INT32),
+        allow_none=True,
+        metadata={"description": "Pin a registered version; default: the serving alias."},
+    )
+
+
+class JobUploadForm(_JobOptions):
+    """The form fields of a multipart submission (the files are read separately)."""
+
+
+class JobFolderIn(_JobOptions):
+    folder = String(
+        required=True,
+        validate=validate_path_text,
+        metadata={"description": "Folder relative to EMOTIONS_DATA_ROOT on the server."},
+    )
+    recursive = Boolean(load_default=True, metadata={"description": "Include sub-folders."})
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+class JobLinks(Schema):
+    self = String(required=True)
+    results = String(required=True)
+    summary = String(required=True)
+
+
+class JobOut(Schema):
+    id = String(required=True, metadata={"format": "uuid"})
+    status = String(
+        required=True,
+        metadata={
+            "enum": [
+                "queued",
+                "running",
+                "succeeded",
+                "completed_with_errors",
+                "failed",
+                "cancelled",
+            ]
+        },
+    )
+    source_type = String(required=True, metadata={"enum": ["upload", "zip", "folder"]})
+    source = String(required=True)
+    batch_size = Integer(required=True)
+    model_version = Integer(allow_none=True, metadata={"description": "Pinned version or null."})
+    total = Integer(required=True)
+    done = Integer(required=True)
+    failed = Integer(required=True)
+    progress = Float(required=True, metadata={"description": "(done + failed) / total, 0..1."})
+    model_versions = List(Integer(), metadata={"description": "Versions that made results."})
+    created_at = DateTime(required=True)
+    started_at = DateTime(allow_none=True)
+    finished_at = DateTime(allow_none=True)
+    duration_seconds = Float(allow_none=True)
+    images_per_second = Float(allow_none=True)
+    error = String(allow_none=True)
+    links = Nested(JobLinks, required=True)
+
+
+class JobCreatedOut(JobOut):
+    warning = String(metadata={"description": "Set when the job could not be dispatched yet."})
+    skipped = Integer(metadata={"description": "Zip entries skipped (not images, hidden...)."})
+
+
+class JobListItem(JobOut):
+    """A job in a list: same fields as JobOut.
+
+    Its own class because APIFlask registers a schema used both nested and as a direct
+    output twice (``JobOut`` and ``JobOut1``) when the nested use comes first.
+    """
+
+
+class JobPageOut(Schema):
+    items = List(Nested(JobListItem), required=True)
+    page = Integer(required=True)
+    limit = Integer(required=True)
+    total = Integer(required=True)
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+class ResultsQuery(PageQuery):
+    format = String(load_default="json", validate=OneOf(RESULT_FORMATS))
+    emotion = String(
+        metadata={"description": f"Only this predicted emotion ({', '.join(EMOTIONS)})."}
+    )
+    status = String(validate=OneOf(RESULT_STATUSES))
+
+
+class ResultOut(Schema):
+    image_path = String(required=True)
+    status = String(required=True, metadata={"enum": list(RESULT_STATUSES)})
+    predicted_class = Integer(allow_none=True)
+    predicted_emotion = String(allow_none=True, metadata={"enum": list(EMOTIONS)})
+    confidence = Float(allow_none=True)
+    all_probabilities = Dict(keys=String(), values=Float(), allow_none=True)
+    model_version = Integer(allow_none=True)
+    error = String(metadata={"description": "Only for failed images."})
+    image_id = Integer(
+        metadata={
+            "description": "JSON pages only: the image's id in "
+            "/api/v1/jobs/{job_id}/images/{image_id}/thumbnail."
+        }
+    )
+
+
+class ResultPageOut(Schema):
+    items = List(Nested(ResultOut), required=True)
+    page = Integer(required=True)
+    limit = Integer(required=True)
+    total = Integer(required=True)
+
+
+class EmotionStats(Schema):
+    count = Integer(required=True)
+    mean_confidence = Float(required=True)
+
+
+class SummaryOut(Schema):
+    job_id = String(required=True, metadata={"format": "uuid"})
+    status = String(required=True)
+    total = Integer(required=True)
+    done = Integer(required=True)
+    failed = Integer(required=True)
+    emotions = Dict(keys=String(), values=Nested(EmotionStats), required=True)

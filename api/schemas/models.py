@@ -1,0 +1,66 @@
+"""Schemas of ``/api/v1/models``: registered versions, live workers, evaluations, promotion."""
+
+from __future__ import annotations
+
+from apiflask import Schema
+from apiflask.fields import Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+
+
+class ModelVersionOut(Schema):
+    version = Integer(required=True)
+    aliases = List(String(), required=True)
+    architecture = String(allow_none=True)
+    image_size = Integer(allow_none=True)
+    accuracy = Float(allow_none=True)
+    weighted_f1 = Float(allow_none=True)
+    macro_f1 = Float(allow_none=True)
+    created_at = DateTime(allow_none=True)
+    run_id = String(allow_none=True)
+
+
+class WorkerOut(Schema):
+    name = String(required=True)
+    model_version = Integer(allow_none=True)
+    device = String(allow_none=True)
+    backend = String(allow_none=True)
+    images_processed = Integer(required=True)
+    last_seen = DateTime(required=True)
+
+
+class ModelsOut(Schema):
+    model = String(required=True)
+    champion = Integer(allow_none=True)
+    versions = List(Nested(ModelVersionOut), required=True)
+    workers = List(Nested(WorkerOut), required=True)
+
+
+class ClassMetricsOut(Schema):
+    precision = Float(required=True)
+    recall = Float(required=True)
+    f1 = Float(required=True)
+    support = Integer(required=True, metadata={"description": "Test images of this class."})
+
+
+class EvaluationOut(Schema):
+    version = Integer(required=True)
+    classes = List(String(), required=True, metadata={"description": "Row/column order."})
+    confusion_matrix = List(
+        List(Integer()),
+        required=True,
+        metadata={"description": "Rows: true class; columns: predicted class."},
+    )
+    num_images = Integer(required=True)
+    accuracy = Float(required=True)
+    weighted_f1 = Float(required=True)
+    macro_f1 = Float(required=True)
+    per_class = Dict(keys=String(), values=Nested(ClassMetricsOut), required=True)
+    passed = Boolean(metadata={"description": "Whether it met the quality targets."})
+    failures = List(String(), metadata={"description": "The targets it missed."})
+
+
+class PromoteOut(Schema):
+    version = Integer(required=True, metadata={"description": "The version now serving."})
+    previous = Integer(
+        allow_none=True, metadata={"description": "The version the alias pointed at before."}
+    )
+    alias = String(required=True, metadata={"description": "The serving alias that moved."})
