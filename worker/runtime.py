@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from face_emotions.jobs.database import create_db_engine, session_factory
 from face_emotions.registry.mlflow_registry import RegistryError
-from face_emotions.serving.chunk_classifier import ImageLoader, storage_image_loader
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
+from face_emotions.serving.image_loading import ImageLoader, storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
 from face_emotions.settings import Settings, get_settings
 from worker.reload_signal import reload_generation

@@ -26,15 +26,11 @@ from sqlalchemy.orm import Session
 from face_emotions.data.storage import Storage
 from face_emotions.jobs import job_queries
 from face_emotions.jobs.broker import ChunkSender
-from face_emotions.jobs.intake import (
-    IntakeError,
-    extract_zip,
-    resolve_folder,
-    secure_name,
-    store_uploads,
-)
+from face_emotions.jobs.folder_intake import resolve_folder
+from face_emotions.jobs.intake import IntakeError, secure_name, store_uploads
 from face_emotions.jobs.job_queries import NewImage
 from face_emotions.jobs.schema import Job
+from face_emotions.jobs.zip_intake import extract_zip
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

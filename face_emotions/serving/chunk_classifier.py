@@ -24,7 +24,6 @@ matters for small jobs, where each round trip costs about as much as the forward
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -32,15 +31,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from face_emotions.data.images import ImageDecodeError, decode_image
-from face_emotions.data.storage import StorageLimitError, StorageReader, local_path
 from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.recovery import fail_chunk, gave_up_reason
 from face_emotions.jobs.result_writes import (
@@ -57,75 +53,17 @@ from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
+from face_emotions.serving.image_loading import ImageLoader, load_stored_image, storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
-
-ImageLoader = Callable[[str, int], PILImage.Image | str]
-
 #: Cancellation checks and heartbeats within a chunk are at least this far apart.
 STATUS_INTERVAL_SECONDS = 1.0
 
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-#: Headroom over the pixel limit for file headers, metadata and embedded thumbnails.
-_HEADER_ALLOWANCE = 1024 * 1024
-
-
-def max_image_bytes(max_pixels: int) -> int:
-    """The largest object worth downloading for an image of at most ``max_pixels`` pixels.
-
-    Uncompressed 4-byte pixels plus headers bound every legitimate image file, so anything
-    larger is refused before it is read into a worker's memory (the pixel limit only guards
-    decoding, which comes after the download).
-    """
-    return 4 * max_pixels + _HEADER_ALLOWANCE
-
-
-def load_stored_image(
-    location: str, max_pixels: int, *, reader: StorageReader | None = None
-) -> PILImage.Image | str:
-    """Decode the image at ``location`` (path, ``file://`` or ``s3://`` URL), or say why not.
-
-    Local files are decoded straight from disk (the fast path: no copy into memory); other
-    locations are read through the storage reader, so a worker can classify uploads an API on
-    another host stored in S3, and folder jobs on an ``s3://`` data root. A missing or
-    unreadable object is a per-image error, like a missing file; only a failure that is not
-    about the object itself (no connection to the store at all) propagates.
-    """
-    try:
-        path = local_path(location)
-    except ValueError as exc:  # an unsupported scheme in a row written by another version
-        return f"unsupported location: {exc}"
-    try:
-        if path is not None:
-            return decode_image(path, max_pixels=max_pixels)
-        data = (reader or StorageReader()).read_bytes(
-            location, max_bytes=max_image_bytes(max_pixels)
-        )
-        return decode_image(data, path=location, max_pixels=max_pixels)
-    except ImageDecodeError as exc:
-        return exc.reason
-    except StorageLimitError as exc:
-        return f"file is larger than {exc.limit} bytes"
-    except FileNotFoundError:
-        return "file not found"
-    except IsADirectoryError:
-        return "is a directory, not a file"
-    except PermissionError:
-        return "permission denied"
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
-
-
-def storage_image_loader(settings: Settings) -> ImageLoader:
-    """The :data:`ImageLoader` for ``settings``: local paths and URLs on its S3 endpoint."""
-    reader = StorageReader(s3_endpoint_url=settings.s3_endpoint_url)
-    return functools.partial(load_stored_image, reader=reader)
 
 
 #: Kept for callers of the local-only loader; it reads every kind of location now.
@@ -171,8 +109,9 @@ def classify_chunk(
 ) -> ChunkOutcome:
     """Classify the images of ``image_ids`` that have no result yet.
 
-    ``load_image`` defaults to :func:`storage_image_loader` for ``settings``; workers pass
-    their per-process one. ``batcher`` shares forward passes with concurrent chunks.
+    ``load_image`` defaults to reading from storage as ``settings`` say
+    (:func:`~face_emotions.serving.image_loading.storage_image_loader`); workers pass their
+    per-process one. ``batcher`` shares forward passes with concurrent chunks.
 
     Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
     later and no image is marked failed for it, and the delivery is not counted).

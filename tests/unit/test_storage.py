@@ -20,8 +20,10 @@ from face_emotions.data.storage import (
     parse_location,
     read_location,
 )
-from face_emotions.jobs.intake import IntakeError, extract_zip, resolve_folder, store_uploads
-from face_emotions.serving.chunk_classifier import (
+from face_emotions.jobs.folder_intake import resolve_folder
+from face_emotions.jobs.intake import IntakeError, store_uploads
+from face_emotions.jobs.zip_intake import extract_zip
+from face_emotions.serving.image_loading import (
     load_stored_image,
     max_image_bytes,
     storage_image_loader,

@@ -378,7 +378,7 @@ def test_a_delivery_past_the_limit_gives_up_without_working(sessions, settings) 
 def test_a_cancel_lands_between_micro_batches(
     sessions, settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import face_emotions.serving.chunk_classifier as chunk_classifier
+    from face_emotions.serving import chunk_classifier
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
     job_id, chunks = make_job(sessions, 8, 8)
@@ -407,7 +407,7 @@ def test_status_checks_and_heartbeats_are_throttled(
     """One database round trip per micro-batch (its write): the cancel check and the worker
     heartbeat come at most every STATUS_INTERVAL_SECONDS; the heartbeat is throttled per
     process, so a stream of small chunks does not pay one each, and carries what it skipped."""
-    import face_emotions.serving.chunk_classifier as chunk_classifier
+    from face_emotions.serving import chunk_classifier
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
     calls = {"cancelled": 0, "heartbeat": []}
