@@ -157,10 +157,6 @@ def require_role(role: str) -> Callable[[F], F]:
     return decorator
 
 
-#: Kept for the views written before roles existed.
-require_admin = require_role(ADMIN)
-
-
 def required_role(view: Callable[..., Any]) -> str | None:
     """The role :func:`require_role` put on ``view`` (through APIFlask's wrappers), or None."""
     seen: set[int] = set()

@@ -239,10 +239,6 @@ class Settings(BaseSettings):
         return Path(path).expanduser().resolve()
 
     @property
-    def chunk_size(self) -> int:
-        return self.batch_size * self.chunk_batches
-
-    @property
     def artifact_root(self) -> Path:
         """Artefact location for experiments created against the embedded sqlite store."""
         return self.var_dir / "mlflow" / "artifacts"

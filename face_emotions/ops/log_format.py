@@ -26,8 +26,6 @@ from pythonjsonlogger.json import JsonFormatter
 from face_emotions.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: The fields :func:`job_context` fills; the JSON formatter writes any extra field it is given.
-CONTEXT_FIELDS = ("job_id", "model_version", "worker")
 
 
 class _OurHandler(logging.StreamHandler):

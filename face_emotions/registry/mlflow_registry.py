@@ -178,9 +178,6 @@ class Registry:
             self.model_name, alias or self.settings.model_alias, str(version)
         )
 
-    def tag_version(self, version: int, key: str, value: Any) -> None:
-        self.client.set_model_version_tag(self.model_name, str(version), key, str(value))
-
     def evaluation(self, version: int) -> dict[str, Any] | None:
         """The test-split report training logged with ``version``'s run (confusion matrix,
         per-class metrics; see :class:`~face_emotions.modeling.evaluation.EvaluationReport`), or

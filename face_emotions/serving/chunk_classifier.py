@@ -53,7 +53,7 @@ from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
-from face_emotions.serving.image_loading import ImageLoader, load_stored_image, storage_image_loader
+from face_emotions.serving.image_loading import ImageLoader, storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
 from face_emotions.settings import Settings
 
@@ -64,10 +64,6 @@ STATUS_INTERVAL_SECONDS = 1.0
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-#: Kept for callers of the local-only loader; it reads every kind of location now.
-load_local_image = load_stored_image
 
 
 @dataclass

@@ -54,7 +54,6 @@ class DynamicBatcher:
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._carry: list[_Request] = []
         self._stop = threading.Event()
-        self.forward_passes = 0
         self._thread = threading.Thread(target=self._loop, name="dynamic-batcher", daemon=True)
         self._thread.start()
 
@@ -120,7 +119,6 @@ class DynamicBatcher:
                 request.future.set_exception(exc)
             return
         metrics.observe_forward(time.perf_counter() - started, len(images))
-        self.forward_passes += 1
         start = 0
         for request in group:
             end = start + len(request.images)

@@ -123,18 +123,6 @@ class ModelHolder:
         if self._current is not None:
             self._maybe_start_refresh()
 
-    def request_refresh(self) -> None:
-        """Check the alias at the next micro-batch (promotion broadcasts call this)."""
-        self._refresh_requested = True
-
-    def wait_for_reload(self, timeout: float = 30.0) -> bool:
-        """Tests and tools: block until a background load in progress has finished."""
-        loader = self._loader
-        if loader is not None:
-            loader.join(timeout)
-            return not loader.is_alive()
-        return True
-
     @property
     def serving_version(self) -> int | None:
         return self._current.version if self._current else None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from face_emotions.labels import EMOTIONS
@@ -23,7 +24,7 @@ from face_emotions.modeling.bundle import (
     load_model_source,
     save_bundle,
 )
-from face_emotions.modeling.zoo import IMAGENET_MEAN, IMAGENET_STD, create_model
+from face_emotions.modeling.zoo import create_model
 
 SIZE = 32
 
@@ -62,7 +63,7 @@ def inputs() -> torch.Tensor:
 def test_spec_for_architecture(spec: ModelSpec) -> None:
     assert spec.architecture == "cnn"
     assert spec.image_size == SIZE
-    assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD
+    assert spec.mean == IMAGENET_DEFAULT_MEAN and spec.std == IMAGENET_DEFAULT_STD
     assert spec.classes == EMOTIONS
     assert ModelSpec.for_architecture("cnn").image_size == 128  # the architecture's default
     lite0 = ModelSpec.for_architecture("efficientnet_lite0")
