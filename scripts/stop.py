@@ -1,4 +1,8 @@
-"""``make stop``: stop what ``make demo`` started (API, worker, embedded Redis)."""
+"""``make stop``: stop what ``make demo`` started (API, worker, trainer, embedded Redis).
+
+The demo has exited by now; the pid files it left in ``var/run`` are all that names its
+services, so this goes through them (see :func:`scripts.launcher.stop_process`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from scripts.demo import ROOT, stop_process
+from scripts.demo import SERVICES
+from scripts.launcher import ROOT, stop_process
 
 
 def main() -> int:
     run_dir = Path(os.environ.get("EMOTIONS_VAR_DIR", ROOT / "var")).resolve() / "run"
-    stopped = [name for name in ("api", "worker", "redis") if stop_process(run_dir / f"{name}.pid")]
+    stopped = [name for name in SERVICES if stop_process(run_dir / f"{name}.pid")]
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running", file=sys.stderr)
     return 0
 

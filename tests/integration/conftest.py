@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 
 from face_emotions.modeling.bundle import ModelSpec, save_bundle
 from face_emotions.modeling.zoo import create_model
 from face_emotions.registry.mlflow_registry import Registry
 from face_emotions.settings import Settings
+from scripts.launcher import Launcher, ServiceProcess, free_port
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
@@ -34,51 +32,18 @@ PG_URL = os.environ.get("TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def gunicorn(env: dict[str, str], log_path: Path, *options: str) -> Iterator[str]:
-    """A real gunicorn serving ``api.wsgi:app`` with ``options`` (workers, threads, ...);
-    yields its URL once ``/healthz`` answers, terminates it afterwards."""
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                *options,
-                "api.wsgi:app",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                try:
-                    if requests.get(f"{url}/healthz", timeout=5).ok:
-                        break
-                except requests.RequestException:  # not listening yet, or still importing
-                    pass
-                assert time.monotonic() < deadline, (
-                    "gunicorn did not start:\n" + log_path.read_text()
-                )
-                time.sleep(0.3)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(15)
+    """A real gunicorn serving ``api.wsgi:app`` as compose runs it, plus ``options`` (workers,
+    threads, ...); yields its URL once ``/healthz`` answers, terminates it afterwards."""
+    launcher = Launcher(env, log_path.parent, cwd=ROOT, append_logs=False)
+    server = launcher.api(*options, port=free_port(), ready_path="/healthz", log_path=log_path)
+    try:
+        server.wait_ready(60)
+        assert server.url is not None
+        yield server.url
+    finally:
+        server.stop(15)
 
 
 def _redis_client(db: int = 0):
@@ -246,11 +211,12 @@ def services(
 
 
 class WorkerProcess:
-    """A real ``celery worker`` process; killed (or terminated) by the fixture.
+    """A real ``celery worker`` process, started by the launcher; killed (or terminated) by
+    the fixture.
 
     By default an inference worker (prefork, one pool process); ``app="training.service",
     queue="training"`` makes it a trainer, ``pool="threads", concurrency=N`` a threads-pool
-    worker running N tasks at once.
+    worker running N tasks at once. ``process`` is its ``Popen`` (pid, poll).
     """
 
     def __init__(
@@ -267,44 +233,22 @@ class WorkerProcess:
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                app,
-                "worker",
-                "-Q",
-                queue,
-                "--concurrency",
-                str(concurrency),
-                "--pool",
-                pool,
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"{name}@%h",
-            ],
-            cwd=ROOT,
-            env=services.env(**env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        launcher = Launcher(services.env(**env), log_dir, cwd=ROOT, append_logs=False)
+        self.service: ServiceProcess = launcher.worker(
+            f"worker-{name}",
+            node=f"{name}@%h",
+            app=app,
+            queue=queue,
+            pool=pool,
+            concurrency=concurrency,
+            log_path=self.log_path,
         )
+        assert self.service.popen is not None
+        self.process: subprocess.Popen[bytes] = self.service.popen
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log()}")
-            if b"ready." in self.log_path.read_bytes():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.log()}")
+        """Until its ``ready.`` line; RuntimeError if it exits, TimeoutError after timeout."""
+        self.service.wait_ready(timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -315,14 +259,8 @@ class WorkerProcess:
         return [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(15)
-        self._log.close()
+        """``sig`` to the whole process group, SIGKILL if it is still there after 15 s."""
+        self.service.stop(15, sig)
 
 
 @pytest.fixture

@@ -1,4 +1,28 @@
-"""One record per reported figure, with its target, so JSON, Markdown and stdout agree.
+"""The benchmark's figures: one module each, and here one record per reported figure, with
+its target, so JSON, Markdown and stdout agree.
+
+Figures (each a ratio of two things measured side by side, interleaved, medians):
+
+- ``limit`` (:mod:`.limit`): the best in-process decode -> preprocess -> forward loop with the
+  worker's batch size, threads, allocator fix, memory format and backend: what one worker
+  could at best do (ratio: limit / forward-only, the share of the loop the model takes);
+- ``pipeline`` (:mod:`.pipeline`): the same images as one REST folder job on one worker,
+  submit to finished, over ``limit``;
+- ``micro_batching`` (:mod:`.micro_batching`): that job at the default batch size vs
+  ``batch_size=1``;
+- ``scale_out`` (:mod:`.scale_out`): one vs two worker processes of one thread each;
+- ``backends`` (:mod:`.backends`): torch eager vs ONNX Runtime (OpenVINO, torch.compile when
+  available), with the largest probability difference;
+- ``allocator`` (:mod:`.allocator`): the worker's default CPU configuration vs naive eager
+  torch (no malloc tuning, contiguous tensors), batch 32 at 224 px, in two processes;
+- ``tiny_jobs`` (:mod:`.tiny_jobs`): many one-image jobs at once, dynamic batching vs without;
+- ``memory`` (:mod:`.memory`): the worker's resident memory growth over thousands of images
+  after warm-up.
+
+Which figures run together (the pipeline job interleaved with the limit loops, memory sampled
+after every job of the others) is :mod:`bench.run`'s business; the modules only measure and
+report. Nothing here imports torch or numpy at import time: :mod:`bench.run` tunes the
+allocator first.
 
 Targets come from the issue that asked for the benchmark; they are reported (met or not), never
 asserted: on a shared 2-core machine a missed target is information, not a failure.
@@ -117,3 +141,12 @@ def verdict(figure: Figure) -> str:
     met = figure.met
     answer = "n/a" if met is None else ("yes" if met else "no")
     return f"target {figure.target.text}: {answer}"
+
+
+def verdict_text(key: str, value: float) -> str:
+    """Ratios are judged as printed (2 decimals), so "1.80x: no" cannot happen; differences
+    and growths (``below`` targets) are judged unrounded."""
+    target = TARGETS.get(key)
+    if target is not None and target.kind == "at_least":
+        value = round(value, 2)
+    return verdict(Figure(key, value, "", "", check=value))

@@ -1,0 +1,160 @@
+"""``pipeline``: the same images as one REST folder job on one worker, submit to finished,
+over ``limit``; decomposed through the worker's chunk code run in this process, so a loss can
+be put on the chunk code or on the processes around it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from bench.context import Context
+from bench.figures import Figure, verdict_text
+from bench.figures.limit import limit_best
+from bench.stats import Samples, paired_ratios, speedup
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from bench.assets import Workspace
+    from bench.inprocess import ChunkLoop
+    from bench.services import JobRun
+
+
+def chunk_loop(context: Context, workspace: Workspace, paths: list[Path]) -> ChunkLoop | None:
+    """The worker's chunk code in this process, or None (noted) if it cannot be set up."""
+    from bench import inprocess
+    from face_emotions.settings import Settings
+
+    try:
+        settings = Settings(
+            var_dir=workspace.var_dir,
+            mlflow_tracking_uri=workspace.tracking_uri,
+            database_url=f"sqlite:///{workspace.root / 'in-process.db'}",
+            data_root=str(workspace.data_root),
+            device=context.args.device,
+            torch_threads=context.threads,
+            batch_size=context.batch_size,
+        )
+        loop = inprocess.ChunkLoop(settings, paths, context.batch_size)
+        loop.warm()
+        return loop
+    except Exception as exc:
+        context.analysis.append(f"the in-process chunk loop could not run: {exc}")
+        return None
+
+
+def pipeline_figure(
+    context: Context, samples: dict[str, Samples], runs: list[JobRun], poll_seconds: float
+) -> None:
+    """pipeline / limit, and a decomposition of what the pipeline loses.
+
+    Three steps from the pure loop to the user's job: the limit loop; the worker's own chunk
+    code in this process (adds SQLite writes, cancellation checks, heartbeats); the job through
+    the API and a Celery worker (adds the broker, a second process tree, the API answering the
+    client's polls). Each is a ratio to the limit measured in the same interleaved rounds.
+    """
+    best = limit_best(samples)
+    pipeline, limit = samples["pipeline"], samples[best]
+    ratio = speedup(pipeline, limit)
+    breakdowns = [run.breakdown() for run in runs]
+    queued = sorted(b.get("queued_seconds", 0.0) for b in breakdowns)
+    running = sorted(b.get("running_seconds", 0.0) for b in breakdowns)
+    median_queued, median_running = queued[len(queued) // 2], running[len(running) // 2]
+    line = (
+        f"pipeline/limit: {ratio:.2f} ({pipeline.rate:.1f} vs {limit.rate:.1f} img/s) "
+        f"({verdict_text('pipeline', ratio)})"
+    )
+    decomposition = [
+        {"step": f"limit loop ({best})", "img/s": f"{limit.rate:.1f}", "of limit": "1.00"}
+    ]
+    chunk = samples.get("chunk")
+    if chunk is not None:
+        decomposition.append(
+            {
+                "step": "worker chunk code in-process (SQLite writes, no Celery/API)",
+                "img/s": f"{chunk.rate:.1f}",
+                "of limit": f"{speedup(chunk, limit):.2f}",
+            }
+        )
+    if median_running:
+        worker_rate = pipeline.items / median_running
+        decomposition.append(
+            {
+                "step": "Celery worker, job started -> finished (API timestamps)",
+                "img/s": f"{worker_rate:.1f}",
+                "of limit": f"{worker_rate / limit.rate:.2f}",
+            }
+        )
+    decomposition.append(
+        {
+            "step": "REST job, POST -> seen finished",
+            "img/s": f"{pipeline.rate:.1f}",
+            "of limit": f"{ratio:.2f}",
+        }
+    )
+    from bench.services import POLL_INTERVAL
+
+    poll_share = poll_seconds / POLL_INTERVAL
+    tail = pipeline.median - median_queued - median_running
+    context.analysis += [
+        f"pipeline job ({pipeline.items} images), medians: {pipeline.median:.2f} s from POST to "
+        f"seen finished = {median_queued:.2f} s queued + {median_running:.2f} s running + "
+        f"{tail:.2f} s for the POST itself and the last poll; the limit loop took "
+        f"{limit.median:.2f} s for the same files",
+        f"one status poll (GET /api/v1/jobs/<id>) costs {poll_seconds * 1000:.1f} ms in the "
+        f"API (median of 30): polling every {POLL_INTERVAL} s keeps about {poll_share:.0%} of "
+        f"one core busy, on a machine with {os.cpu_count()} cores that the worker's "
+        f"{context.threads} threads also need",
+    ]
+    if chunk is not None and median_running:
+        context.analysis.append(
+            _loss_story(speedup(chunk, limit), pipeline.items / median_running / limit.rate)
+        )
+    context.record(
+        Figure(
+            "pipeline",
+            round(ratio, 2),
+            f"{ratio:.2f} ({pipeline.rate:.1f} / {limit.rate:.1f} img/s)",
+            line,
+            details={
+                "pipeline": pipeline.as_dict(),
+                "limit_loop": best,
+                "limit": limit.as_dict(),
+                "chunk_in_process": chunk.as_dict() if chunk is not None else None,
+                "paired_ratios": paired_ratios(pipeline, limit),
+                "poll_seconds": round(poll_seconds, 4),
+                "jobs": breakdowns,
+                "notes": [
+                    f"one REST folder job of {pipeline.items} images at the default batch size "
+                    "on one worker (prefork, concurrency 1, "
+                    f"{context.threads} torch threads), timed from POST to the first poll "
+                    f"(every {POLL_INTERVAL} s) that sees it succeeded",
+                    "limit, in-process chunk and pipeline repetitions alternate, so all saw the "
+                    "same load",
+                ],
+                "table": decomposition,
+            },
+        )
+    )
+
+
+def _loss_story(chunk: float, worker: float) -> str:
+    """Name where pipeline/limit is lost, from the in-process chunk and the worker's ratios."""
+    parts = [
+        f"the worker's chunk code ran at {chunk:.2f} of the limit in this process and at "
+        f"{worker:.2f} inside the Celery worker"
+    ]
+    if chunk < 0.95:
+        parts.append(
+            f"the chunk code itself (a transaction per micro-batch, cancellation checks, "
+            f"heartbeats, the decode pool) costs about {1 - chunk:.0%}"
+        )
+    if worker < chunk - 0.03:
+        parts.append(
+            f"the processes around it (Celery, the API answering polls, Redis) about "
+            f"{chunk - worker:.0%} more"
+        )
+    if len(parts) == 1:
+        parts.append("neither costs more than this machine's noise")
+    return "; ".join(parts)
