@@ -34,9 +34,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
+# Style (ruff), types (mypy) and the architecture's import contracts (import-linter), all in
+# pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from apiflask import APIFlask
+from flask.json.provider import DefaultJSONProvider
 
 from api import (
     auth,
@@ -69,8 +70,12 @@ def create_app(
         VALIDATION_ERROR_SCHEMA=ErrorOut,
         HTTP_ERROR_SCHEMA=ErrorOut,
     )
-    app.json.sort_keys = False  # keep the documented field order (seed record shape)
-    app.spec_processor(lambda spec: openapi_docs.process_spec(app, spec))
+    # Keep the documented field order (seed record shape). Flask types ``app.json`` as the
+    # base JSONProvider; the app's is its DefaultJSONProvider, which has ``sort_keys``.
+    cast(DefaultJSONProvider, app.json).sort_keys = False
+    # APIFlask types the processor's argument ``dict | str``, but it is always the dict of
+    # ``APISpec.to_dict()`` (SPEC_PROCESSOR_PASS_OBJECT is off; YAML is made after it).
+    app.spec_processor(lambda spec: openapi_docs.process_spec(app, cast(dict[str, Any], spec)))
 
     if settings.migrate_on_start:
         from face_emotions.jobs.migrate import upgrade

@@ -191,6 +191,8 @@ class ClusterCollector(Collector):
     def _client(self) -> Any:
         with self._lock:
             if self._redis is None:
+                if self._redis_url is None:  # collect() reads the broker only with a URL
+                    raise RuntimeError("the broker is not Redis: no queue lengths to read")
                 import redis
 
                 self._redis = redis.Redis.from_url(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from apiflask import APIFlask, HTTPError
+from apiflask.types import ResponseHeaderType
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -76,7 +77,7 @@ def validation_message(detail: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _on_http_error(error: HTTPError) -> tuple[dict[str, Any], int, Mapping[str, str]]:
+def _on_http_error(error: HTTPError) -> tuple[dict[str, Any], int, ResponseHeaderType]:
     """APIFlask's error processor: our ApiError, ``abort()`` and validation errors."""
     code = error.extra_data.get("code") if error.extra_data else None
     if code is None and error.detail:

@@ -17,12 +17,14 @@ from apiflask import APIBlueprint
 from sqlalchemy import text
 
 from api.extensions import Services, services
-from api.openapi_docs import response_doc
+from api.openapi_docs import Responses, response_doc
 from api.schemas.common import HealthOut, ReadyOut
 
 bp = APIBlueprint("health", __name__, tag="health")
 
 CHECK_TIMEOUT_SECONDS = 5.0
+# Not an error body: a 503 still carries the checks, so it only gets a description.
+READY_RESPONSES: Responses = {503: response_doc("A dependency is down (see checks)")}
 
 
 @bp.get("/healthz")
@@ -34,8 +36,7 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 @bp.output(ReadyOut, description="Every dependency answers")
-# Not an error body: a 503 still carries the checks, so it only gets a description.
-@bp.doc(responses={503: response_doc("A dependency is down (see checks)")})
+@bp.doc(responses=READY_RESPONSES)
 def readyz() -> tuple[dict[str, Any], int]:
     """Readiness: database, broker and model registry answer"""
     state = services()

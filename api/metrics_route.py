@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from apiflask import APIFlask
 from flask import Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 
 from api.cluster_metrics import ClusterCollector
@@ -68,7 +70,7 @@ REQUEST_SECONDS = Histogram(
 class _RequestMetrics:
     """The request metrics of this process (single-process mode)."""
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield from REQUESTS.collect()
         yield from REQUEST_SECONDS.collect()
 

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from apiflask import APIFlask
 
 from api.job_requests import MULTIPART
 from api.schemas.common import MAX_INT32, ErrorOut
 from api.schemas.jobs import MAX_BATCH_SIZE
+
+#: What ``@bp.doc(responses=...)`` takes as response objects (APIFlask's ``ResponsesObjectType``:
+#: its keys are ``int | str`` and a dict is invariant in them, so ``dict[int, ...]`` won't do).
+Responses: TypeAlias = dict[int | str, dict[str, Any]]
 
 #: Name of the OpenAPI security scheme.
 SECURITY_SCHEME = "bearerAuth"
@@ -83,7 +87,7 @@ def error_responses(
     *,
     retry_after: Collection[int] = (),
     auth: bool = False,
-) -> dict[int, dict[str, Any]]:
+) -> Responses:
     """Error entries for ``@bp.doc(responses=...)``: one ``ErrorOut`` body per status code.
 
     ``retry_after``: the codes whose refusals carry a ``Retry-After`` header. ``auth`` adds the
@@ -103,7 +107,7 @@ def error_responses(
 # -- /api/v1/jobs: responses with more than an error body ---------------------------------
 
 JOB_NOT_FOUND: dict[int, str] = {404: "Job not found"}
-SUBMISSION_RESPONSES: dict[int, dict[str, Any]] = {
+SUBMISSION_RESPONSES: Responses = {
     200: response_doc(
         "A job with this Idempotency-Key already exists: it is returned and nothing new is "
         "stored or queued",
@@ -121,7 +125,7 @@ SUBMISSION_RESPONSES: dict[int, dict[str, Any]] = {
     ),
 }
 #: One route, two kinds of success: a JSON page, or every result as a streamed download.
-RESULTS_RESPONSES: dict[int, dict[str, Any]] = {
+RESULTS_RESPONSES: Responses = {
     200: response_doc(
         "format=json: one page of results. format=jsonl or csv: every result, streamed as "
         "an attachment",

@@ -116,7 +116,8 @@ def init_app(app: Flask, settings: Settings) -> None:
         if path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"
         # CORS is off by default: make sure nothing upstream added it either.
-        for name in [h for h in response.headers if h[0].lower().startswith("access-control-")]:
+        # Iterating Headers yields (name, value) pairs: delete by name.
+        for name in [k for k, _ in response.headers if k.lower().startswith("access-control-")]:
             del response.headers[name]
         return response
 

@@ -79,6 +79,8 @@ def model_versions_by_job(
         .distinct()
     )
     for job_id, version in rows:
+        if version is None:  # excluded by the query; this narrows the nullable column
+            continue
         found.setdefault(job_id, []).append(int(version))
     return {job_id: sorted(versions) for job_id, versions in found.items()}
 

@@ -70,7 +70,7 @@ def thumbnail(job_id: uuid.UUID, image_id: int) -> Response:
     session = db_session()
     job = job_queries.get_job(session, job_id, owner=current_principal().owner_filter)
     image = session.get(Image, image_id) if job is not None else None
-    if image is None or image.job_id != job.id:
+    if job is None or image is None or image.job_id != job.id:
         raise ApiError(404, "not_found", f"job {job_id} has no image {image_id}")
     location, name = image.location, image.path
     session.commit()  # end the read transaction before the storage round trip

@@ -269,13 +269,14 @@ def start_services(
         logs=workspace.logs,
     )
     cluster = stack.enter_context(services.running(environment))
-    batch_env = {"EMOTIONS_BATCH_SIZE": str(context.batch_size)}
+    # Passed by name: ``**{...}`` of a dict[str, str] could (for mypy) fill the int parameters.
+    batch_size = str(context.batch_size)
     cluster.start_api()
     if context.wants(*MAIN_WORKER_FIGURES):
-        cluster.start_worker("main", threads=context.threads, **batch_env)
+        cluster.start_worker("main", threads=context.threads, EMOTIONS_BATCH_SIZE=batch_size)
     if context.wants("scale_out"):
-        cluster.start_worker("one", threads=1, **batch_env)
-        cluster.start_worker("two", threads=1, **batch_env)
+        cluster.start_worker("one", threads=1, EMOTIONS_BATCH_SIZE=batch_size)
+        cluster.start_worker("two", threads=1, EMOTIONS_BATCH_SIZE=batch_size)
     if context.wants("tiny_jobs") and dynamic_batching_supported():
         cluster.start_worker(
             "dynamic",
@@ -283,7 +284,7 @@ def start_services(
             pool="threads",
             concurrency=8,
             EMOTIONS_DYNAMIC_BATCHING="true",
-            **batch_env,
+            EMOTIONS_BATCH_SIZE=batch_size,
         )
     return cluster
 

@@ -362,7 +362,8 @@ class Cluster:
         return seconds, ours
 
     def logs(self) -> str:
-        parts = [p.log_tail(1500) for p in [self.api, *(w.process for w in self.workers.values())]]
+        processes = [w.process for w in self.workers.values()]
+        parts = [p.log_tail(1500) for p in ([self.api] if self.api else []) + processes]
         return "\n".join(part for part in parts if part)
 
 

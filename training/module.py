@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -63,12 +64,12 @@ class EmotionClassifier(L.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
         self.log("val_weighted_f1", self.val_f1)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, self.hparams.max_epochs)
+            optimizer, T_max=max(1, self.hparams["max_epochs"])
         )
         return {
             "optimizer": optimizer,

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from face_emotions.modeling.evaluation import EvaluationReport, plot_confusion_matrix
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.registry.promotion import PromotionDecision
+
+if TYPE_CHECKING:
+    # What ``lightning.Trainer(precision=...)`` accepts (Lightning has no public name for it).
+    from lightning.fabric.connector import _PRECISION_INPUT
 
 log = logging.getLogger("training.train")
 
@@ -62,9 +66,11 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides or []))
 
 
-def resolve_precision(accelerator: str, precision: str | int) -> str | int:
+def resolve_precision(
+    accelerator: str, precision: _PRECISION_INPUT | Literal["auto"]
+) -> _PRECISION_INPUT:
     """Mixed precision only where it pays off: bf16 on GPUs that have it, fp16 on the others."""
-    if str(precision) != "auto":
+    if precision != "auto":
         return precision
     import torch
 

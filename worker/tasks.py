@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import uuid
 
 from celery import Task
+from celery.utils.time import get_exponential_backoff_interval
 
 from face_emotions.jobs.protocol import CLASSIFY_TASK
 from face_emotions.jobs.recovery import fail_chunk
 from face_emotions.ops.log_format import job_context
+from face_emotions.ops.redaction import redact
 from face_emotions.serving.chunk_classifier import (
     chunk_attempts,
     classify_chunk,
@@ -37,12 +38,11 @@ log = logging.getLogger(__name__)
 MODEL_RETRY_SECONDS = 10
 MODEL_RETRIES = 360  # an hour without a model before giving up on a chunk
 #: Backoff of a failed chunk: 2, 4, 8, 16 ... seconds (x 0.5-1.5 jitter), at most a minute.
-RETRY_BASE_SECONDS = 2.0
-RETRY_MAX_SECONDS = 60.0
+RETRY_BASE_SECONDS = 2
+RETRY_MAX_SECONDS = 60
 #: Retry delay when the failure came before the delivery was counted (database unreachable).
 UNCOUNTED_RETRY_SECONDS = 10.0
 REASON_MAX_CHARS = 300
-_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
 
 
 @app.task(
@@ -149,7 +149,9 @@ def _after_failure(task: Task, job_id: str, image_ids: list[int], exc: Exception
 def retry_countdown(attempts: int) -> float:
     """Exponential backoff with jitter, so that chunks failing together do not come back
     together (a database or store that just recovered is not hit by all of them at once)."""
-    base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(attempts - 1, 0))
+    base = get_exponential_backoff_interval(
+        RETRY_BASE_SECONDS, max(attempts - 1, 0), RETRY_MAX_SECONDS
+    )
     return jittered(base)
 
 
@@ -161,6 +163,6 @@ def failure_reason(exc: BaseException) -> str:
     """What users see for images given up on: the exception type and the first line of its
     message (SQL and parameters come on later lines), credentials in URLs masked, bounded."""
     lines = str(exc).strip().splitlines()
-    text = _CREDENTIALS.sub("***@", lines[0].strip()) if lines else ""
+    text = redact(lines[0].strip()) if lines else ""
     reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return reason if len(reason) <= REASON_MAX_CHARS else reason[: REASON_MAX_CHARS - 3] + "..."

@@ -1,0 +1,1 @@
+"""The ``face-emotions`` console script: one module per command group (see ``main``)."""

@@ -62,7 +62,8 @@ def render_face(emotion: str, rng: np.random.Generator, size: int | None = None)
     face = face.rotate(
         angle,
         resample=Image.Resampling.NEAREST,
-        translate=(float(shift[0]), float(shift[1])),
+        # Pillow annotates ``translate`` as ints, but the affine matrix takes sub-pixel floats.
+        translate=(float(shift[0]), float(shift[1])),  # type: ignore[arg-type]
     )
     background.paste(face, (0, 0), face)
     image = background.resize((size, size), Image.Resampling.HAMMING)

@@ -83,8 +83,8 @@ def _assign_class(
 
 
 def stratified_group_split(
-    labels: Sequence[int],
-    groups: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
     *,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
@@ -138,7 +138,9 @@ class SplitSummary:
 
 
 def summarise_split(
-    labels: Sequence[int], groups: Sequence[int], assignment: Sequence[str]
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    assignment: Sequence[str] | np.ndarray,
 ) -> SplitSummary:
     """Count images per split and label, plus group statistics, for a split assignment."""
     label_arr = np.asarray(labels)

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import IO, Final
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -263,7 +263,7 @@ class Storage:
             raise ValueError(f"{url_or_key!r} is not inside {self.url}")
         return check_key(parsed.path[len(prefix) :])
 
-    def write_stream(self, key: str, stream: BinaryIO, *, max_bytes: int | None = None) -> int:
+    def write_stream(self, key: str, stream: IO[bytes], *, max_bytes: int | None = None) -> int:
         """Copy ``stream`` into ``key`` in 1 MiB blocks; returns the bytes written.
 
         Streamed, so a 500 MiB upload never sits in memory. Past ``max_bytes`` the copy stops

@@ -17,7 +17,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable
-from typing import BinaryIO, Final
+from typing import IO, Final
 
 from face_emotions.data.images import IMAGE_EXTENSIONS
 from face_emotions.data.storage import (
@@ -94,7 +94,7 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 
 def store_uploads(
-    files: Iterable[tuple[str, BinaryIO]], storage: Storage, prefix: str, *, max_images: int
+    files: Iterable[tuple[str, IO[bytes]]], storage: Storage, prefix: str, *, max_images: int
 ) -> list[NewImage]:
     """Write uploaded image files below ``prefix`` in ``storage``; ``path`` is the sanitised name.
 
@@ -111,7 +111,7 @@ def store_uploads(
             "too_many_images", f"{len(entries)} files uploaded; at most {max_images} per job"
         )
     taken: set[str] = set()
-    planned: list[tuple[str, BinaryIO]] = []
+    planned: list[tuple[str, IO[bytes]]] = []
     for original, stream in entries:
         safe = secure_name(original)
         if not has_image_extension(safe):

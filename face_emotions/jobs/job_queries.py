@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from face_emotions.jobs.schema import (
@@ -63,8 +64,9 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    # The declarative ``__table__`` is typed as a FromClause; it is the model's Table.
     session.execute(
-        Image.__table__.insert(),
+        cast(Table, Image.__table__).insert(),
         [
             {
                 "job_id": job.id,
@@ -123,10 +125,13 @@ def list_jobs(
 
 def cancel_job(session: Session, job: Job) -> bool:
     """Cancel a job that has not finished; chunks not yet started will skip it."""
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    changed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        ),
     ).rowcount
     session.refresh(job)
     return bool(changed)
@@ -138,7 +143,7 @@ def model_versions_used(session: Session, job_id: uuid.UUID) -> list[int]:
         .where(Result.job_id == job_id, Result.model_version.is_not(None))
         .distinct()
     )
-    return sorted(int(v) for v in rows)
+    return sorted(int(v) for v in rows if v is not None)  # the query already drops NULLs
 
 
 def results_query(job_id: uuid.UUID, *, emotion: str | None = None, status: str | None = None):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from face_emotions.jobs.schema import (
@@ -49,11 +50,14 @@ def claim_stalled_job(
     job exactly one sees a row change; moving ``progressed_at`` also keeps the job out of the
     next sweeps until another stall period has passed without progress. Caller commits.
     """
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), _last_progress() < cutoff)
-        .values(progressed_at=now)
-        .execution_options(synchronize_session=False)
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), _last_progress() < cutoff)
+            .values(progressed_at=now)
+            .execution_options(synchronize_session=False)
+        ),
     )
     return result.rowcount == 1
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from face_emotions.jobs.schema import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
+    Base,
     Image,
     Job,
     JobStatus,
@@ -26,6 +27,10 @@ from face_emotions.jobs.schema import (
     utcnow,
 )
 from face_emotions.labels import EMOTIONS
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects.postgresql import Insert as PostgresqlInsert
+    from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 
 
 @dataclass(frozen=True)
@@ -160,15 +165,21 @@ def _advance_job(
         )
 
 
-def _insert_for(session: Session):
+def _insert_for(
+    session: Session,
+) -> Callable[[type[Base]], PostgresqlInsert | SqliteInsert]:
+    """The dialect's ``insert``, whose statements have ``on_conflict_do_nothing``."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
     else:  # pragma: no cover - only PostgreSQL and SQLite are supported
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    return insert
 
 
 def pending_attempts(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]) -> int | None:

@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -58,7 +58,7 @@ class JobOptions:
 class UploadSource:
     """Uploaded files: images, or exactly one ``.zip`` of images."""
 
-    files: Sequence[tuple[str, BinaryIO]]
+    files: Sequence[tuple[str, IO[bytes]]]
     options: JobOptions
 
 

@@ -13,9 +13,9 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from face_emotions.jobs.schema import TrainingRun, TrainingRunStatus, utcnow
@@ -115,14 +115,17 @@ def claim_dispatch(session: Session, run_id: uuid.UUID) -> bool:
     The conditional update is the lock: of two processes dispatching pending runs at once,
     only one sends each run, so a broker outage never turns into duplicate trainings.
     """
-    claimed = session.execute(
-        update(TrainingRun)
-        .where(
-            TrainingRun.id == run_id,
-            TrainingRun.status == TrainingRunStatus.QUEUED,
-            TrainingRun.dispatched_at.is_(None),
-        )
-        .values(dispatched_at=utcnow())
+    claimed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(TrainingRun)
+            .where(
+                TrainingRun.id == run_id,
+                TrainingRun.status == TrainingRunStatus.QUEUED,
+                TrainingRun.dispatched_at.is_(None),
+            )
+            .values(dispatched_at=utcnow())
+        ),
     ).rowcount
     return bool(claimed)
 
@@ -185,15 +188,18 @@ def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
     task again when the trainer that had it died, so nobody else is working on it. A finished
     run stays finished.
     """
-    moved = session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
-        .values(
-            status=TrainingRunStatus.RUNNING,
-            started_at=utcnow(),
-            attempts=TrainingRun.attempts + 1,
-            error=None,
-        )
+    moved = cast(
+        CursorResult[Any],
+        session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
+            .values(
+                status=TrainingRunStatus.RUNNING,
+                started_at=utcnow(),
+                attempts=TrainingRun.attempts + 1,
+                error=None,
+            )
+        ),
     ).rowcount
     if not moved:
         return None
@@ -237,9 +243,12 @@ def mark_failed(
 
 
 def _finish(session: Session, run_id: uuid.UUID, *, status: TrainingRunStatus, **values) -> bool:
-    finished = session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
-        .values(status=status, finished_at=utcnow(), **values)
+    finished = cast(
+        CursorResult[Any],
+        session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
+            .values(status=status, finished_at=utcnow(), **values)
+        ),
     ).rowcount
     return bool(finished)

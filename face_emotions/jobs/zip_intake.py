@@ -14,7 +14,7 @@ import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO
 
 from face_emotions.data.storage import (
     Storage,
@@ -76,7 +76,7 @@ def _skip_reason(info: zipfile.ZipInfo) -> str | None:
 
 
 def extract_zip(
-    stream: BinaryIO,
+    stream: IO[bytes],
     storage: Storage,
     prefix: str,
     *,
@@ -218,11 +218,11 @@ class _seekable:
     socket stream has to be buffered; uploads normally already are (Werkzeug spools them).
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
-        self._spool: BinaryIO | None = None
+        self._spool: IO[bytes] | None = None
 
-    def __enter__(self) -> BinaryIO:
+    def __enter__(self) -> IO[bytes]:
         try:
             if self._stream.seekable():
                 self._stream.seek(0)

@@ -1,0 +1,1 @@
+"""Models: the architecture zoo (timm), the bundle format workers load, and evaluation metrics."""

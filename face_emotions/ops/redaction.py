@@ -23,7 +23,6 @@ REDACTED = "***"
 
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
 _API_TOKEN = re.compile(r"fe_[A-Za-z0-9_-]{16,}")
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 
 
@@ -50,7 +49,7 @@ class SecretRedactor(logging.Filter):
             text = text.replace(secret, REDACTED)
         text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
         text = _API_TOKEN.sub(REDACTED, text)
-        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+        return redact_url(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -74,9 +73,9 @@ def redact(text: str) -> str:
     return redactor.redact(text)
 
 
-def redact_url(url: str) -> str:
-    """A URL fit to print: any user name and password replaced, the rest kept."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", url)
+def redact_url(text: str) -> str:
+    """URLs fit to print: the user name and password of each replaced, the rest kept."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
 
 
 def install_log_redaction(settings: Settings, logger_names: Iterable[str] = ()) -> None:

@@ -1,0 +1,1 @@
+"""The MLflow model registry: publishing and fetching versions, and the one promotion path."""

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -196,7 +197,9 @@ def classify_chunk(
             rows, version, forward_batch = _predict(holder, batcher, job.model_version, batch)
             if batch.images:
                 outcome.forward_batches.append(forward_batch)
-                outcome.model_versions.add(version)
+                # None: the pinned version vanished mid-chunk and nothing was predicted.
+                if version is not None:
+                    outcome.model_versions.add(version)
         rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
         done, failed = _write(sessions, job_id, rows, version, worker_name, forward_batch)
         outcome.succeeded += done
@@ -252,6 +255,7 @@ def _predict(
     The model is asked for at every micro-batch (directly, or by the batcher for every shared
     pass): that is where a hot reload lands.
     """
+    probabilities: np.ndarray | Sequence[Sequence[float]]
     if batcher is not None and batch.images:
         shared = batcher.predict(batch.images, pinned)
         probabilities, version, forward_batch = (

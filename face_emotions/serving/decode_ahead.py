@@ -19,6 +19,8 @@ from PIL import Image
 from face_emotions.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 K = TypeVar("K")
+#: What a loader is given: a local path, or whatever locations its caller passes (``str``).
+P = TypeVar("P", bound="str | Path")
 
 
 @dataclass
@@ -44,7 +46,7 @@ def _decode_one(path: str | Path, max_pixels: int) -> Image.Image | str:
 
 
 def _timed(
-    load: Callable[[str | Path, int], Image.Image | str], path: str | Path, max_pixels: int
+    load: Callable[[P, int], Image.Image | str], path: P, max_pixels: int
 ) -> tuple[Image.Image | str, float]:
     started = time.perf_counter()
     result = load(path, max_pixels)
@@ -52,13 +54,13 @@ def _timed(
 
 
 def iter_decoded_batches(
-    paths: Sequence[str | Path],
+    paths: Sequence[P],
     batch_size: int,
     *,
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prefetch: int = 1,
-    loader: Callable[[str | Path, int], Image.Image | str] | None = None,
+    loader: Callable[[P, int], Image.Image | str] | None = None,
     keys: Sequence[K] | None = None,
 ) -> Iterator[DecodedBatch]:
     """Yield batches in order; unreadable files land in ``errors`` with the reason.

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from face_emotions.data.images import load_batch_array
 from face_emotions.modeling.bundle import Bundle
@@ -81,7 +82,9 @@ class Predictor:
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             if compile_model:
-                self.model = torch.compile(self.model, dynamic=True)
+                # Typed as returning a plain callable; given a Module it returns an
+                # OptimizedModule, which is one.
+                self.model = cast(nn.Module, torch.compile(self.model, dynamic=True))
             self._mean = self._mean.to(self.device)
             self._std = self._std.to(self.device)
 
