@@ -31,6 +31,7 @@ from api.schemas.training_runs import (
     TrainingRunPageOut,
 )
 from api.serialize import aware
+from face_emotions.data.data_root import FolderError
 from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.broker import TrainingSender
 from face_emotions.jobs.schema import TrainingRun
@@ -82,7 +83,7 @@ def create_training_run(body: dict[str, Any]) -> Any:
         ) from exc
     try:
         db_runs.resolve_data_path(data_root, folder)
-    except db_runs.DataPathError as exc:
+    except FolderError as exc:
         raise ApiError(400, exc.code, f"data: {exc.message}") from exc
 
     overrides: list[str] = []

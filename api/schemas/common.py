@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from apiflask import Schema
-from apiflask.fields import Dict, Integer, Nested, String
+from apiflask.fields import DateTime, Dict, Float, Integer, Nested, String
 from marshmallow import ValidationError
 
 #: Integer columns are 32-bit: a bigger number is refused as input, not overflowed in SQL.
@@ -47,6 +47,23 @@ class ErrorOut(Schema):
 class PageQuery(Schema):
     page = Integer(load_default=1, metadata={"description": "1-based; clamped to >= 1."})
     limit = Integer(load_default=20, metadata={"description": "Clamped to 1..max page size."})
+
+
+class PageOut(Schema):
+    """The paging fields of every list answer; each list adds its ``items``."""
+
+    page = Integer(required=True)
+    limit = Integer(required=True)
+    total = Integer(required=True)
+
+
+class LifecycleOut(Schema):
+    """When a job or a training run was created, started and finished."""
+
+    created_at = DateTime(required=True)
+    started_at = DateTime(allow_none=True)
+    finished_at = DateTime(allow_none=True)
+    duration_seconds = Float(allow_none=True)
 
 
 def clamp_page(query: Mapping[str, Any], max_page_size: int) -> tuple[int, int]:

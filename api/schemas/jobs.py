@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from apiflask import Schema
-from apiflask.fields import Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
 from apiflask.validators import OneOf, Range
 from marshmallow import RAISE
 
-from api.schemas.common import MAX_INT32, PageQuery, validate_path_text
+from api.schemas.common import MAX_INT32, LifecycleOut, PageOut, PageQuery, validate_path_text
 from face_emotions.labels import EMOTIONS
 
 MAX_BATCH_SIZE = 1024
@@ -55,7 +55,7 @@ class JobLinks(Schema):
     summary = String(required=True)
 
 
-class JobOut(Schema):
+class JobOut(LifecycleOut):
     id = String(required=True, metadata={"format": "uuid"})
     status = String(
         required=True,
@@ -79,10 +79,6 @@ class JobOut(Schema):
     failed = Integer(required=True)
     progress = Float(required=True, metadata={"description": "(done + failed) / total, 0..1."})
     model_versions = List(Integer(), metadata={"description": "Versions that made results."})
-    created_at = DateTime(required=True)
-    started_at = DateTime(allow_none=True)
-    finished_at = DateTime(allow_none=True)
-    duration_seconds = Float(allow_none=True)
     images_per_second = Float(allow_none=True)
     error = String(allow_none=True)
     links = Nested(JobLinks, required=True)
@@ -101,11 +97,8 @@ class JobListItem(JobOut):
     """
 
 
-class JobPageOut(Schema):
+class JobPageOut(PageOut):
     items = List(Nested(JobListItem), required=True)
-    page = Integer(required=True)
-    limit = Integer(required=True)
-    total = Integer(required=True)
 
 
 # -- results --------------------------------------------------------------------------------
@@ -136,11 +129,8 @@ class ResultOut(Schema):
     )
 
 
-class ResultPageOut(Schema):
+class ResultPageOut(PageOut):
     items = List(Nested(ResultOut), required=True)
-    page = Integer(required=True)
-    limit = Integer(required=True)
-    total = Integer(required=True)
 
 
 class EmotionStats(Schema):

@@ -10,11 +10,11 @@ import re
 from functools import lru_cache
 
 from apiflask import Schema
-from apiflask.fields import Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.fields import Boolean, Dict, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range
 from marshmallow import RAISE, ValidationError
 
-from api.schemas.common import validate_path_text
+from api.schemas.common import LifecycleOut, PageOut, validate_path_text
 
 PROMOTE_MODES = ("auto", "never", "force")
 TRAINING_RUN_STATUSES = ("queued", "running", "succeeded", "failed")
@@ -124,7 +124,7 @@ class TrainingRunLinks(Schema):
     self = String(required=True)
 
 
-class TrainingRunOut(Schema):
+class TrainingRunOut(LifecycleOut):
     id = String(required=True, metadata={"format": "uuid"})
     status = String(required=True, metadata={"enum": list(TRAINING_RUN_STATUSES)})
     requested_by = String(required=True)
@@ -142,10 +142,6 @@ class TrainingRunOut(Schema):
         metadata={"description": "test_* metrics of the test split and passed_targets."},
     )
     error = String(allow_none=True)
-    created_at = DateTime(required=True)
-    started_at = DateTime(allow_none=True)
-    finished_at = DateTime(allow_none=True)
-    duration_seconds = Float(allow_none=True)
     links = Nested(TrainingRunLinks, required=True)
 
 
@@ -158,8 +154,5 @@ class TrainingRunListItem(TrainingRunOut):
     :class:`api.schemas.jobs.JobListItem`)."""
 
 
-class TrainingRunPageOut(Schema):
+class TrainingRunPageOut(PageOut):
     items = List(Nested(TrainingRunListItem), required=True)
-    page = Integer(required=True)
-    limit = Integer(required=True)
-    total = Integer(required=True)

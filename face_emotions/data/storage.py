@@ -34,11 +34,12 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from face_emotions.data.data_root import DRIVE_LETTER
+
 COPY_BUFFER: Final[int] = 1024 * 1024
 LOCAL_PROTOCOL: Final[str] = "file"
 REMOTE_PROTOCOLS: Final[frozenset[str]] = frozenset({"s3"})
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_DRIVE = re.compile(r"^[A-Za-z]:")
 # S3 bucket names: 3-63 characters of lower-case letters, digits, dots and hyphens.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -140,7 +141,7 @@ def check_key(key: str) -> str:
         raise ValueError("an object key must be a non-empty string")
     if "\x00" in key or "\\" in key:
         raise ValueError(f"object key {key!r} contains a NUL byte or a backslash")
-    if key.startswith("/") or _DRIVE.match(key):
+    if key.startswith("/") or DRIVE_LETTER.match(key):
         raise ValueError(f"object key {key!r} is absolute")
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"object key {key!r} has an empty, '.' or '..' component")

@@ -6,36 +6,18 @@ The folder comes from a client, so it must stay inside the data root: no absolut
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sized
 from pathlib import Path, PurePosixPath
 
+from face_emotions.data.data_root import FolderError, relative_folder, resolve_local_folder
 from face_emotions.data.images import iter_image_files
 from face_emotions.data.storage import (
     Storage,
     is_remote,
     local_path,
 )
-from face_emotions.jobs.intake import DRIVE_LETTER, IntakeError, has_image_extension
+from face_emotions.jobs.intake import IntakeError, has_image_extension
 from face_emotions.jobs.job_queries import NewImage
-
-
-def _check_relative(folder: str) -> PurePosixPath:
-    """Reject what could name something outside the root before touching the filesystem."""
-    if "\x00" in folder:
-        raise IntakeError("invalid_path", "the folder contains a NUL byte")
-    try:
-        folder.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate: no filesystem can name it
-        raise IntakeError("invalid_path", "the folder is not valid Unicode text") from exc
-    if folder.startswith(("/", "\\")) or DRIVE_LETTER.match(folder):
-        raise IntakeError(
-            "invalid_path", f"{folder!r} is absolute; give a path relative to the data root"
-        )
-    parts = [part for part in re.split(r"[/\\]", folder) if part not in ("", ".")]
-    if ".." in parts:
-        raise IntakeError("invalid_path", f"{folder!r} contains '..'")
-    return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
 def resolve_folder(
@@ -55,23 +37,15 @@ def resolve_folder(
     a client read ``/etc`` or another tenant's files. ``location`` is the resolved path, so the
     worker reads exactly the file that was checked here; for S3 it is the object's URL.
     """
-    relative = _check_relative(folder)
-    if not isinstance(data_root, Path) and is_remote(data_root):
-        storage = Storage.from_url(data_root, s3_endpoint_url=s3_endpoint_url)
-        return _resolve_remote_folder(storage, relative, folder, recursive, max_images)
-    root_path = local_path(data_root) if isinstance(data_root, str) else data_root
-    root = Path(root_path or data_root).expanduser().resolve()
-    candidate = root / relative
     try:
-        target = candidate.resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise IntakeError("not_found", f"folder {folder!r} does not exist") from exc
-    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, permissions, names
-        raise IntakeError("invalid_path", f"folder {folder!r} cannot be resolved") from exc
-    if not target.is_relative_to(root):
-        raise IntakeError("invalid_path", f"folder {folder!r} leads outside the data root")
-    if not target.is_dir():
-        raise IntakeError("not_found", f"{folder!r} is not a folder")
+        relative = relative_folder(folder)
+        if not isinstance(data_root, Path) and is_remote(data_root):
+            storage = Storage.from_url(data_root, s3_endpoint_url=s3_endpoint_url)
+            return _resolve_remote_folder(storage, relative, folder, recursive, max_images)
+        root_path = local_path(data_root) if isinstance(data_root, str) else data_root
+        root, candidate = resolve_local_folder(Path(root_path or data_root), folder)
+    except FolderError as exc:
+        raise IntakeError(exc.code, exc.message) from exc
 
     try:
         found = iter_image_files(candidate, recursive=recursive)

@@ -32,7 +32,6 @@ COPY_BUFFER: Final[int] = 1024 * 1024
 RATIO_CHECK_MIN_BYTES: Final[int] = 1024 * 1024
 MAX_NAME_CHARS: Final[int] = 150
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
-DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _WINDOWS_DEVICE_NAMES: Final[frozenset[str]] = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}

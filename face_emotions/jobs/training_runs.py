@@ -9,59 +9,26 @@ API refuses a bad folder at submission, the trainer resolves it again under its 
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from face_emotions.data.data_root import resolve_local_folder
 from face_emotions.jobs.schema import TrainingRun, TrainingRunStatus, utcnow
 
 #: Stored errors are for people; a traceback-sized message would bloat every list page.
 MAX_ERROR_CHARS = 4000
 _ACTIVE = (TrainingRunStatus.QUEUED, TrainingRunStatus.RUNNING)
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-class DataPathError(ValueError):
-    """A training data folder refused; ``code`` is ``invalid_path`` or ``not_found``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def resolve_data_path(data_root: Path, folder: str) -> Path:
-    """``folder`` (relative, no ``..``) as an existing directory inside ``data_root``.
-
-    Symlinks are resolved before the containment check, so a link planted in the shared data
-    tree cannot point a training run at ``/etc`` or at another tenant's files.
-    """
-    if "\x00" in folder:
-        raise DataPathError("invalid_path", "the folder contains a NUL byte")
-    if folder.startswith(("/", "\\")) or _DRIVE.match(folder):
-        raise DataPathError(
-            "invalid_path", f"{folder!r} is absolute; give a path relative to the data root"
-        )
-    parts = [part for part in re.split(r"[/\\]", folder) if part not in ("", ".")]
-    if ".." in parts:
-        raise DataPathError("invalid_path", f"{folder!r} contains '..'")
-    root = data_root.expanduser().resolve()
-    try:
-        target = (root / PurePosixPath(*parts)).resolve(strict=True) if parts else root
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise DataPathError("not_found", f"folder {folder!r} does not exist") from exc
-    except (OSError, RuntimeError) as exc:  # symlink loops, permissions
-        raise DataPathError("invalid_path", f"folder {folder!r} cannot be resolved") from exc
-    if not target.is_relative_to(root):
-        raise DataPathError("invalid_path", f"folder {folder!r} leads outside the data root")
-    if not target.is_dir():
-        raise DataPathError("not_found", f"{folder!r} is not a folder")
-    return target
+    """``folder`` as an existing directory inside ``data_root`` (see
+    :func:`~face_emotions.data.data_root.resolve_local_folder`; raises its ``FolderError``)."""
+    return resolve_local_folder(data_root, folder)[1]
 
 
 def create_run(

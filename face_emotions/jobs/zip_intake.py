@@ -16,13 +16,13 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from face_emotions.data.data_root import DRIVE_LETTER
 from face_emotions.data.storage import (
     Storage,
     StorageLimitError,
 )
 from face_emotions.jobs.intake import (
     COPY_BUFFER,
-    DRIVE_LETTER,
     RATIO_CHECK_MIN_BYTES,
     IntakeError,
     has_image_extension,

@@ -187,28 +187,20 @@ def _cnn(
 # timm's classifiers already are conv features -> global pool -> dropout(drop_rate) -> Linear.
 
 
-@register_model(
-    "resnet18", timm_name="resnet18", description="ResNet-18 (ImageNet weights need internet)"
-)
-def _resnet18(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
-    if pretrained:
-        _require_hub("resnet18")
-    return timm.create_model(
-        "resnet18", pretrained=pretrained, num_classes=num_classes, drop_rate=dropout
-    )
+def _hub_backbone(timm_name: str, description: str) -> None:
+    """Register a timm network whose ImageNet weights come from the hub (online only)."""
+
+    @register_model(timm_name, timm_name=timm_name, description=description)
+    def build(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
+        if pretrained:
+            _require_hub(timm_name)
+        return timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=num_classes, drop_rate=dropout
+        )
 
 
-@register_model(
-    "efficientnet_b0",
-    timm_name="efficientnet_b0",
-    description="EfficientNet-B0 (ImageNet weights need internet)",
-)
-def _efficientnet_b0(pretrained: bool, num_classes: int, dropout: float) -> nn.Module:
-    if pretrained:
-        _require_hub("efficientnet_b0")
-    return timm.create_model(
-        "efficientnet_b0", pretrained=pretrained, num_classes=num_classes, drop_rate=dropout
-    )
+_hub_backbone("resnet18", "ResNet-18 (ImageNet weights need internet)")
+_hub_backbone("efficientnet_b0", "EfficientNet-B0 (ImageNet weights need internet)")
 
 
 @register_model(

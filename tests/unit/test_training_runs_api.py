@@ -676,6 +676,7 @@ def test_services_register_the_protocol_names() -> None:
     from face_emotions.jobs import protocol
 
     assert protocol.TRAIN_TASK in training.service.app.tasks
+    worker.app.app.loader.import_default_modules()  # the task modules, as a starting worker
     assert protocol.CLASSIFY_TASK in worker.app.app.tasks
     from celery.worker.control import Panel
 
