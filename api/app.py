@@ -9,32 +9,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
 from apiflask import APIFlask
 from flask.json.provider import DefaultJSONProvider
 
-from api import (
-    auth,
-    console,
-    docs_assets,
-    errors,
-    extensions,
-    health,
-    jobs,
-    limits,
-    metrics_route,
-    models,
-    openapi_docs,
-    security,
-    thumbnails,
-    training_runs,
-)
+from api import auth
+from api import console
+from api import docs_assets
+from api import errors
+from api import extensions
+from api import health
+from api import jobs
+from api import limits
+from api import metrics_route
+from api import models
+from api import openapi_docs
+from api import security
+from api import thumbnails
+from api import training_runs
 from api.schemas.common import ErrorOut
 from face_emotions import __version__
-from face_emotions.jobs.broker import BrokerClient, ChunkSender
+from face_emotions.jobs.broker import BrokerClient
+from face_emotions.jobs.broker import ChunkSender
 from face_emotions.ops.redaction import install_log_redaction
-from face_emotions.settings import Settings, get_settings
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,11 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
-from flask import g, request
+from flask import g
+from flask import request
 
 from api.errors import ApiError
 from api.extensions import services

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import uuid
 
-from flask import Blueprint, render_template
+from flask import Blueprint
+from flask import render_template
 
 from api.extensions import services
 from api.schemas.jobs import MAX_BATCH_SIZE

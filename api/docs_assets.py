@@ -8,7 +8,10 @@ Content-Security-Policy needs no third-party origin.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, send_from_directory
+from flask import Blueprint
+from flask import Flask
+from flask import Response
+from flask import send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
 ASSETS_URL = "/docs/assets"

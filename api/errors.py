@@ -11,9 +11,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from apiflask import APIFlask, HTTPError
+from apiflask import APIFlask
+from apiflask import HTTPError
 from apiflask.types import ResponseHeaderType
-from flask import Response, jsonify
+from flask import Response
+from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)

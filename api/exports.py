@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Response
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from api.serialize import result_dict
 from face_emotions.jobs import job_queries

@@ -11,15 +11,20 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
-from flask import Flask, current_app, g
+from flask import Flask
+from flask import current_app
+from flask import g
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs.broker import ChunkSender
-from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
 from face_emotions.settings import Settings
 
 _KEY = "face_emotions"

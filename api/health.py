@@ -16,9 +16,12 @@ from typing import Any
 from apiflask import APIBlueprint
 from sqlalchemy import text
 
-from api.extensions import Services, services
-from api.openapi_docs import Responses, response_doc
-from api.schemas.common import HealthOut, ReadyOut
+from api.extensions import Services
+from api.extensions import services
+from api.openapi_docs import Responses
+from api.openapi_docs import response_doc
+from api.schemas.common import HealthOut
+from api.schemas.common import ReadyOut
 
 bp = APIBlueprint("health", __name__, tag="health")
 

@@ -12,14 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 from flask import request
-from marshmallow import Schema, ValidationError
+from marshmallow import Schema
+from marshmallow import ValidationError
 from werkzeug.datastructures import FileStorage
 
-from api.errors import ApiError, validation_message
-from api.schemas.jobs import MAX_BATCH_SIZE, JobFolderIn, JobUploadForm
-from face_emotions.jobs.intake import IntakeError, secure_name
-from face_emotions.jobs.submission import FolderSource, JobOptions, JobSource, UploadSource
-from face_emotions.labels import EMOTIONS, canonical_emotion
+from api.errors import ApiError
+from api.errors import validation_message
+from api.schemas.jobs import MAX_BATCH_SIZE
+from api.schemas.jobs import JobFolderIn
+from api.schemas.jobs import JobUploadForm
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import secure_name
+from face_emotions.jobs.submission import FolderSource
+from face_emotions.jobs.submission import JobOptions
+from face_emotions.jobs.submission import JobSource
+from face_emotions.jobs.submission import UploadSource
+from face_emotions.labels import EMOTIONS
+from face_emotions.labels import canonical_emotion
 from face_emotions.settings import Settings
 
 MAX_IDEMPOTENCY_KEY = 255

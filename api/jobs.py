@@ -21,32 +21,40 @@ import uuid
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import current_app, url_for
+from flask import current_app
+from flask import url_for
 from sqlalchemy.orm import Session
 
-from api.auth import SUBMIT, current_principal, require_role
+from api.auth import SUBMIT
+from api.auth import current_principal
+from api.auth import require_role
 from api.errors import ApiError
 from api.exports import export_response
-from api.extensions import db_session, services
-from api.job_requests import emotion_filter, idempotency_key, intake_error, read_job_source
-from api.limits import check_backlog, submission_limits
-from api.openapi_docs import (
-    JOB_NOT_FOUND,
-    RESULTS_RESPONSES,
-    SUBMISSION_RESPONSES,
-    error_responses,
-)
-from api.schemas.common import PageQuery, clamp_page
-from api.schemas.jobs import (
-    JobCreatedOut,
-    JobOut,
-    JobPageOut,
-    ResultPageOut,
-    ResultsQuery,
-    SummaryOut,
-)
-from api.serialize import job_dict, model_versions_by_job, result_dict
-from face_emotions.jobs import job_queries, submission
+from api.extensions import db_session
+from api.extensions import services
+from api.job_requests import emotion_filter
+from api.job_requests import idempotency_key
+from api.job_requests import intake_error
+from api.job_requests import read_job_source
+from api.limits import check_backlog
+from api.limits import submission_limits
+from api.openapi_docs import JOB_NOT_FOUND
+from api.openapi_docs import RESULTS_RESPONSES
+from api.openapi_docs import SUBMISSION_RESPONSES
+from api.openapi_docs import error_responses
+from api.schemas.common import PageQuery
+from api.schemas.common import clamp_page
+from api.schemas.jobs import JobCreatedOut
+from api.schemas.jobs import JobOut
+from api.schemas.jobs import JobPageOut
+from api.schemas.jobs import ResultPageOut
+from api.schemas.jobs import ResultsQuery
+from api.schemas.jobs import SummaryOut
+from api.serialize import job_dict
+from api.serialize import model_versions_by_job
+from api.serialize import result_dict
+from face_emotions.jobs import job_queries
+from face_emotions.jobs import submission
 from face_emotions.jobs.intake import IntakeError
 from face_emotions.jobs.schema import Job
 from face_emotions.ops.log_format import job_context

@@ -32,13 +32,16 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
-from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter import Limiter
+from flask_limiter import RateLimitExceeded
 from limits import parse_many
-from sqlalchemy import func, select
+from sqlalchemy import func
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from face_emotions.jobs.schema import Job, JobStatus
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

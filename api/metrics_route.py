@@ -25,8 +25,13 @@ import time
 from collections.abc import Iterator
 
 from apiflask import APIFlask
-from flask import Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from flask import Response
+from flask import g
+from flask import request
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 
@@ -34,7 +39,8 @@ from api.cluster_metrics import ClusterCollector
 from api.extensions import services
 from api.models import WORKER_LIVENESS
 from face_emotions.jobs.protocol import INFERENCE_QUEUE
-from face_emotions.ops.prometheus_multiprocess import ENV, multiprocess_registry
+from face_emotions.ops.prometheus_multiprocess import ENV
+from face_emotions.ops.prometheus_multiprocess import multiprocess_registry
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,27 +9,33 @@ moves the serving alias and broadcasts a reload so workers swap at their next mi
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from apiflask import APIBlueprint
 
-from api.auth import ADMIN, SUBMIT, require_role
+from api.auth import ADMIN
+from api.auth import SUBMIT
+from api.auth import require_role
 from api.errors import ApiError
-from api.extensions import db_session, services
+from api.extensions import db_session
+from api.extensions import services
 from api.openapi_docs import error_responses
-from api.schemas.models import EvaluationOut, ModelsOut, PromoteOut
+from api.schemas.models import EvaluationOut
+from api.schemas.models import ModelsOut
+from api.schemas.models import PromoteOut
 from api.serialize import aware
 from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.broker import TrainingSender
 from face_emotions.labels import EMOTIONS
-from face_emotions.registry.mlflow_registry import (
-    TAG_ARCHITECTURE,
-    TAG_IMAGE_SIZE,
-    RegistryError,
-    VersionInfo,
-)
-from face_emotions.registry.promotion import PromoteMode, promote
+from face_emotions.registry.mlflow_registry import TAG_ARCHITECTURE
+from face_emotions.registry.mlflow_registry import TAG_IMAGE_SIZE
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.registry.promotion import PromoteMode
+from face_emotions.registry.promotion import promote
 
 log = logging.getLogger(__name__)
 

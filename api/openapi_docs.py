@@ -19,13 +19,16 @@ parsing it. The processor writes the whole ``requestBody``, so no private APIFla
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
-from typing import Any, TypeAlias
+from collections.abc import Collection
+from collections.abc import Mapping
+from typing import Any
+from typing import TypeAlias
 
 from apiflask import APIFlask
 
 from api.job_requests import MULTIPART
-from api.schemas.common import MAX_INT32, ErrorOut
+from api.schemas.common import MAX_INT32
+from api.schemas.common import ErrorOut
 from api.schemas.jobs import MAX_BATCH_SIZE
 
 #: What ``@bp.doc(responses=...)`` takes as response objects (APIFlask's ``ResponsesObjectType``:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, request
+from flask import Flask
+from flask import Response
+from flask import request
 
 from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import Settings

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 
 from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from face_emotions.jobs.schema import Image, Job, Result
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
 
 

@@ -14,16 +14,22 @@ import io
 import logging
 import uuid
 
-from apiflask import APIBlueprint, FileSchema
+from apiflask import APIBlueprint
+from apiflask import FileSchema
 from flask import Response
 from PIL import Image as PILImage
 
-from api.auth import SUBMIT, current_principal, require_role
+from api.auth import SUBMIT
+from api.auth import current_principal
+from api.auth import require_role
 from api.errors import ApiError
-from api.extensions import db_session, services
+from api.extensions import db_session
+from api.extensions import services
 from api.openapi_docs import error_responses
-from face_emotions.data.images import ImageDecodeError, decode_image
-from face_emotions.data.storage import StorageLimitError, read_location
+from face_emotions.data.images import ImageDecodeError
+from face_emotions.data.images import decode_image
+from face_emotions.data.storage import StorageLimitError
+from face_emotions.data.storage import read_location
 from face_emotions.jobs import job_queries
 from face_emotions.jobs.schema import Image
 

@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 
 from apiflask import APIBlueprint
 from flask import url_for
 
-from api.auth import ADMIN, current_principal, require_role
+from api.auth import ADMIN
+from api.auth import current_principal
+from api.auth import require_role
 from api.errors import ApiError
-from api.extensions import db_session, services
+from api.extensions import db_session
+from api.extensions import services
 from api.openapi_docs import error_responses
-from api.schemas.common import PageQuery, clamp_page
-from api.schemas.training_runs import (
-    TrainingRunCreatedOut,
-    TrainingRunIn,
-    TrainingRunOut,
-    TrainingRunPageOut,
-)
+from api.schemas.common import PageQuery
+from api.schemas.common import clamp_page
+from api.schemas.training_runs import TrainingRunCreatedOut
+from api.schemas.training_runs import TrainingRunIn
+from api.schemas.training_runs import TrainingRunOut
+from api.schemas.training_runs import TrainingRunPageOut
 from api.serialize import aware
 from face_emotions.data.data_root import FolderError
 from face_emotions.jobs import training_runs as db_runs

@@ -7,7 +7,8 @@ and ``EMOTIONS_LOG_LEVEL`` (gunicorn's own error and access logs follow the form
 from __future__ import annotations
 
 from api.app import create_app
-from face_emotions.ops.log_format import configure_logging, format_handlers_of
+from face_emotions.ops.log_format import configure_logging
+from face_emotions.ops.log_format import format_handlers_of
 from face_emotions.settings import get_settings
 
 configure_logging(get_settings())

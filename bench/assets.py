@@ -10,12 +10,15 @@ through the worker's real model loading.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
 
-from face_emotions.data.images import decode_image, iter_image_files, load_batch_array
+from face_emotions.data.images import decode_image
+from face_emotions.data.images import iter_image_files
+from face_emotions.data.images import load_batch_array
 
 ARCHITECTURE = "efficientnet_lite0"
 FACES = "faces"
@@ -97,7 +100,8 @@ def make_bundle(workspace: Workspace, size: int) -> Path:
         return directory
     import torch
 
-    from face_emotions.modeling.bundle import ModelSpec, save_bundle
+    from face_emotions.modeling.bundle import ModelSpec
+    from face_emotions.modeling.bundle import save_bundle
     from face_emotions.modeling.zoo import create_model
 
     torch.manual_seed(0)  # the new 5-class head is random: make it the same every run

@@ -13,9 +13,12 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
-from bench.figures import LABELS, Figure, unavailable
+from bench.figures import LABELS
+from bench.figures import Figure
+from bench.figures import unavailable
 
 SMALL_BELOW = 200
 FULL_TINY_JOBS = 200

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 import numpy as np
 
-from face_emotions.data.images import decode_image, load_batch_array
+from face_emotions.data.images import decode_image
+from face_emotions.data.images import load_batch_array
 from face_emotions.modeling.bundle import load_bundle
 from face_emotions.serving.decode_ahead import iter_decoded_batches
 from face_emotions.serving.model_holder import choose_backend
-from face_emotions.serving.predictor import Predictor, resolve_device, resolve_precision
+from face_emotions.serving.predictor import Predictor
+from face_emotions.serving.predictor import resolve_device
+from face_emotions.serving.predictor import resolve_precision
 from face_emotions.settings import Settings
 
 
@@ -286,7 +292,8 @@ class ChunkLoop:
     """
 
     def __init__(self, settings: Settings, paths: Sequence[Path], batch_size: int) -> None:
-        from face_emotions.jobs.database import create_db_engine, session_factory
+        from face_emotions.jobs.database import create_db_engine
+        from face_emotions.jobs.database import session_factory
         from face_emotions.jobs.migrate import upgrade
         from face_emotions.serving.model_holder import ModelHolder
 

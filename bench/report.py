@@ -14,11 +14,14 @@ import resource
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.figures import FIGURES, LABELS, Figure
+from bench.figures import FIGURES
+from bench.figures import LABELS
+from bench.figures import Figure
 
 
 def load_average() -> list[float]:

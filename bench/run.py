@@ -19,25 +19,38 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.context import SMALL_BELOW, Context, Plan
-from bench.figures import FIGURES, unavailable
-from bench.figures.allocator import allocator_figure, start_allocator
-from bench.figures.backends import backends_figure, prepare_backends
-from bench.figures.limit import Limit, limit_only, prepare_limit
-from bench.figures.memory import MEMORY_IMAGES, MemoryTrace, memory_figure
+from bench.context import SMALL_BELOW
+from bench.context import Context
+from bench.context import Plan
+from bench.figures import FIGURES
+from bench.figures import unavailable
+from bench.figures.allocator import allocator_figure
+from bench.figures.allocator import start_allocator
+from bench.figures.backends import backends_figure
+from bench.figures.backends import prepare_backends
+from bench.figures.limit import Limit
+from bench.figures.limit import limit_only
+from bench.figures.limit import prepare_limit
+from bench.figures.memory import MEMORY_IMAGES
+from bench.figures.memory import MemoryTrace
+from bench.figures.memory import memory_figure
 from bench.figures.micro_batching import micro_batching_figure
-from bench.figures.pipeline import chunk_loop, pipeline_figure
+from bench.figures.pipeline import chunk_loop
+from bench.figures.pipeline import pipeline_figure
 from bench.figures.scale_out import scale_out_figure
-from bench.figures.tiny_jobs import dynamic_batching_supported, tiny_jobs_figure
+from bench.figures.tiny_jobs import dynamic_batching_supported
+from bench.figures.tiny_jobs import tiny_jobs_figure
 from bench.stats import interleave
 
 if TYPE_CHECKING:
     from bench.assets import Workspace
-    from bench.services import Cluster, JobRun
+    from bench.services import Cluster
+    from bench.services import JobRun
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -252,7 +265,8 @@ def start_services(
     context: Context, workspace: Workspace, bundle_dir: Path, stack: contextlib.ExitStack
 ) -> Cluster:
     """Publish the champion, claim a Redis DB, start the API and the workers (no waiting)."""
-    from bench import assets, services
+    from bench import assets
+    from bench import services
     from face_emotions.jobs.migrate import upgrade
 
     assets.publish_champion(workspace, bundle_dir)

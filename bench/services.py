@@ -19,13 +19,19 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from scripts.launcher import Launcher, ServiceError, ServiceProcess, free_port, wait_ready
+from scripts.launcher import Launcher
+from scripts.launcher import ServiceError
+from scripts.launcher import ServiceProcess
+from scripts.launcher import free_port
+from scripts.launcher import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST = os.environ.get("BENCH_REDIS_HOST", "127.0.0.1")

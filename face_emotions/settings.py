@@ -11,10 +11,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic import field_validator
+from pydantic_settings import BaseSettings
+from pydantic_settings import SettingsConfigDict
 
-from face_emotions.data.storage import is_remote, local_path, normalise_url, parse_location
+from face_emotions.data.storage import is_remote
+from face_emotions.data.storage import local_path
+from face_emotions.data.storage import normalise_url
+from face_emotions.data.storage import parse_location
 
 
 class Settings(BaseSettings):

@@ -22,16 +22,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from scripts.launcher import (
-    ROOT,
-    Launcher,
-    ServiceError,
-    ServiceProcess,
-    ServiceTimeout,
-    http_ready,
-    log_ready,
-    stop_process,
-)
+from scripts.launcher import ROOT
+from scripts.launcher import Launcher
+from scripts.launcher import ServiceError
+from scripts.launcher import ServiceProcess
+from scripts.launcher import ServiceTimeout
+from scripts.launcher import http_ready
+from scripts.launcher import log_ready
+from scripts.launcher import stop_process
 
 #: ``stop_process`` is re-exported: the demo's tests stop what it started by pid file.
 __all__ = ["SERVICES", "Demo", "main", "stop_process"]
@@ -193,7 +191,8 @@ class Demo:
 
     def submit(self) -> None:
         from face_emotions.cli.api_client import EmotionsClient
-        from face_emotions.cli.jobs import emit_results, follow_with_progress
+        from face_emotions.cli.jobs import emit_results
+        from face_emotions.cli.jobs import follow_with_progress
 
         client = EmotionsClient(self.env["EMOTIONS_API_URL"])
         say(f"job: submitting folder {self.data.name}/ through POST /api/v1/jobs")

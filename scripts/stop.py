@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from scripts.demo import SERVICES
-from scripts.launcher import ROOT, stop_process
+from scripts.launcher import ROOT
+from scripts.launcher import stop_process
 
 
 def main() -> int:

@@ -15,21 +15,25 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 from face_emotions.data.images import decode_image
-from face_emotions.data.labelled_folder import LabelledImage, ScanResult, scan_labelled_folder
+from face_emotions.data.labelled_folder import LabelledImage
+from face_emotions.data.labelled_folder import ScanResult
+from face_emotions.data.labelled_folder import scan_labelled_folder
 from face_emotions.data.near_duplicates import near_duplicate_groups
 from face_emotions.data.perceptual_hashing import perceptual_hashes
-from face_emotions.data.splits import (
-    DEFAULT_FRACTIONS,
-    DEFAULT_SEED,
-    stratified_group_split,
-    summarise_split,
-)
-from face_emotions.labels import EMOTIONS, NUM_CLASSES
+from face_emotions.data.splits import DEFAULT_FRACTIONS
+from face_emotions.data.splits import DEFAULT_SEED
+from face_emotions.data.splits import stratified_group_split
+from face_emotions.data.splits import summarise_split
+from face_emotions.labels import EMOTIONS
+from face_emotions.labels import NUM_CLASSES
 from face_emotions.modeling.bundle import ModelSpec
-from training.transforms import Transform, eval_transform, train_transform
+from training.transforms import Transform
+from training.transforms import eval_transform
+from training.transforms import train_transform
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from face_emotions.data.labelled_folder import LabelledImage
-from face_emotions.modeling.bundle import Bundle, load_model_source
-from face_emotions.modeling.evaluation import EvaluationReport, evaluate_predictions
+from face_emotions.modeling.bundle import Bundle
+from face_emotions.modeling.bundle import load_model_source
+from face_emotions.modeling.evaluation import EvaluationReport
+from face_emotions.modeling.evaluation import evaluate_predictions
 from face_emotions.serving.decode_ahead import iter_decoded_batches
 from face_emotions.serving.predictor import Predictor
 

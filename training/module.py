@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassF1Score
 
 from face_emotions.labels import NUM_CLASSES
 from face_emotions.modeling.bundle import ModelSpec

@@ -29,18 +29,26 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
-from celery.worker.control import Panel, control_command
-from sqlalchemy.orm import Session, sessionmaker
+from celery.signals import after_setup_logger
+from celery.signals import after_setup_task_logger
+from celery.signals import worker_ready
+from celery.worker.control import Panel
+from celery.worker.control import control_command
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.broker import BrokerClient
-from face_emotions.jobs.database import create_db_engine, session_factory, with_db_retry
-from face_emotions.jobs.protocol import RELOAD_COMMAND, TRAIN_TASK
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
+from face_emotions.jobs.database import with_db_retry
+from face_emotions.jobs.protocol import RELOAD_COMMAND
+from face_emotions.jobs.protocol import TRAIN_TASK
 from face_emotions.jobs.schema import TrainingRun
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
-from face_emotions.settings import Settings, get_settings
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 
 # Before torch allocates anything and before the pool forks: children inherit it.
 tune_glibc_malloc()
@@ -123,7 +131,8 @@ def execute_run(
     run of hours should not silently start again. ``announce`` reaches the workers when the
     run promotes its version; ``train_fn`` replaces ``run_training`` in tests.
     """
-    from training.train import compose_config, run_training
+    from training.train import compose_config
+    from training.train import run_training
 
     run = with_db_retry(lambda: _start(sessions, run_id))
     if run is None:

@@ -16,14 +16,19 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Literal
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
-from face_emotions.modeling.evaluation import EvaluationReport, plot_confusion_matrix
+from face_emotions.modeling.evaluation import EvaluationReport
+from face_emotions.modeling.evaluation import plot_confusion_matrix
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.registry.promotion import PromotionDecision
 
@@ -60,7 +65,8 @@ class TrainingResult:
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config ``python -m training.train`` would see; for tests and the training queue."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides or []))
@@ -170,21 +176,19 @@ def _fit_and_publish(
     announce: Callable[[], None] | None,
 ) -> TrainingResult:
     import lightning as L
-    from lightning.pytorch.callbacks import (
-        EarlyStopping,
-        LearningRateMonitor,
-        ModelCheckpoint,
-        TQDMProgressBar,
-    )
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from face_emotions.modeling.bundle import load_bundle, load_checkpoint, save_bundle
-    from face_emotions.registry.mlflow_registry import (
-        TAG_ARCHITECTURE,
-        TAG_DATA_FINGERPRINT,
-        TAG_IMAGE_SIZE,
-        TAG_TEST_SPLIT,
-    )
+    from face_emotions.modeling.bundle import load_bundle
+    from face_emotions.modeling.bundle import load_checkpoint
+    from face_emotions.modeling.bundle import save_bundle
+    from face_emotions.registry.mlflow_registry import TAG_ARCHITECTURE
+    from face_emotions.registry.mlflow_registry import TAG_DATA_FINGERPRINT
+    from face_emotions.registry.mlflow_registry import TAG_IMAGE_SIZE
+    from face_emotions.registry.mlflow_registry import TAG_TEST_SPLIT
     from face_emotions.registry.promotion import promote
     from training.evaluate import evaluate_bundle
 

@@ -18,19 +18,19 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    import_modules,
-    worker_process_init,
-    worker_process_shutdown,
-    worker_ready,
-    worker_shutdown,
-)
+from celery.signals import after_setup_logger
+from celery.signals import after_setup_task_logger
+from celery.signals import import_modules
+from celery.signals import worker_process_init
+from celery.signals import worker_process_shutdown
+from celery.signals import worker_ready
+from celery.signals import worker_shutdown
 from celery.worker.control import control_command
 
 from face_emotions.jobs.broker import BrokerClient
-from face_emotions.jobs.protocol import CLASSIFY_TASK, INFERENCE_QUEUE, RELOAD_COMMAND
+from face_emotions.jobs.protocol import CLASSIFY_TASK
+from face_emotions.jobs.protocol import INFERENCE_QUEUE
+from face_emotions.jobs.protocol import RELOAD_COMMAND
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 from face_emotions.ops.redaction import install_log_redaction

@@ -26,14 +26,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from face_emotions.ops.prometheus_multiprocess import (
-    ENV,
-    mark_process_dead,
-    multiprocess_mode_active,
-    multiprocess_registry,
-    prepare_multiprocess_dir,
-    remove_multiprocess_dir,
-)
+from face_emotions.ops.prometheus_multiprocess import ENV
+from face_emotions.ops.prometheus_multiprocess import mark_process_dead
+from face_emotions.ops.prometheus_multiprocess import multiprocess_mode_active
+from face_emotions.ops.prometheus_multiprocess import multiprocess_registry
+from face_emotions.ops.prometheus_multiprocess import prepare_multiprocess_dir
+from face_emotions.ops.prometheus_multiprocess import remove_multiprocess_dir
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,8 @@ class WorkerMetrics:
         port = self.settings.worker_metrics_port
         if port == 0:
             return None
-        from prometheus_client import REGISTRY, start_http_server
+        from prometheus_client import REGISTRY
+        from prometheus_client import start_http_server
 
         # The worker's families are served (at zero) before the first chunk imports them.
         import face_emotions.ops.inference_metrics  # noqa: F401

@@ -29,12 +29,15 @@ from typing import Any
 
 from kombu.exceptions import ChannelError
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs.broker import BrokerClient
-from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
 from face_emotions.jobs.protocol import INFERENCE_QUEUE
-from face_emotions.jobs.recovery import SweepReport, sweep
+from face_emotions.jobs.recovery import SweepReport
+from face_emotions.jobs.recovery import sweep
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -11,17 +11,24 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from functools import lru_cache, wraps
+from functools import lru_cache
+from functools import wraps
 from typing import TypeVar
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
-from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
-from face_emotions.serving.image_loading import ImageLoader, storage_image_loader
-from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
-from face_emotions.settings import Settings, get_settings
+from face_emotions.serving.image_loading import ImageLoader
+from face_emotions.serving.image_loading import storage_image_loader
+from face_emotions.serving.model_holder import ModelHolder
+from face_emotions.serving.model_holder import ModelUnavailable
+from face_emotions.serving.model_holder import ServingModel
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 from worker.reload_signal import reload_generation
 
 log = logging.getLogger(__name__)

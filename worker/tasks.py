@@ -24,14 +24,16 @@ from face_emotions.jobs.protocol import CLASSIFY_TASK
 from face_emotions.jobs.recovery import fail_chunk
 from face_emotions.ops.log_format import job_context
 from face_emotions.ops.redaction import redact
-from face_emotions.serving.chunk_classifier import (
-    chunk_attempts,
-    classify_chunk,
-    default_worker_name,
-)
+from face_emotions.serving.chunk_classifier import chunk_attempts
+from face_emotions.serving.chunk_classifier import classify_chunk
+from face_emotions.serving.chunk_classifier import default_worker_name
 from face_emotions.serving.model_holder import ModelUnavailable
-from worker.app import app, settings
-from worker.runtime import batcher, holder, image_loader, sessions
+from worker.app import app
+from worker.app import settings
+from worker.runtime import batcher
+from worker.runtime import holder
+from worker.runtime import image_loader
+from worker.runtime import sessions
 
 log = logging.getLogger(__name__)
 

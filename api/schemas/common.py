@@ -6,7 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from apiflask import Schema
-from apiflask.fields import DateTime, Dict, Float, Integer, Nested, String
+from apiflask.fields import DateTime
+from apiflask.fields import Dict
+from apiflask.fields import Float
+from apiflask.fields import Integer
+from apiflask.fields import Nested
+from apiflask.fields import String
 from marshmallow import ValidationError
 
 #: Integer columns are 32-bit: a bigger number is refused as input, not overflowed in SQL.

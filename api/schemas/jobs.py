@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from apiflask import Schema
-from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
-from apiflask.validators import OneOf, Range
+from apiflask.fields import Boolean
+from apiflask.fields import Dict
+from apiflask.fields import Float
+from apiflask.fields import Integer
+from apiflask.fields import List
+from apiflask.fields import Nested
+from apiflask.fields import String
+from apiflask.validators import OneOf
+from apiflask.validators import Range
 from marshmallow import RAISE
 
-from api.schemas.common import MAX_INT32, LifecycleOut, PageOut, PageQuery, validate_path_text
+from api.schemas.common import MAX_INT32
+from api.schemas.common import LifecycleOut
+from api.schemas.common import PageOut
+from api.schemas.common import PageQuery
+from api.schemas.common import validate_path_text
 from face_emotions.labels import EMOTIONS
 
 MAX_BATCH_SIZE = 1024

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from apiflask import Schema
-from apiflask.fields import Boolean, DateTime, Dict, Float, Integer, List, Nested, String
+from apiflask.fields import Boolean
+from apiflask.fields import DateTime
+from apiflask.fields import Dict
+from apiflask.fields import Float
+from apiflask.fields import Integer
+from apiflask.fields import List
+from apiflask.fields import Nested
+from apiflask.fields import String
 
 
 class ModelVersionOut(Schema):

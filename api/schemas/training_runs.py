@@ -10,11 +10,21 @@ import re
 from functools import lru_cache
 
 from apiflask import Schema
-from apiflask.fields import Boolean, Dict, Integer, List, Nested, String
-from apiflask.validators import Length, OneOf, Range
-from marshmallow import RAISE, ValidationError
+from apiflask.fields import Boolean
+from apiflask.fields import Dict
+from apiflask.fields import Integer
+from apiflask.fields import List
+from apiflask.fields import Nested
+from apiflask.fields import String
+from apiflask.validators import Length
+from apiflask.validators import OneOf
+from apiflask.validators import Range
+from marshmallow import RAISE
+from marshmallow import ValidationError
 
-from api.schemas.common import LifecycleOut, PageOut, validate_path_text
+from api.schemas.common import LifecycleOut
+from api.schemas.common import PageOut
+from api.schemas.common import validate_path_text
 
 PROMOTE_MODES = ("auto", "never", "force")
 TRAINING_RUN_STATUSES = ("queued", "running", "succeeded", "failed")

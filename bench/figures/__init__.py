@@ -31,8 +31,11 @@ asserted: on a shared 2-core machine a missed target is information, not a failu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import Literal
 
 #: Every figure the benchmark knows, in report order.
 FIGURES: tuple[str, ...] = (

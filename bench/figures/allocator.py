@@ -15,12 +15,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
 from bench.context import Context
-from bench.figures import Figure, verdict_text
-from bench.stats import interleave, paired_ratios, speedup
-from scripts.launcher import ROOT, die_with_parent
+from bench.figures import Figure
+from bench.figures import verdict_text
+from bench.stats import interleave
+from bench.stats import paired_ratios
+from bench.stats import speedup
+from scripts.launcher import ROOT
+from scripts.launcher import die_with_parent
 
 if TYPE_CHECKING:
     from bench.assets import Workspace

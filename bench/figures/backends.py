@@ -6,11 +6,14 @@ difference from the baseline: a faster backend only counts if it gives the same 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
 from bench.context import Context
-from bench.figures import Figure, verdict_text
-from bench.stats import interleave, speedup
+from bench.figures import Figure
+from bench.figures import verdict_text
+from bench.stats import interleave
+from bench.stats import speedup
 
 if TYPE_CHECKING:
     from bench.inprocess import BackendSet
@@ -39,7 +42,8 @@ def prepare_backends(context: Context, bundle_dir: Path) -> BackendSet:
 def backends_figure(context: Context, backends: BackendSet, paths: list[Path]) -> None:
     import numpy as np
 
-    from bench import assets, inprocess
+    from bench import assets
+    from bench import inprocess
 
     gpu = context.args.device == "cuda"
     sizes = context.batch_sizes

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from bench.context import Context
 from bench.figures import Figure
-from bench.stats import Samples, interleave
+from bench.stats import Samples
+from bench.stats import interleave
 
 
 @dataclass

@@ -3,11 +3,14 @@ warm-up, sampled after every job the other figures ran on it (and a top-up to 5,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import TYPE_CHECKING
 
 from bench.context import Context
-from bench.figures import Figure, unavailable, verdict_text
+from bench.figures import Figure
+from bench.figures import unavailable
+from bench.figures import verdict_text
 
 if TYPE_CHECKING:
     from bench.services import Worker

@@ -4,8 +4,11 @@ are run by the caller, interleaved with the pipeline's other variants."""
 from __future__ import annotations
 
 from bench.context import Context
-from bench.figures import Figure, verdict_text
-from bench.stats import Samples, paired_ratios, speedup
+from bench.figures import Figure
+from bench.figures import verdict_text
+from bench.stats import Samples
+from bench.stats import paired_ratios
+from bench.stats import speedup
 
 
 def micro_batching_figure(context: Context, samples: dict[str, Samples]) -> None:

@@ -9,9 +9,12 @@ import os
 from typing import TYPE_CHECKING
 
 from bench.context import Context
-from bench.figures import Figure, verdict_text
+from bench.figures import Figure
+from bench.figures import verdict_text
 from bench.figures.limit import limit_best
-from bench.stats import Samples, paired_ratios, speedup
+from bench.stats import Samples
+from bench.stats import paired_ratios
+from bench.stats import speedup
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bench.context import Context
-from bench.figures import Figure, verdict_text
-from bench.stats import interleave, paired_ratios, speedup
+from bench.figures import Figure
+from bench.figures import verdict_text
+from bench.stats import interleave
+from bench.stats import paired_ratios
+from bench.stats import speedup
 
 if TYPE_CHECKING:
     from bench.services import Cluster

@@ -7,7 +7,8 @@ and one clear line on stderr; results go to stdout (or ``--output``) so they can
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+from typing import NoReturn
 
 import click
 

@@ -16,7 +16,8 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations to EMOTIONS_DATABASE_URL (default: the SQLite file under var/)."""
-    from face_emotions.jobs.migrate import current_revision, upgrade
+    from face_emotions.jobs.migrate import current_revision
+    from face_emotions.jobs.migrate import upgrade
     from face_emotions.settings import get_settings
 
     url = get_settings().resolved_database_url
@@ -27,7 +28,8 @@ def db_upgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the applied and the newest revision."""
-    from face_emotions.jobs.migrate import current_revision, head_revision
+    from face_emotions.jobs.migrate import current_revision
+    from face_emotions.jobs.migrate import head_revision
     from face_emotions.settings import get_settings
 
     url = get_settings().resolved_database_url

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from face_emotions.cli.common import UserError, stderr_console
+from face_emotions.cli.common import UserError
+from face_emotions.cli.common import stderr_console
 
 
 @click.command()
@@ -49,16 +50,16 @@ def infer(
     from rich.progress import Progress
 
     from face_emotions.data.images import iter_image_files
-    from face_emotions.modeling.bundle import BundleError, load_model_source
+    from face_emotions.modeling.bundle import BundleError
+    from face_emotions.modeling.bundle import load_model_source
     from face_emotions.registry.mlflow_registry import RegistryError
     from face_emotions.serving.decode_ahead import iter_decoded_batches
-    from face_emotions.serving.predictor import Predictor, resolve_device
-    from face_emotions.serving.seed_format import (
-        configuration_block,
-        inference_document,
-        prediction_record,
-        summary_table,
-    )
+    from face_emotions.serving.predictor import Predictor
+    from face_emotions.serving.predictor import resolve_device
+    from face_emotions.serving.seed_format import configuration_block
+    from face_emotions.serving.seed_format import inference_document
+    from face_emotions.serving.seed_format import prediction_record
+    from face_emotions.serving.seed_format import summary_table
 
     files: list[Path] = []
     for path in paths:

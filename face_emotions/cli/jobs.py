@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from face_emotions.cli.common import UserError, client_exit, stderr_console
+from face_emotions.cli.common import UserError
+from face_emotions.cli.common import client_exit
+from face_emotions.cli.common import stderr_console
 
 API_OPTIONS = [
     click.option("--url", envvar="EMOTIONS_API_URL", help="API base URL (default 127.0.0.1:8000)."),
@@ -55,7 +57,8 @@ def submit(
     fmt: str,
 ) -> None:
     """Submit images, folders (uploaded) or a .zip as one batch job."""
-    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
 
     client = EmotionsClient(url, token)
     try:
@@ -93,7 +96,8 @@ def submit(
 @click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it ends.")
 def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
     """Show a job's status, counts and model versions."""
-    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
 
     client = EmotionsClient(url, token)
     try:
@@ -110,7 +114,8 @@ def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
 def results(job_id: str, url: str | None, token: str | None, fmt: str, output: Path | None) -> None:
     """Print or save a job's results (json: the seed's document; jsonl/csv: exports)."""
-    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
 
     client = EmotionsClient(url, token)
     try:
@@ -136,7 +141,11 @@ def _upload_files(paths: tuple[Path, ...]) -> list[Path]:
 
 
 def follow_with_progress(client, job_id: str) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn
+    from rich.progress import MofNCompleteColumn
+    from rich.progress import Progress
+    from rich.progress import TextColumn
+    from rich.progress import TimeElapsedColumn
 
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -168,7 +177,8 @@ def emit_results(
     source: str,
     summary: bool = True,
 ) -> None:
-    from face_emotions.serving.seed_format import inference_document, summary_table
+    from face_emotions.serving.seed_format import inference_document
+    from face_emotions.serving.seed_format import summary_table
 
     if fmt != "json":
         text = client.export(job["id"], fmt)

@@ -15,8 +15,11 @@ import click
 from face_emotions import __version__
 from face_emotions.cli.database import db
 from face_emotions.cli.infer import infer
-from face_emotions.cli.jobs import results, status, submit
-from face_emotions.cli.registry_commands import list_models, promote
+from face_emotions.cli.jobs import results
+from face_emotions.cli.jobs import status
+from face_emotions.cli.jobs import submit
+from face_emotions.cli.registry_commands import list_models
+from face_emotions.cli.registry_commands import promote
 from face_emotions.cli.sample_data import sample_data
 from face_emotions.cli.tokens import tokens
 

@@ -42,7 +42,8 @@ def list_models() -> None:
 def promote(version: int, mode: str) -> None:
     """Point the serving alias (champion) at VERSION; running workers pick it up."""
     from face_emotions.jobs.broker import BrokerClient
-    from face_emotions.registry.mlflow_registry import Registry, RegistryError
+    from face_emotions.registry.mlflow_registry import Registry
+    from face_emotions.registry.mlflow_registry import RegistryError
     from face_emotions.registry.promotion import promote as promote_version
 
     registry = Registry()

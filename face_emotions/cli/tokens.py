@@ -24,7 +24,9 @@ def _token_database() -> str:
     Applies migrations when EMOTIONS_MIGRATE_ON_START allows it (the API would apply them at
     its next start anyway); otherwise asks the user to run ``face-emotions db upgrade``.
     """
-    from face_emotions.jobs.migrate import current_revision, head_revision, upgrade
+    from face_emotions.jobs.migrate import current_revision
+    from face_emotions.jobs.migrate import head_revision
+    from face_emotions.jobs.migrate import upgrade
     from face_emotions.settings import get_settings
 
     settings = get_settings()
@@ -56,8 +58,10 @@ def _token_database() -> str:
 @click.option("--name", default="", help="Who or what uses it (shown by `tokens list`).")
 def tokens_create(role: str, name: str) -> None:
     """Create a token; it is printed once on stdout (only its hash is stored)."""
-    from face_emotions.jobs.database import create_db_engine, session_factory
-    from face_emotions.jobs.tokens import MAX_NAME_CHARS, create_token
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
+    from face_emotions.jobs.tokens import MAX_NAME_CHARS
+    from face_emotions.jobs.tokens import create_token
 
     if len(name.strip()) > MAX_NAME_CHARS:
         raise UserError(f"--name is longer than {MAX_NAME_CHARS} characters")
@@ -82,7 +86,8 @@ def tokens_create(role: str, name: str) -> None:
 @click.option("--active", is_flag=True, help="Leave revoked tokens out.")
 def tokens_list(active: bool) -> None:
     """List tokens: id, role, name, prefix, created, last used, revoked (never the token)."""
-    from face_emotions.jobs.database import create_db_engine, session_factory
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
     from face_emotions.jobs.tokens import list_tokens
 
     engine = create_db_engine(_token_database())
@@ -110,8 +115,10 @@ def tokens_list(active: bool) -> None:
 @click.argument("token_id")
 def tokens_revoke(token_id: str) -> None:
     """Revoke token TOKEN_ID (from `tokens list`); requests with it get 401 from then on."""
-    from face_emotions.jobs.database import create_db_engine, session_factory
-    from face_emotions.jobs.tokens import get_token, revoke_token
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
+    from face_emotions.jobs.tokens import get_token
+    from face_emotions.jobs.tokens import revoke_token
 
     engine = create_db_engine(_token_database())
     try:

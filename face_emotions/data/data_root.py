@@ -10,7 +10,8 @@ job or a run at ``/etc`` or at another tenant's files.
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from pathlib import PurePosixPath
 
 DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 

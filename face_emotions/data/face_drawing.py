@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 # Drawing happens on a fixed canvas and is then resized: ImageDraw does not antialias, so a
 # larger canvas plus a resampling filter gives smooth edges at every output size.

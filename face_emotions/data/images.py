@@ -15,10 +15,14 @@ import os
 import pathlib
 import struct
 from collections.abc import Sequence
-from typing import BinaryIO, Final
+from typing import BinaryIO
+from typing import Final
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
+from PIL import ImageFile
+from PIL import ImageOps
+from PIL import UnidentifiedImageError
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -12,10 +12,14 @@ import hashlib
 import logging
 import os
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 from face_emotions.data.images import iter_image_files
-from face_emotions.labels import ALIASES, EMOTIONS, canonical_emotion, class_index
+from face_emotions.labels import ALIASES
+from face_emotions.labels import EMOTIONS
+from face_emotions.labels import canonical_emotion
+from face_emotions.labels import class_index
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from face_emotions.data.images import ImageDecodeError, decode_image
+from face_emotions.data.images import ImageDecodeError
+from face_emotions.data.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +135,11 @@ def _with_progress(
     if not enabled:
         yield from results
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn
+    from rich.progress import MofNCompleteColumn
+    from rich.progress import Progress
+    from rich.progress import TextColumn
+    from rich.progress import TimeRemainingColumn
 
     columns = (
         TextColumn("[progress.description]{task.description}"),

@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn
+from rich.progress import MofNCompleteColumn
+from rich.progress import Progress
+from rich.progress import TextColumn
+from rich.progress import TimeRemainingColumn
 
-from face_emotions.data.face_drawing import (
-    CANVAS,
-    EXPRESSIONS,
-    draw_background,
-    draw_face_layer,
-    unit_grid,
-)
+from face_emotions.data.face_drawing import CANVAS
+from face_emotions.data.face_drawing import EXPRESSIONS
+from face_emotions.data.face_drawing import draw_background
+from face_emotions.data.face_drawing import draw_face_layer
+from face_emotions.data.face_drawing import unit_grid
 from face_emotions.labels import EMOTIONS
 
 MIN_SIZE = 48

@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Final
+from typing import IO
+from typing import Final
 
 import fsspec
 from fsspec import AbstractFileSystem

@@ -14,18 +14,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
+from typing import Protocol
+from typing import runtime_checkable
 
-from face_emotions.jobs.protocol import (
-    CONNECT_TIMEOUT_SECONDS,
-    CONTROL_EXCHANGE,
-    INFERENCE_QUEUE,
-    PUBLISH_RETRY,
-    RELOAD_COMMAND,
-    TaskMessage,
-    classify_chunk_message,
-    train_message,
-)
+from face_emotions.jobs.protocol import CONNECT_TIMEOUT_SECONDS
+from face_emotions.jobs.protocol import CONTROL_EXCHANGE
+from face_emotions.jobs.protocol import INFERENCE_QUEUE
+from face_emotions.jobs.protocol import PUBLISH_RETRY
+from face_emotions.jobs.protocol import RELOAD_COMMAND
+from face_emotions.jobs.protocol import TaskMessage
+from face_emotions.jobs.protocol import classify_chunk_message
+from face_emotions.jobs.protocol import train_message
 from face_emotions.ops.redaction import redact_url
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ class BrokerClient:
         self._connection.release()
 
     def _send(self, message: TaskMessage, queue: str) -> None:
-        from kombu import Exchange, Queue
+        from kombu import Exchange
+        from kombu import Queue
         from kombu.pools import producers
 
         # The queue as Celery declares one by name: a direct exchange of the same name.

@@ -7,16 +7,18 @@ The folder comes from a client, so it must stay inside the data root: no absolut
 from __future__ import annotations
 
 from collections.abc import Sized
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from pathlib import PurePosixPath
 
-from face_emotions.data.data_root import FolderError, relative_folder, resolve_local_folder
+from face_emotions.data.data_root import FolderError
+from face_emotions.data.data_root import relative_folder
+from face_emotions.data.data_root import resolve_local_folder
 from face_emotions.data.images import iter_image_files
-from face_emotions.data.storage import (
-    Storage,
-    is_remote,
-    local_path,
-)
-from face_emotions.jobs.intake import IntakeError, has_image_extension
+from face_emotions.data.storage import Storage
+from face_emotions.data.storage import is_remote
+from face_emotions.data.storage import local_path
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import has_image_extension
 from face_emotions.jobs.job_queries import NewImage
 
 

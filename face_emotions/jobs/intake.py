@@ -17,13 +17,12 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable
-from typing import IO, Final
+from typing import IO
+from typing import Final
 
 from face_emotions.data.images import IMAGE_EXTENSIONS
-from face_emotions.data.storage import (
-    Storage,
-    check_key,
-)
+from face_emotions.data.storage import Storage
+from face_emotions.data.storage import check_key
 from face_emotions.jobs.job_queries import NewImage
 
 COPY_BUFFER: Final[int] = 1024 * 1024

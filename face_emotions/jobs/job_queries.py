@@ -9,18 +9,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
-from sqlalchemy import CursorResult, Table, func, select, update
+from sqlalchemy import CursorResult
+from sqlalchemy import Table
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from face_emotions.jobs.schema import (
-    Image,
-    Job,
-    JobStatus,
-    Result,
-    utcnow,
-)
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
+from face_emotions.jobs.schema import Result
+from face_emotions.jobs.schema import utcnow
 from face_emotions.labels import EMOTIONS
 
 

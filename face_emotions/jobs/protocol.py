@@ -17,7 +17,8 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
+from typing import Final
 
 #: One chunk of a job: ``kwargs={"job_id": str, "image_ids": [int, ...]}``.
 CLASSIFY_TASK: Final = "emotions.classify_chunk"

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from datetime import timedelta
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
-from face_emotions.jobs import recovery_queries, result_writes
+from face_emotions.jobs import recovery_queries
+from face_emotions.jobs import result_writes
 from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.schema import utcnow
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from face_emotions.jobs.schema import (
-    ACTIVE_STATUSES,
-    Image,
-    Job,
-    Result,
-)
+from face_emotions.jobs.schema import ACTIVE_STATUSES
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import Result
 
 #: Jobs that may still have work to do; everything else is left alone by recovery.
 

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from face_emotions.jobs.schema import (
-    ACTIVE_STATUSES,
-    TERMINAL_STATUSES,
-    Base,
-    Image,
-    Job,
-    JobStatus,
-    Result,
-    utcnow,
-)
+from face_emotions.jobs.schema import ACTIVE_STATUSES
+from face_emotions.jobs.schema import TERMINAL_STATUSES
+from face_emotions.jobs.schema import Base
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
+from face_emotions.jobs.schema import Result
+from face_emotions.jobs.schema import utcnow
 from face_emotions.labels import EMOTIONS
 
 if TYPE_CHECKING:

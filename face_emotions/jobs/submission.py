@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -27,7 +28,9 @@ from face_emotions.data.storage import Storage
 from face_emotions.jobs import job_queries
 from face_emotions.jobs.broker import ChunkSender
 from face_emotions.jobs.folder_intake import resolve_folder
-from face_emotions.jobs.intake import IntakeError, secure_name, store_uploads
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import secure_name
+from face_emotions.jobs.intake import store_uploads
 from face_emotions.jobs.job_queries import NewImage
 from face_emotions.jobs.schema import Job
 from face_emotions.jobs.zip_intake import extract_zip

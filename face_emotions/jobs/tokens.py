@@ -18,12 +18,18 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_
+from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from face_emotions.jobs.schema import ApiToken, TokenRole, utcnow
+from face_emotions.jobs.schema import ApiToken
+from face_emotions.jobs.schema import TokenRole
+from face_emotions.jobs.schema import utcnow
 
 TOKEN_PREFIX = "fe_"
 #: Characters of the token kept in clear for listings: ``fe_`` + 7 random characters.

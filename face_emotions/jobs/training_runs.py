@@ -10,15 +10,23 @@ API refuses a bad folder at submission, the trainer resolves it again under its 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
-from sqlalchemy import CursorResult, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import CursorResult
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.data.data_root import resolve_local_folder
-from face_emotions.jobs.schema import TrainingRun, TrainingRunStatus, utcnow
+from face_emotions.jobs.schema import TrainingRun
+from face_emotions.jobs.schema import TrainingRunStatus
+from face_emotions.jobs.schema import utcnow
 
 #: Stored errors are for people; a traceback-sized message would bloat every list page.
 MAX_ERROR_CHARS = 4000

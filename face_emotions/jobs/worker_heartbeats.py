@@ -8,10 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from face_emotions.jobs.result_writes import _insert_for
-from face_emotions.jobs.schema import (
-    WorkerState,
-    utcnow,
-)
+from face_emotions.jobs.schema import WorkerState
+from face_emotions.jobs.schema import utcnow
 
 
 def touch_worker(

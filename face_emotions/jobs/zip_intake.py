@@ -13,22 +13,19 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import IO
 
 from face_emotions.data.data_root import DRIVE_LETTER
-from face_emotions.data.storage import (
-    Storage,
-    StorageLimitError,
-)
-from face_emotions.jobs.intake import (
-    COPY_BUFFER,
-    RATIO_CHECK_MIN_BYTES,
-    IntakeError,
-    has_image_extension,
-    job_key,
-    remove_all,
-)
+from face_emotions.data.storage import Storage
+from face_emotions.data.storage import StorageLimitError
+from face_emotions.jobs.intake import COPY_BUFFER
+from face_emotions.jobs.intake import RATIO_CHECK_MIN_BYTES
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import has_image_extension
+from face_emotions.jobs.intake import job_key
+from face_emotions.jobs.intake import remove_all
 from face_emotions.jobs.job_queries import NewImage
 
 

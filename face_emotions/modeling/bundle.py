@@ -9,7 +9,9 @@ registers in MLflow and what workers load, so inference never depends on how tra
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ import torch
 from torch import nn
 
 from face_emotions.labels import EMOTIONS
-from face_emotions.modeling.zoo import DEFAULT_DROPOUT, create_model, get_architecture
+from face_emotions.modeling.zoo import DEFAULT_DROPOUT
+from face_emotions.modeling.zoo import create_model
+from face_emotions.modeling.zoo import get_architecture
 
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"

@@ -12,9 +12,12 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import cast
 
 import timm
 import torch
@@ -60,7 +63,8 @@ def _normalisation(
     timm_name: str | None,
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """(mean, std) from timm's pretrained config (no download: the config ships with timm)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.data import IMAGENET_DEFAULT_MEAN
+    from timm.data import IMAGENET_DEFAULT_STD
 
     config = timm.get_pretrained_cfg(timm_name) if timm_name else None
     if config is None:

@@ -29,7 +29,9 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
+from prometheus_client import Gauge
+from prometheus_client import Histogram
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import MutableMapping
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter

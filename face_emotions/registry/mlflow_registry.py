@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from face_emotions.settings import Settings, get_settings
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 
 log = logging.getLogger(__name__)
 # MLflow draws a tqdm bar per download; workers and the CLI have their own progress reporting.

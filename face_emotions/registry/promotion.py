@@ -14,12 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from face_emotions.registry.mlflow_registry import (
-    METRIC_TAGS,
-    TAG_TEST_SPLIT,
-    Registry,
-    VersionInfo,
-)
+from face_emotions.registry.mlflow_registry import METRIC_TAGS
+from face_emotions.registry.mlflow_registry import TAG_TEST_SPLIT
+from face_emotions.registry.mlflow_registry import Registry
+from face_emotions.registry.mlflow_registry import VersionInfo
 
 log = logging.getLogger(__name__)
 

@@ -32,30 +32,37 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs.database import with_db_retry
-from face_emotions.jobs.recovery import fail_chunk, gave_up_reason
-from face_emotions.jobs.result_writes import (
-    ResultRow,
-    count_delivery,
-    pending_attempts,
-    pending_images,
-    record_results,
-    start_chunk,
-)
-from face_emotions.jobs.schema import TERMINAL_STATUSES, Job, JobStatus
+from face_emotions.jobs.recovery import fail_chunk
+from face_emotions.jobs.recovery import gave_up_reason
+from face_emotions.jobs.result_writes import ResultRow
+from face_emotions.jobs.result_writes import count_delivery
+from face_emotions.jobs.result_writes import pending_attempts
+from face_emotions.jobs.result_writes import pending_images
+from face_emotions.jobs.result_writes import record_results
+from face_emotions.jobs.result_writes import start_chunk
+from face_emotions.jobs.schema import TERMINAL_STATUSES
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
 from face_emotions.jobs.worker_heartbeats import touch_worker
 from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
-from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches
+from face_emotions.serving.decode_ahead import DecodedBatch
+from face_emotions.serving.decode_ahead import iter_decoded_batches
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
-from face_emotions.serving.image_loading import ImageLoader, storage_image_loader
-from face_emotions.serving.model_holder import ModelHolder, ModelUnavailable, ServingModel
+from face_emotions.serving.image_loading import ImageLoader
+from face_emotions.serving.image_loading import storage_image_loader
+from face_emotions.serving.model_holder import ModelHolder
+from face_emotions.serving.model_holder import ModelUnavailable
+from face_emotions.serving.model_holder import ServingModel
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic
+from typing import TypeVar
 
 from PIL import Image
 
-from face_emotions.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from face_emotions.data.images import DEFAULT_MAX_PIXELS
+from face_emotions.data.images import ImageDecodeError
+from face_emotions.data.images import decode_image
 
 K = TypeVar("K")
 #: What a loader is given: a local path, or whatever locations its caller passes (``str``).

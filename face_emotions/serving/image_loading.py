@@ -13,8 +13,11 @@ from collections.abc import Callable
 
 from PIL import Image as PILImage
 
-from face_emotions.data.images import ImageDecodeError, decode_image
-from face_emotions.data.storage import StorageLimitError, StorageReader, local_path
+from face_emotions.data.images import ImageDecodeError
+from face_emotions.data.images import decode_image
+from face_emotions.data.storage import StorageLimitError
+from face_emotions.data.storage import StorageReader
+from face_emotions.data.storage import local_path
 from face_emotions.settings import Settings
 
 ImageLoader = Callable[[str, int], PILImage.Image | str]

@@ -17,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from face_emotions.modeling.bundle import Bundle, load_bundle
-from face_emotions.registry.mlflow_registry import Registry, RegistryError, VersionInfo
-from face_emotions.serving.predictor import Predictor, resolve_device
+from face_emotions.modeling.bundle import Bundle
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.registry.mlflow_registry import Registry
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.serving.predictor import Predictor
+from face_emotions.serving.predictor import resolve_device
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal, cast
+from typing import Literal
+from typing import cast
 
 import numpy as np
 import torch

@@ -13,17 +13,22 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import pytest
 
-from face_emotions.modeling.bundle import ModelSpec, save_bundle
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.bundle import save_bundle
 from face_emotions.modeling.zoo import create_model
 from face_emotions.registry.mlflow_registry import Registry
 from face_emotions.settings import Settings
-from scripts.launcher import Launcher, ServiceProcess, free_port
+from scripts.launcher import Launcher
+from scripts.launcher import ServiceProcess
+from scripts.launcher import free_port
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
@@ -184,7 +189,8 @@ def services(
     tmp_path: Path,
 ) -> Iterator[Services]:
     """One test's services; parametrised over PostgreSQL and the embedded SQLite."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
+    from sqlalchemy import text
 
     from face_emotions.jobs.migrate import upgrade
 

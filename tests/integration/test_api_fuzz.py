@@ -16,7 +16,8 @@ import io
 import uuid
 import warnings
 import zipfile
-from collections import Counter, defaultdict
+from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,16 @@ from typing import Any
 import pytest
 import schemathesis
 from flask import request
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from werkzeug.datastructures import FileStorage
 
 from api import create_app
-from face_emotions.registry.mlflow_registry import RegistryError, VersionInfo
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
 
 pytestmark = pytest.mark.integration

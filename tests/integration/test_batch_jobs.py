@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine
+from sqlalchemy import func
+from sqlalchemy import select
 
 from face_emotions.data.sample_faces import render_face
-from face_emotions.jobs.schema import Image, Result
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
 from tests.integration.conftest import wait_for_job
 
@@ -249,7 +252,8 @@ def test_results_are_exactly_once_after_a_repeated_chunk(services, api, start_wo
     import uuid
 
     from face_emotions.jobs.broker import BrokerClient
-    from face_emotions.jobs.database import create_db_engine, session_factory
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
     from face_emotions.jobs.job_queries import chunk_image_ids
 
     start_worker()

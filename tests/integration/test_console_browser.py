@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from face_emotions.labels import EMOTIONS
-from tests.integration.conftest import ROOT, gunicorn
+from tests.integration.conftest import ROOT
+from tests.integration.conftest import gunicorn
 from tests.integration.test_batch_jobs import write_faces
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT
+from tests.integration.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,7 +72,8 @@ def test_demo_runs_end_to_end_and_again(tmp_path: Path, redis_url: str) -> None:
 def test_demo_falls_back_to_an_embedded_redis(tmp_path: Path, monkeypatch) -> None:
     import redis
 
-    from scripts.demo import Demo, stop_process
+    from scripts.demo import Demo
+    from scripts.demo import stop_process
 
     monkeypatch.setenv("EMOTIONS_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.delenv("EMOTIONS_BROKER_URL", raising=False)

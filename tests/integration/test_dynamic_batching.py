@@ -10,9 +10,11 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine
+from sqlalchemy import select
 
-from face_emotions.jobs.schema import Image, Result
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
 from face_emotions.modeling.bundle import load_bundle
 from face_emotions.serving.predictor import Predictor

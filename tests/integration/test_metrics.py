@@ -20,8 +20,12 @@ from api import create_app
 from api.cluster_metrics import queue_keys
 from face_emotions.settings import Settings
 from tests.integration.conftest import free_port
-from tests.unit.test_api import ADMIN_TOKEN, FakeQueue, FakeRegistry, version
-from tests.unit.test_metrics import samples, value
+from tests.unit.test_api import ADMIN_TOKEN
+from tests.unit.test_api import FakeQueue
+from tests.unit.test_api import FakeRegistry
+from tests.unit.test_api import version
+from tests.unit.test_metrics import samples
+from tests.unit.test_metrics import value
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
 
-from face_emotions.jobs.schema import Image, Job, Result
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import Result
 from tests.integration.conftest import wait_for_job
 from tests.integration.test_batch_jobs import write_faces
 

@@ -14,8 +14,11 @@ import zipfile
 import pytest
 
 from face_emotions.settings import Settings
-from tests.integration.conftest import Services, wait_for_job
-from tests.integration.test_batch_jobs import all_results, assert_seed_shape, face_png
+from tests.integration.conftest import Services
+from tests.integration.conftest import wait_for_job
+from tests.integration.test_batch_jobs import all_results
+from tests.integration.test_batch_jobs import assert_seed_shape
+from tests.integration.test_batch_jobs import face_png
 from tests.s3_fixtures import MotoServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

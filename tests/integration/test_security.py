@@ -18,7 +18,8 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from api import create_app
 from api.extensions import services
 from face_emotions.data.storage import local_path
 from face_emotions.jobs import tokens as db_tokens
-from face_emotions.jobs.schema import Image, Job
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
 from face_emotions.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from face_emotions.data.sample_faces import write_sample_dataset
-from face_emotions.modeling.bundle import load_bundle, load_checkpoint
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.modeling.bundle import load_checkpoint
 from face_emotions.registry.mlflow_registry import Registry
 from face_emotions.settings import Settings
-from training.train import compose_config, run_training
+from training.train import compose_config
+from training.train import run_training
 
 pytestmark = [pytest.mark.slow]
 

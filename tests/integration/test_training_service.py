@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from face_emotions.data.sample_faces import write_sample_dataset
-from tests.integration.conftest import WorkerProcess, wait_for_job
+from tests.integration.conftest import WorkerProcess
+from tests.integration.conftest import wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

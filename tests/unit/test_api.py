@@ -25,8 +25,11 @@ from api import create_app
 from api.extensions import services
 from api.jobs import BROKER_WARNING
 from face_emotions.data.storage import local_path
-from face_emotions.jobs import job_queries, result_writes, worker_heartbeats
-from face_emotions.jobs.schema import Image, Job
+from face_emotions.jobs import job_queries
+from face_emotions.jobs import result_writes
+from face_emotions.jobs import worker_heartbeats
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
@@ -832,7 +835,8 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
 
 def test_broker_client_sends_the_chunk_task() -> None:
     from face_emotions.jobs.broker import BrokerClient
-    from face_emotions.jobs.protocol import CLASSIFY_TASK, INFERENCE_QUEUE
+    from face_emotions.jobs.protocol import CLASSIFY_TASK
+    from face_emotions.jobs.protocol import INFERENCE_QUEUE
 
     broker = BrokerClient("memory://")
     assert broker.ping() is True
@@ -986,7 +990,8 @@ def test_part_content_types(client: FlaskClient, app, settings: Settings) -> Non
 
 
 def test_documented_submission_bodies_match_the_validating_schemas(client: FlaskClient) -> None:
-    from api.schemas.jobs import JobFolderIn, JobUploadForm
+    from api.schemas.jobs import JobFolderIn
+    from api.schemas.jobs import JobUploadForm
 
     content = client.get("/openapi.json").get_json()["paths"]["/api/v1/jobs"]["post"][
         "requestBody"

@@ -8,24 +8,34 @@ import io
 import logging
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select, update
+from sqlalchemy import select
+from sqlalchemy import update
 
 from api import create_app
-from api.auth import DISABLED_WARNING, required_role
+from api.auth import DISABLED_WARNING
+from api.auth import required_role
 from api.extensions import services
 from api.security import REDACTED_LOGGERS
 from face_emotions.jobs import tokens as db_tokens
-from face_emotions.jobs.schema import ApiToken, Job
-from face_emotions.ops.redaction import install_log_redaction, redact, redact_url
+from face_emotions.jobs.schema import ApiToken
+from face_emotions.jobs.schema import Job
+from face_emotions.ops.redaction import install_log_redaction
+from face_emotions.ops.redaction import redact
+from face_emotions.ops.redaction import redact_url
 from face_emotions.settings import Settings
-from tests.unit.test_api import FakeQueue, FakeRegistry, png, version
+from tests.unit.test_api import FakeQueue
+from tests.unit.test_api import FakeRegistry
+from tests.unit.test_api import png
+from tests.unit.test_api import version
 
 BOOTSTRAP = "bootstrap-admin-token-for-tests"
 

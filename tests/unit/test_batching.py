@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from face_emotions.serving.decode_ahead import DecodedBatch, iter_decoded_batches
+from face_emotions.serving.decode_ahead import DecodedBatch
+from face_emotions.serving.decode_ahead import iter_decoded_batches
 
 # 9 inputs: good images with distinct colours, and three kinds of bad file at known places.
 LAYOUT = ["good", "good", "corrupt", "good", "empty", "good", "good", "missing", "good"]

@@ -8,22 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN
+from timm.data import IMAGENET_DEFAULT_STD
 from torch import nn
 
 from face_emotions.labels import EMOTIONS
-from face_emotions.modeling.bundle import (
-    FORMAT_VERSION,
-    ONNX_FILE,
-    SPEC_FILE,
-    WEIGHTS_FILE,
-    BundleError,
-    ModelSpec,
-    load_bundle,
-    load_checkpoint,
-    load_model_source,
-    save_bundle,
-)
+from face_emotions.modeling.bundle import FORMAT_VERSION
+from face_emotions.modeling.bundle import ONNX_FILE
+from face_emotions.modeling.bundle import SPEC_FILE
+from face_emotions.modeling.bundle import WEIGHTS_FILE
+from face_emotions.modeling.bundle import BundleError
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.modeling.bundle import load_checkpoint
+from face_emotions.modeling.bundle import load_model_source
+from face_emotions.modeling.bundle import save_bundle
 from face_emotions.modeling.zoo import create_model
 
 SIZE = 32

@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from click.testing import Result
 
 from face_emotions.cli.main import main
 from face_emotions.data.images import decode_image
 from face_emotions.data.sample_faces import render_face
 from face_emotions.labels import EMOTIONS
-from face_emotions.modeling.bundle import SPEC_FILE, ModelSpec, load_bundle, save_bundle
+from face_emotions.modeling.bundle import SPEC_FILE
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.modeling.bundle import save_bundle
 from face_emotions.modeling.zoo import create_model
 from face_emotions.serving.predictor import Predictor
 

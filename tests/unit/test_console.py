@@ -17,20 +17,19 @@ from flask.testing import FlaskClient
 from PIL import Image as PILImage
 
 from api import create_app
-from api.security import CONSOLE_CSP, JSON_CSP
+from api.security import CONSOLE_CSP
+from api.security import JSON_CSP
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.settings import Settings
-from tests.unit.test_api import (
-    FakeQueue,
-    FakeRegistry,
-    api_settings,
-    authed_client,
-    job_images,
-    simulate_worker,
-    upload,
-    version,
-)
+from tests.unit.test_api import FakeQueue
+from tests.unit.test_api import FakeRegistry
+from tests.unit.test_api import api_settings
+from tests.unit.test_api import authed_client
+from tests.unit.test_api import job_images
+from tests.unit.test_api import simulate_worker
+from tests.unit.test_api import upload
+from tests.unit.test_api import version
 
 API_ROOT = Path(__file__).resolve().parents[2] / "api"
 TEMPLATES = API_ROOT / "templates"

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from face_emotions.data.labelled_folder import (
-    DatasetError,
-    LabelledImage,
-    ScanResult,
-    scan_labelled_folder,
-)
+from face_emotions.data.labelled_folder import DatasetError
+from face_emotions.data.labelled_folder import LabelledImage
+from face_emotions.data.labelled_folder import ScanResult
+from face_emotions.data.labelled_folder import scan_labelled_folder
 from face_emotions.labels import EMOTIONS
 
 LAYOUT = {

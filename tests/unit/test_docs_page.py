@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from api import create_app
-from api.docs_assets import ASSETS, ASSETS_URL
-from tests.unit.test_api import FakeQueue, FakeRegistry, api_settings, version
+from api.docs_assets import ASSETS
+from api.docs_assets import ASSETS_URL
+from tests.unit.test_api import FakeQueue
+from tests.unit.test_api import FakeRegistry
+from tests.unit.test_api import api_settings
+from tests.unit.test_api import version
 
 
 @pytest.fixture

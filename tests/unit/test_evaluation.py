@@ -11,12 +11,10 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from face_emotions.labels import EMOTIONS
-from face_emotions.modeling.evaluation import (
-    TARGETS,
-    confusion_matrix,
-    evaluate_predictions,
-    plot_confusion_matrix,
-)
+from face_emotions.modeling.evaluation import TARGETS
+from face_emotions.modeling.evaluation import confusion_matrix
+from face_emotions.modeling.evaluation import evaluate_predictions
+from face_emotions.modeling.evaluation import plot_confusion_matrix
 
 LABELS = list(range(len(EMOTIONS)))
 

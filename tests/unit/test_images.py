@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from face_emotions.data.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    iter_image_files,
-    load_batch_array,
-)
+from face_emotions.data.images import DEFAULT_MAX_PIXELS
+from face_emotions.data.images import IMAGE_EXTENSIONS
+from face_emotions.data.images import ImageDecodeError
+from face_emotions.data.images import decode_image
+from face_emotions.data.images import iter_image_files
+from face_emotions.data.images import load_batch_array
 
 W, H = 24, 16
 

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 
 from face_emotions.labels import EMOTIONS
-from face_emotions.serving.seed_format import (
-    RULE,
-    THIN_RULE,
-    configuration_block,
-    inference_document,
-    prediction_record,
-    summary_table,
-)
+from face_emotions.serving.seed_format import RULE
+from face_emotions.serving.seed_format import THIN_RULE
+from face_emotions.serving.seed_format import configuration_block
+from face_emotions.serving.seed_format import inference_document
+from face_emotions.serving.seed_format import prediction_record
+from face_emotions.serving.seed_format import summary_table
 
 HAPPY = [0.02, 0.03, 0.8934, 0.05, 0.0066]
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from face_emotions.data.storage import Storage, local_path
+from face_emotions.data.storage import Storage
+from face_emotions.data.storage import local_path
 from face_emotions.jobs.folder_intake import resolve_folder
-from face_emotions.jobs.intake import IntakeError, secure_name, store_uploads
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import secure_name
+from face_emotions.jobs.intake import store_uploads
 from face_emotions.jobs.zip_intake import extract_zip
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # content is never decoded by intake

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from face_emotions.labels import (
-    ALIASES,
-    EMOTIONS,
-    NUM_CLASSES,
-    canonical_emotion,
-    class_index,
-)
+from face_emotions.labels import ALIASES
+from face_emotions.labels import EMOTIONS
+from face_emotions.labels import NUM_CLASSES
+from face_emotions.labels import canonical_emotion
+from face_emotions.labels import class_index
 
 ALIAS_TABLE = {
     "Angry": ["angry", "anger", "mad"],

@@ -15,42 +15,41 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine
+from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from api import create_app
-from api.cluster_metrics import ClusterCollector, queue_keys, redis_url_of
+from api.cluster_metrics import ClusterCollector
+from api.cluster_metrics import queue_keys
+from api.cluster_metrics import redis_url_of
 from api.extensions import services
 from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.schema import WorkerState
-from face_emotions.ops.log_format import (
-    JobLogger,
-    apply_format,
-    configure_logging,
-    job_context,
-    json_formatter,
-)
-from face_emotions.ops.prometheus_multiprocess import (
-    ENV,
-    multiprocess_registry,
-    prepare_multiprocess_dir,
-)
+from face_emotions.ops.log_format import JobLogger
+from face_emotions.ops.log_format import apply_format
+from face_emotions.ops.log_format import configure_logging
+from face_emotions.ops.log_format import job_context
+from face_emotions.ops.log_format import json_formatter
+from face_emotions.ops.prometheus_multiprocess import ENV
+from face_emotions.ops.prometheus_multiprocess import multiprocess_registry
+from face_emotions.ops.prometheus_multiprocess import prepare_multiprocess_dir
 from face_emotions.settings import Settings
-from tests.unit.test_api import (
-    FakeQueue,
-    FakeRegistry,
-    api_settings,
-    authed_client,
-    simulate_worker,
-    upload,
-    version,
-)
+from tests.unit.test_api import FakeQueue
+from tests.unit.test_api import FakeRegistry
+from tests.unit.test_api import api_settings
+from tests.unit.test_api import authed_client
+from tests.unit.test_api import simulate_worker
+from tests.unit.test_api import upload
+from tests.unit.test_api import version
 from worker.metrics_server import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,16 +14,15 @@ import torch
 from torch import nn
 
 from face_emotions.data.sample_faces import render_face
-from face_emotions.labels import EMOTIONS, NUM_CLASSES
+from face_emotions.labels import EMOTIONS
+from face_emotions.labels import NUM_CLASSES
 from face_emotions.modeling import zoo as models
-from face_emotions.modeling.zoo import (
-    EmotionCNN,
-    PretrainedWeightsUnavailable,
-    available_models,
-    create_model,
-    get_architecture,
-    load_lite0_imagenet_weights,
-)
+from face_emotions.modeling.zoo import EmotionCNN
+from face_emotions.modeling.zoo import PretrainedWeightsUnavailable
+from face_emotions.modeling.zoo import available_models
+from face_emotions.modeling.zoo import create_model
+from face_emotions.modeling.zoo import get_architecture
+from face_emotions.modeling.zoo import load_lite0_imagenet_weights
 
 DROPOUT = 0.3  # not the default, so the test sees that the argument is really passed through
 

@@ -13,9 +13,12 @@ from torch import nn
 from face_emotions.data.images import load_batch_array
 from face_emotions.data.sample_faces import render_face
 from face_emotions.labels import EMOTIONS
-from face_emotions.modeling.bundle import ModelSpec, load_bundle, save_bundle
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.modeling.bundle import save_bundle
 from face_emotions.modeling.zoo import create_model
-from face_emotions.serving.predictor import Predictor, resolve_device
+from face_emotions.serving.predictor import Predictor
+from face_emotions.serving.predictor import resolve_device
 
 SIZE = 32
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

@@ -11,17 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from face_emotions.modeling.bundle import ModelSpec, load_bundle, load_model_source, save_bundle
+from face_emotions.modeling.bundle import ModelSpec
+from face_emotions.modeling.bundle import load_bundle
+from face_emotions.modeling.bundle import load_model_source
+from face_emotions.modeling.bundle import save_bundle
 from face_emotions.modeling.zoo import create_model
-from face_emotions.registry.mlflow_registry import (
-    TAG_TEST_SPLIT,
-    Registry,
-    RegistryError,
-    VersionInfo,
-    parse_model_uri,
-)
-from face_emotions.registry.promotion import PromoteMode, decide_promotion, promote
-from face_emotions.settings import Settings, get_settings
+from face_emotions.registry.mlflow_registry import TAG_TEST_SPLIT
+from face_emotions.registry.mlflow_registry import Registry
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.registry.mlflow_registry import parse_model_uri
+from face_emotions.registry.promotion import PromoteMode
+from face_emotions.registry.promotion import decide_promotion
+from face_emotions.registry.promotion import promote
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 
 MODEL = "face-emotion"
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from face_emotions.data.sample_faces import render_face, write_sample_dataset
+from face_emotions.data.sample_faces import render_face
+from face_emotions.data.sample_faces import write_sample_dataset
 from face_emotions.labels import EMOTIONS
 
 

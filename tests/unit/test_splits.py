@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from face_emotions.data import near_duplicates, perceptual_hashing
+from face_emotions.data import near_duplicates
+from face_emotions.data import perceptual_hashing
 from face_emotions.data.near_duplicates import near_duplicate_groups
-from face_emotions.data.perceptual_hashing import perceptual_hash, perceptual_hashes
-from face_emotions.data.splits import (
-    DEFAULT_FRACTIONS,
-    SPLITS,
-    SplitSummary,
-    stratified_group_split,
-    summarise_split,
-)
+from face_emotions.data.perceptual_hashing import perceptual_hash
+from face_emotions.data.perceptual_hashing import perceptual_hashes
+from face_emotions.data.splits import DEFAULT_FRACTIONS
+from face_emotions.data.splits import SPLITS
+from face_emotions.data.splits import SplitSummary
+from face_emotions.data.splits import stratified_group_split
+from face_emotions.data.splits import summarise_split
 
 # ------------------------------------------------------------------------------------------
 # helpers

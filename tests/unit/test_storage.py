@@ -10,24 +10,21 @@ import pytest
 from PIL import Image as PILImage
 from pydantic import ValidationError
 
-from face_emotions.data.storage import (
-    Storage,
-    StorageLimitError,
-    StorageReader,
-    check_key,
-    local_path,
-    normalise_url,
-    parse_location,
-    read_location,
-)
+from face_emotions.data.storage import Storage
+from face_emotions.data.storage import StorageLimitError
+from face_emotions.data.storage import StorageReader
+from face_emotions.data.storage import check_key
+from face_emotions.data.storage import local_path
+from face_emotions.data.storage import normalise_url
+from face_emotions.data.storage import parse_location
+from face_emotions.data.storage import read_location
 from face_emotions.jobs.folder_intake import resolve_folder
-from face_emotions.jobs.intake import IntakeError, store_uploads
+from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.intake import store_uploads
 from face_emotions.jobs.zip_intake import extract_zip
-from face_emotions.serving.image_loading import (
-    load_stored_image,
-    max_image_bytes,
-    storage_image_loader,
-)
+from face_emotions.serving.image_loading import load_stored_image
+from face_emotions.serving.image_loading import max_image_bytes
+from face_emotions.serving.image_loading import storage_image_loader
 from face_emotions.settings import Settings
 from tests.s3_fixtures import MotoServer
 

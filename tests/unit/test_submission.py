@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
-from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
 from face_emotions.jobs.intake import IntakeError
 from face_emotions.jobs.migrate import upgrade
 from face_emotions.jobs.schema import Job
-from face_emotions.jobs.submission import (
-    FolderSource,
-    JobOptions,
-    UploadSource,
-    find_replay,
-    submit_job,
-)
+from face_emotions.jobs.submission import FolderSource
+from face_emotions.jobs.submission import JobOptions
+from face_emotions.jobs.submission import UploadSource
+from face_emotions.jobs.submission import find_replay
+from face_emotions.jobs.submission import submit_job
 from face_emotions.settings import Settings
 
 

@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
-from face_emotions.jobs import job_queries, recovery_queries, result_writes
-from face_emotions.jobs.database import create_db_engine, session_factory
+from face_emotions.jobs import job_queries
+from face_emotions.jobs import recovery_queries
+from face_emotions.jobs import result_writes
+from face_emotions.jobs.database import create_db_engine
+from face_emotions.jobs.database import session_factory
 from face_emotions.jobs.migrate import upgrade
-from face_emotions.jobs.recovery import gave_up_reason, sweep
-from face_emotions.jobs.schema import Image, Job, JobStatus, Result
+from face_emotions.jobs.recovery import gave_up_reason
+from face_emotions.jobs.recovery import sweep
+from face_emotions.jobs.schema import Image
+from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
+from face_emotions.jobs.schema import Result
 from face_emotions.serving.chunk_classifier import classify_chunk
-from face_emotions.serving.model_holder import ModelUnavailable, ServingModel
+from face_emotions.serving.model_holder import ModelUnavailable
+from face_emotions.serving.model_holder import ServingModel
 from face_emotions.settings import Settings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -509,7 +521,8 @@ def test_a_failing_chunk_is_retried_then_failed_with_its_reason(sessions, eager_
 
 
 def test_failure_reasons_are_short_and_secret_free() -> None:
-    from worker.tasks import REASON_MAX_CHARS, failure_reason
+    from worker.tasks import REASON_MAX_CHARS
+    from worker.tasks import failure_reason
 
     exc = ValueError("cannot reach postgresql://fe:s3cret@db:5432/jobs\n[SQL: SELECT secret]")
     reason = failure_reason(exc)
@@ -519,7 +532,9 @@ def test_failure_reasons_are_short_and_secret_free() -> None:
 
 
 def test_retry_backoff_grows_and_is_capped() -> None:
-    from worker.tasks import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, retry_countdown
+    from worker.tasks import RETRY_BASE_SECONDS
+    from worker.tasks import RETRY_MAX_SECONDS
+    from worker.tasks import retry_countdown
 
     for attempts in range(1, 12):
         base = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))

@@ -8,14 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, select
+from click.testing import CliRunner
+from click.testing import Result
+from sqlalchemy import create_engine
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import create_app
 from face_emotions.cli.main import main
 from face_emotions.jobs.schema import ApiToken
-from face_emotions.settings import Settings, get_settings
+from face_emotions.settings import Settings
+from face_emotions.settings import get_settings
 from tests.unit.test_api import FakeQueue
 
 
@@ -136,7 +139,8 @@ def test_client_errors_say_what_to_do(
 
     import requests
 
-    from face_emotions.cli.api_client import ApiClientError, EmotionsClient
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
 
     def fake_request(method: str, url: str, **kwargs: object) -> requests.Response:
         response = requests.Response()

@@ -17,7 +17,8 @@ from api import create_app
 from api.extensions import services
 from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.schema import TrainingRun
-from face_emotions.registry.mlflow_registry import RegistryError, VersionInfo
+from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
 
 TOKEN = "s3cret-admin-token"
@@ -655,7 +656,8 @@ def test_paths_reach_hydra_literally(path: str) -> None:
 
 
 def test_trainer_celery_settings() -> None:
-    from training.service import TRAIN_TASK, celery_config
+    from training.service import TRAIN_TASK
+    from training.service import celery_config
 
     config = celery_config(Settings(visibility_timeout=3600, training_queue="gpu-training"))
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
