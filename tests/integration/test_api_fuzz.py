@@ -33,9 +33,9 @@ from schemathesis.checks import not_a_server_error
 from werkzeug.datastructures import FileStorage
 
 from api import create_app
-from face_emotions.registry.mlflow_registry import RegistryError
-from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
+from tests.fakes import FakeBroker as FuzzQueue
+from tests.fakes import FakeRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -46,73 +46,23 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_EXAMPLES = 20
 
 
-class FuzzQueue:
-    """Takes chunks, training runs and reload broadcasts; never fails."""
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        pass
-
-    def send_training_run(self, run_id: str) -> None:
-        pass
-
-    def broadcast_reload(self) -> None:
-        pass
-
-    def ping(self) -> bool:
-        return True
-
-
-class MissingVersion(Exception):
-    error_code = "RESOURCE_DOES_NOT_EXIST"
-
-
-class FuzzRegistry:
-    model_name = "face-emotion"
-
-    def __init__(self) -> None:
-        self.aliases = {"champion": 1}
-        self.client = None
-
-    def _version(self, number: int) -> VersionInfo:
-        return VersionInfo(
-            name=self.model_name,
-            version=number,
-            source=f"file:///artifacts/{number}",
-            run_id=f"run{number}",
-            tags={"architecture": "cnn", "accuracy": "0.9"},
-            aliases=tuple(a for a, v in self.aliases.items() if v == number),
-            created_ms=1_700_000_000_000,
-        )
-
-    def list_versions(self) -> list[VersionInfo]:
-        return [self._version(v) for v in (2, 1)]
-
-    def alias_version(self, alias: str | None = None) -> VersionInfo | None:
-        number = self.aliases.get(alias or "champion")
-        return None if number is None else self._version(number)
-
-    def set_alias(self, version: int, alias: str | None = None) -> None:
-        if version not in (1, 2):
-            raise RegistryError(f"no version {version}") from MissingVersion()
-        self.aliases[alias or "champion"] = version
-
-    def evaluation(self, version: int) -> dict[str, Any] | None:
-        if version not in (1, 2):
-            raise RegistryError(f"no version {version}") from MissingVersion()
-        if version == 2:
-            return None
-        matrix = [[2 if i == j else 0 for j in range(5)] for i in range(5)]
-        metrics = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
-        return {
-            "num_images": 10,
-            "accuracy": 1.0,
-            "weighted_f1": 1.0,
-            "macro_f1": 1.0,
-            "per_class": dict.fromkeys(["Angry", "Fear", "Happy", "Sad", "Surprised"], metrics),
-            "confusion_matrix": matrix,
-            "passed": True,
-            "failures": [],
-        }
+def fuzz_registry() -> FakeRegistry:
+    """Two versions, v1 champion with an evaluation report, v2 without one."""
+    matrix = [[2 if i == j else 0 for j in range(5)] for i in range(5)]
+    metrics = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    report = {
+        "num_images": 10,
+        "accuracy": 1.0,
+        "weighted_f1": 1.0,
+        "macro_f1": 1.0,
+        "per_class": dict.fromkeys(["Angry", "Fear", "Happy", "Sad", "Surprised"], metrics),
+        "confusion_matrix": matrix,
+        "passed": True,
+        "failures": [],
+    }
+    return FakeRegistry(
+        [1, 2], 1, tags={"architecture": "cnn", "accuracy": "0.9"}, evaluations={1: report}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +80,7 @@ def api_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         # The fuzzer submits many jobs quickly: limits are tested in test_security.py.
         submit_rate_limit="100000/minute",
     )
-    app = create_app(config, broker=FuzzQueue(), registry_factory=FuzzRegistry)
+    app = create_app(config, broker=FuzzQueue(), registry_factory=fuzz_registry)
     app.config["TESTING"] = False  # exceptions become 500s, as in production
 
     @app.after_request
@@ -155,7 +105,7 @@ def _spec_app() -> Any:
     config = Settings(
         database_url="sqlite://", broker_url="memory://", admin_token=TOKEN, migrate_on_start=False
     )
-    return create_app(config, broker=FuzzQueue(), registry_factory=FuzzRegistry)
+    return create_app(config, broker=FuzzQueue(), registry_factory=fuzz_registry)
 
 
 schema = schemathesis.openapi.from_wsgi("/openapi.json", _spec_app())

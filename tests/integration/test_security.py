@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import uuid
-import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,23 +36,16 @@ from face_emotions.jobs import tokens as db_tokens
 from face_emotions.jobs.schema import Image
 from face_emotions.jobs.schema import Job
 from face_emotions.settings import Settings
+from tests.fakes import ChunkOnlyBroker as FakeQueue
+from tests.zip_archives import encrypted_zip
+from tests.zip_archives import make_zip
+from tests.zip_archives import symlink_entry
 
 pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 MAX_IMAGES = 5
 BOOTSTRAP = "security-test-bootstrap-token"
-
-
-class FakeQueue:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        self.calls.append((job_id, list(image_ids)))
-
-    def ping(self) -> bool:
-        return True
 
 
 def png(size: tuple[int, int] = (8, 8)) -> bytes:
@@ -78,30 +69,6 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     )
-
-
-def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries:
-            archive.writestr(name, data)
-    buffer.seek(0)
-    return buffer
-
-
-def symlink_entry(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-    return info, target.encode()
-
-
-def encrypted_zip() -> io.BytesIO:
-    data = bytearray(make_zip([("a.png", PNG)]).getvalue())
-    # The "encrypted" general-purpose flag, in the local header and the central directory.
-    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        position = data.find(signature)
-        data[position + offset] |= 0x1
-    return io.BytesIO(bytes(data))
 
 
 # -- the context each row runs in -------------------------------------------------------------
@@ -243,7 +210,7 @@ def zip_symlink(ctx: Ctx) -> TestResponse:
 
 
 def zip_encrypted(ctx: Ctx) -> TestResponse:
-    return ctx.post_zip(encrypted_zip())
+    return ctx.post_zip(encrypted_zip(PNG))
 
 
 def non_image_part(ctx: Ctx) -> TestResponse:

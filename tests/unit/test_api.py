@@ -33,6 +33,7 @@ from face_emotions.jobs.schema import Job
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
+from tests.fakes import ChunkOnlyBroker as FakeQueue
 
 CSV_HEADER = [
     "image_path",
@@ -44,22 +45,6 @@ CSV_HEADER = [
     "model_version",
     "error",
 ]
-
-
-class FakeQueue:
-    """Records every chunk; ``up = False`` simulates a broker outage."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[int]]] = []
-        self.up = True
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        if not self.up:
-            raise ConnectionError("broker down")
-        self.calls.append((job_id, list(image_ids)))
-
-    def ping(self) -> bool:
-        return self.up
 
 
 class FakeClient:
@@ -237,7 +222,7 @@ def test_upload_job_is_stored_committed_and_chunked(
     assert [image.path for image in images] == names
     assert all(image.location == f"file://{job_dir / image.path}" for image in images)
     ids = [image.id for image in images]
-    assert queue.calls == [
+    assert queue.chunks == [
         (body["id"], ids[0:2]),
         (body["id"], ids[2:4]),
         (body["id"], ids[4:5]),
@@ -277,7 +262,7 @@ def test_zip_job(app, client: FlaskClient, queue: FakeQueue) -> None:
         "sad/b.png",
         "c.png",
     ]
-    assert [len(ids) for _, ids in queue.calls] == [3]  # chunk = batch_size * chunk_batches
+    assert [len(ids) for _, ids in queue.chunks] == [3]  # chunk = batch_size * chunk_batches
 
 
 def test_folder_job(app, client: FlaskClient, settings: Settings, queue: FakeQueue) -> None:
@@ -301,7 +286,7 @@ def test_folder_job(app, client: FlaskClient, settings: Settings, queue: FakeQue
     ]
     assert Path(images[0].location) == folder / "a.png"
     assert stored_files(settings) == []  # folder jobs copy nothing
-    assert [len(ids) for _, ids in queue.calls] == [4]
+    assert [len(ids) for _, ids in queue.chunks] == [4]
 
     flat = client.post("/api/v1/jobs", json={"folder": "batch", "recursive": False})
     assert flat.get_json()["total"] == 1
@@ -313,14 +298,14 @@ def test_idempotency_key_returns_the_same_job(
     headers = {"Idempotency-Key": "retry-me-123"}
     first = upload(client, ["a.png", "b.png"], headers=headers)
     assert first.status_code == 202
-    calls, files = list(queue.calls), stored_files(settings)
+    calls, files = list(queue.chunks), stored_files(settings)
 
     second = upload(client, ["x.png", "y.png", "z.png"], headers=headers)
     assert second.status_code == 200
     assert second.get_json()["id"] == first.get_json()["id"]
     assert second.get_json()["total"] == 2
     assert second.headers["Location"] == first.headers["Location"]
-    assert queue.calls == calls  # nothing enqueued again
+    assert queue.chunks == calls  # nothing enqueued again
     assert stored_files(settings) == files  # nothing stored again
     assert count_jobs(app) == 1
 
@@ -344,7 +329,7 @@ def test_idempotency_race_returns_the_winner_and_removes_files(
     """Two requests with one key both pass the lookup; the unique constraint decides."""
     headers = {"Idempotency-Key": "racy"}
     first = upload(client, ["a.png"], headers=headers)
-    files, calls = stored_files(settings), list(queue.calls)
+    files, calls = stored_files(settings), list(queue.chunks)
     real_lookup = job_queries.find_by_idempotency_key
     lookups: list[str] = []
 
@@ -358,7 +343,7 @@ def test_idempotency_race_returns_the_winner_and_removes_files(
     assert second.get_json()["id"] == first.get_json()["id"]
     assert len(lookups) == 2
     assert stored_files(settings) == files
-    assert queue.calls == calls
+    assert queue.chunks == calls
     assert count_jobs(app) == 1
 
 
@@ -468,7 +453,7 @@ def test_invalid_submissions(
         assert mentions in error["message"]
     assert count_jobs(app) == 0
     assert stored_files(settings) == []
-    assert queue.calls == []
+    assert queue.chunks == []
 
 
 def test_folder_symlink_escape_is_refused(

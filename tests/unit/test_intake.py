@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,9 @@ from face_emotions.jobs.intake import IntakeError
 from face_emotions.jobs.intake import secure_name
 from face_emotions.jobs.intake import store_uploads
 from face_emotions.jobs.zip_intake import extract_zip
+from tests.zip_archives import encrypted_zip
+from tests.zip_archives import make_zip
+from tests.zip_archives import symlink_entry
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # content is never decoded by intake
 
@@ -55,31 +56,6 @@ def assert_contained(tmp_path: Path, dest: Path) -> None:
 # -- zip archives ---------------------------------------------------------------------------
 
 
-def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], **kwargs) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, **kwargs) as archive:
-        for name, data in entries:
-            archive.writestr(name, data)
-    buffer.seek(0)
-    return buffer
-
-
-def symlink_entry(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-    return info, target.encode()
-
-
-def encrypted_zip() -> io.BytesIO:
-    buffer = make_zip([("a.png", PNG)])
-    data = bytearray(buffer.getvalue())
-    # Set the "encrypted" general-purpose flag in the local header and the central directory.
-    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        position = data.find(signature)
-        data[position + offset] |= 0x1
-    return io.BytesIO(bytes(data))
-
-
 def too_many_entries() -> io.BytesIO:
     return make_zip([(f"{i}.png", PNG) for i in range(6)])
 
@@ -97,7 +73,7 @@ HOSTILE_ZIPS: list[tuple[str, Callable[[], io.BytesIO], str, dict]] = [
         "unsafe_zip",
         {},
     ),
-    ("encrypted", encrypted_zip, "unsafe_zip", {}),
+    ("encrypted", lambda: encrypted_zip(PNG), "unsafe_zip", {}),
     (
         "zip bomb by ratio",
         lambda: make_zip([("a.png", b"\x00" * (10 * 1024 * 1024))]),

@@ -26,19 +26,7 @@ from face_emotions.jobs.submission import UploadSource
 from face_emotions.jobs.submission import find_replay
 from face_emotions.jobs.submission import submit_job
 from face_emotions.settings import Settings
-
-
-class Sender:
-    """A fake broker; ``up = False`` simulates a broker outage."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[int]]] = []
-        self.up = True
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        if not self.up:
-            raise ConnectionError("broker down")
-        self.calls.append((job_id, list(image_ids)))
+from tests.fakes import ChunkOnlyBroker as Sender
 
 
 class Refused(Exception):
@@ -99,8 +87,8 @@ def test_uploads_are_stored_committed_then_sent_in_chunks(
     job = submitted.job
     assert (submitted.replayed, submitted.dispatched, submitted.skipped) == (False, True, None)
     assert (job.source_type, job.source, job.total, job.chunks) == ("upload", "3 files", 3, 2)
-    assert [len(ids) for _job_id, ids in sender.calls] == [2, 1]
-    assert {job_id for job_id, _ids in sender.calls} == {str(job.id)}
+    assert [len(ids) for _job_id, ids in sender.chunks] == [2, 1]
+    assert {job_id for job_id, _ids in sender.chunks} == {str(job.id)}
     assert len(stored(settings)) == 3
     with sessions() as session:
         assert session.get(Job, job.id) is not None

@@ -39,6 +39,7 @@ from face_emotions.serving.chunk_classifier import classify_chunk
 from face_emotions.serving.model_holder import ModelUnavailable
 from face_emotions.serving.model_holder import ServingModel
 from face_emotions.settings import Settings
+from tests.fakes import ChunkOnlyBroker as Recorder
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 STALL = 60.0
@@ -52,19 +53,6 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine = create_db_engine(url)
     yield session_factory(engine)
     engine.dispose()
-
-
-class Recorder:
-    """A fake ``enqueue``: records chunks; ``up = False`` simulates a broker outage."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[int]]] = []
-        self.up = True
-
-    def __call__(self, job_id: str, image_ids: list[int]) -> None:
-        if not self.up:
-            raise ConnectionError("broker down")
-        self.calls.append((job_id, list(image_ids)))
 
 
 def make_job(
@@ -155,7 +143,7 @@ def test_stalled_job_gets_only_its_pending_chunks_again(sessions) -> None:
 
     report = run_sweep(sessions, enqueue, now)
 
-    assert enqueue.calls == [(str(job_id), chunks[1][2:]), (str(job_id), chunks[2])]
+    assert enqueue.chunks == [(str(job_id), chunks[1][2:]), (str(job_id), chunks[2])]
     assert report.jobs == [str(job_id)]
     assert (report.chunks_enqueued, report.images_enqueued, report.images_failed) == (2, 4, 0)
     job = job_row(sessions, job_id)
@@ -169,7 +157,7 @@ def test_a_job_that_progressed_recently_is_left_alone(sessions) -> None:
     job_id, _ = make_job(sessions, progressed_at=T0)
     enqueue = Recorder()
     report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL - 1))
-    assert enqueue.calls == [] and report.idle
+    assert enqueue.chunks == [] and report.idle
     assert naive(job_row(sessions, job_id).progressed_at) == naive(T0)
 
 
@@ -186,7 +174,7 @@ def test_finished_and_cancelled_jobs_are_left_alone(sessions, status: JobStatus)
     make_job(sessions, status=status, progressed_at=T0 - timedelta(days=1))
     enqueue = Recorder()
     assert run_sweep(sessions, enqueue, T0 + timedelta(hours=1)).idle
-    assert enqueue.calls == []
+    assert enqueue.chunks == []
 
 
 def test_a_queued_job_that_was_never_dispatched_is_sent(sessions) -> None:
@@ -196,7 +184,7 @@ def test_a_queued_job_that_was_never_dispatched_is_sent(sessions) -> None:
     )
     enqueue = Recorder()
     report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
-    assert enqueue.calls == [(str(job_id), chunks[0]), (str(job_id), chunks[1])]
+    assert enqueue.chunks == [(str(job_id), chunks[0]), (str(job_id), chunks[1])]
     assert report.images_enqueued == 6
     assert job_row(sessions, job_id).status == JobStatus.QUEUED
 
@@ -206,13 +194,13 @@ def test_a_second_sweep_within_the_stall_period_does_nothing(sessions) -> None:
     enqueue = Recorder()
     first = T0 + timedelta(seconds=STALL + 1)
     run_sweep(sessions, enqueue, first)
-    assert len(enqueue.calls) == 1
+    assert len(enqueue.chunks) == 1
     # Another worker's sweeper a little later: the job is claimed for a stall period.
     assert run_sweep(sessions, enqueue, first + timedelta(seconds=STALL / 2)).idle
-    assert len(enqueue.calls) == 1
+    assert len(enqueue.chunks) == 1
     # Still no progress one more stall period on: sent again.
     run_sweep(sessions, enqueue, first + timedelta(seconds=STALL + 1))
-    assert enqueue.calls == [(str(job_id), chunks[0])] * 2
+    assert enqueue.chunks == [(str(job_id), chunks[0])] * 2
 
 
 def test_two_sweepers_cannot_both_claim_a_job(sessions) -> None:
@@ -236,7 +224,7 @@ def test_chunks_out_of_deliveries_are_failed_and_the_job_terminates(sessions) ->
 
     report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
 
-    assert enqueue.calls == []
+    assert enqueue.chunks == []
     assert (report.chunks_given_up, report.images_failed) == (1, 4)
     job = job_row(sessions, job_id)
     assert (job.status, job.done, job.failed) == (JobStatus.COMPLETED_WITH_ERRORS, 4, 4)
@@ -262,7 +250,7 @@ def test_chunks_with_deliveries_left_are_sent_beside_those_given_up(sessions) ->
     set_attempts(sessions, chunks[1], MAX - 1)
     enqueue = Recorder()
     report = run_sweep(sessions, enqueue, T0 + timedelta(seconds=STALL + 1))
-    assert enqueue.calls == [(str(job_id), chunks[1])]
+    assert enqueue.chunks == [(str(job_id), chunks[1])]
     assert (report.chunks_given_up, report.chunks_enqueued) == (1, 1)
     assert job_row(sessions, job_id).status == JobStatus.RUNNING
 
@@ -279,7 +267,7 @@ def test_broker_down_releases_the_claim_for_the_next_sweep(sessions) -> None:
     assert naive(job_row(sessions, job_id).progressed_at) == naive(T0), "claim not released"
     enqueue.up = True
     run_sweep(sessions, enqueue, now + timedelta(seconds=1))
-    assert enqueue.calls == [(str(job_id), chunks[0])]
+    assert enqueue.chunks == [(str(job_id), chunks[0])]
 
 
 def test_the_longest_stalled_jobs_go_first_and_the_rest_wait(sessions) -> None:
@@ -288,9 +276,9 @@ def test_the_longest_stalled_jobs_go_first_and_the_rest_wait(sessions) -> None:
     enqueue = Recorder()
     now = T0 + timedelta(seconds=STALL + 1)
     sweep(sessions, enqueue, stall_seconds=STALL, max_attempts=MAX, now=now, limit=1)
-    assert [job for job, _ in enqueue.calls] == [str(older)]
+    assert [job for job, _ in enqueue.chunks] == [str(older)]
     sweep(sessions, enqueue, stall_seconds=STALL, max_attempts=MAX, now=now, limit=1)
-    assert [job for job, _ in enqueue.calls] == [str(older), str(newer)]
+    assert [job for job, _ in enqueue.chunks] == [str(older), str(newer)]
 
 
 # --- delivery counting in the chunk classifier ----------------------------------------------

@@ -17,96 +17,15 @@ from api import create_app
 from api.extensions import services
 from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.schema import TrainingRun
-from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
+from tests.fakes import ChunkOnlyBroker as JobOnlyQueue
+from tests.fakes import FakeBroker as FakeQueue
+from tests.fakes import FakeRegistry
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RUNS = "/api/v1/training-runs"
-
-
-class FakeQueue:
-    """Job and training queue; ``up = False`` simulates a broker outage."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[str, list[int]]] = []
-        self.training: list[str] = []
-        self.broadcasts = 0
-        self.up = True
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        self._check()
-        self.chunks.append((job_id, list(image_ids)))
-
-    def ping(self) -> bool:
-        return self.up
-
-    def send_training_run(self, run_id: str) -> None:
-        self._check()
-        self.training.append(run_id)
-
-    def broadcast_reload(self) -> None:
-        self._check()
-        self.broadcasts += 1
-
-    def _check(self) -> None:
-        if not self.up:
-            raise ConnectionError("broker down")
-
-
-class JobOnlyQueue:
-    """A queue that predates training runs (like test_api's fake)."""
-
-    def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
-        pass
-
-    def ping(self) -> bool:
-        return True
-
-
-class MissingVersion(Exception):
-    error_code = "RESOURCE_DOES_NOT_EXIST"
-
-
-class FakeRegistry:
-    model_name = "face-emotion"
-
-    def __init__(self, versions: list[int], champion: int | None) -> None:
-        self.versions = versions
-        self.aliases: dict[str, int] = {} if champion is None else {"champion": champion}
-        self.up = True
-
-    def _version(self, number: int) -> VersionInfo:
-        return VersionInfo(
-            name=self.model_name,
-            version=number,
-            source=f"file:///artifacts/{number}",
-            run_id=f"run{number}",
-            tags={},
-            aliases=tuple(a for a, v in self.aliases.items() if v == number),
-        )
-
-    def list_versions(self) -> list[VersionInfo]:
-        return [self._version(v) for v in sorted(self.versions, reverse=True)]
-
-    def alias_version(self, alias: str | None = None) -> VersionInfo | None:
-        if not self.up:
-            raise RegistryError("registry down") from ConnectionError("refused")
-        number = self.aliases.get(alias or "champion")
-        return None if number is None else self._version(number)
-
-    def get_version(self, version: int) -> VersionInfo:
-        if not self.up:
-            raise RegistryError("registry down") from ConnectionError("refused")
-        if version not in self.versions:
-            raise RegistryError(f"no version {version}") from MissingVersion()
-        return self._version(version)
-
-    def set_alias(self, version: int, alias: str | None = None) -> None:
-        if version not in self.versions:
-            raise RegistryError(f"no version {version}") from MissingVersion()
-        self.aliases[alias or "champion"] = version
 
 
 @pytest.fixture
