@@ -17,17 +17,10 @@ from face_emotions.data.sample_faces import render_face
 from face_emotions.jobs.schema import Image
 from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
+from tests.contract import SEED_KEYS
 from tests.integration.conftest import wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-SEED_KEYS = {
-    "image_path",
-    "predicted_class",
-    "predicted_emotion",
-    "confidence",
-    "all_probabilities",
-}
 
 
 def face_png(index: int, size: int = 64) -> bytes:

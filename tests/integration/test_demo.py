@@ -16,6 +16,20 @@ from tests.integration.conftest import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def run_script(
+    module: str, env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python -m scripts.<module>`` as ``make demo`` / ``make stop`` run it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"scripts.{module}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_demo_runs_end_to_end_and_again(tmp_path: Path, redis_url: str) -> None:
     var = tmp_path / "var"
     env = {
@@ -28,14 +42,7 @@ def test_demo_runs_end_to_end_and_again(tmp_path: Path, redis_url: str) -> None:
         "DEMO_PORT": str(free_port()),
     }
     try:
-        first = subprocess.run(
-            [sys.executable, "-m", "scripts.demo"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        first = run_script("demo", env)
         assert first.returncode == 0, first.stderr[-4000:]
         document = json.loads(first.stdout[: first.stdout.index("\n}\n") + 2])
         assert document["predictions"] and document["num_images"] == 80
@@ -44,27 +51,13 @@ def test_demo_runs_end_to_end_and_again(tmp_path: Path, redis_url: str) -> None:
         assert (var / "logs" / "api.log").exists() and (var / "logs" / "worker.log").exists()
         assert json.loads((var / "demo" / "results.json").read_text())["num_images"] == 80
 
-        again = subprocess.run(
-            [sys.executable, "-m", "scripts.demo"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        again = run_script("demo", env)
         assert again.returncode == 0, again.stderr[-4000:]
         assert "already champion" in again.stderr
         assert "already running" in again.stderr
         assert "already in" in again.stderr
     finally:
-        stop = subprocess.run(
-            [sys.executable, "-m", "scripts.stop"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        stop = run_script("stop", env, timeout=120)
     assert "api" in stop.stderr and "worker" in stop.stderr
     assert not list((var / "run").glob("*.pid"))
 

@@ -33,18 +33,9 @@ from face_emotions.jobs.schema import Job
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.settings import Settings
+from tests.contract import CSV_HEADER
+from tests.contract import SEED_KEYS
 from tests.fakes import ChunkOnlyBroker as FakeQueue
-
-CSV_HEADER = [
-    "image_path",
-    "status",
-    "predicted_class",
-    "predicted_emotion",
-    "confidence",
-    *EMOTIONS,
-    "model_version",
-    "error",
-]
 
 
 class FakeClient:
@@ -537,15 +528,6 @@ def finished_job(app, client: FlaskClient) -> str:
     job_id = response.get_json()["id"]
     simulate_worker(app, job_id)
     return job_id
-
-
-SEED_KEYS = {
-    "image_path",
-    "predicted_class",
-    "predicted_emotion",
-    "confidence",
-    "all_probabilities",
-}
 
 
 def test_job_detail_after_results(client: FlaskClient, finished_job: str) -> None:
