@@ -12,7 +12,7 @@ SEED_KEYS = frozenset(
 )
 #: ``GET /api/v1/jobs/<id>/results?format=csv``: one column per emotion, in the model's order.
 # A header line as a spreadsheet shows it, split into columns.
-CSV_HEADER = (
+CSV_HEADER = (  # noqa: SIM905
     "image_path,status,predicted_class,predicted_emotion,confidence,"
     "Angry,Fear,Happy,Sad,Surprised,model_version,error"
-).split(",")  # noqa: SIM905
+).split(",")
