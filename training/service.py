@@ -46,6 +46,7 @@ from face_emotions.jobs.protocol import RELOAD_COMMAND
 from face_emotions.jobs.protocol import TRAIN_TASK
 from face_emotions.jobs.schema import TrainingRun
 from face_emotions.ops.log_format import apply_format
+from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 from face_emotions.settings import Settings
 from face_emotions.settings import get_settings
@@ -89,7 +90,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("face_emotions_trainer", broker=settings.broker_url)
+app = Celery("face_emotions.trainer", broker=settings.broker_url)
 app.conf.update(celery_config(settings))
 broker = BrokerClient.from_settings(settings)
 
@@ -271,6 +272,7 @@ def _log_format(logger: Any = None, loglevel: Any = None, **_kwargs: Any) -> Non
     """EMOTIONS_LOG_FORMAT=json: the trainer's log lines are JSON too."""
     if logger is not None:
         apply_format(logger, settings, level=loglevel)
+        install_log_redaction(settings, ("celery", "training", "face_emotions"))
 
 
 @worker_ready.connect

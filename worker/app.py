@@ -45,7 +45,7 @@ tune_glibc_malloc()
 log = logging.getLogger(__name__)
 settings = get_settings()
 
-app = Celery("face_emotions", broker=settings.broker_url, include=["worker.tasks"])
+app = Celery("face_emotions.worker", broker=settings.broker_url, include=["worker.tasks"])
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
