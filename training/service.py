@@ -46,8 +46,8 @@ from face_emotions.jobs.protocol import RELOAD_COMMAND
 from face_emotions.jobs.protocol import TRAIN_TASK
 from face_emotions.jobs.schema import TrainingRun
 from face_emotions.ops.log_format import apply_format
-from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
+from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import Settings
 from face_emotions.settings import get_settings
 
