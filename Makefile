@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo stop test test-fast lint format clean
+.PHONY: setup system-deps demo stop test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,11 @@ demo: setup
 stop:
 	@test -x $(PY) && $(PY) -m scripts.stop || true
 
-test: setup
+# What pip can't install: Debian's Chromium for the console's browser tests (as root, once).
+system-deps:
+	@bash scripts/system_deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

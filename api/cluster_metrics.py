@@ -35,6 +35,8 @@ from sqlalchemy.orm import sessionmaker
 from face_emotions.jobs.schema import Job
 from face_emotions.jobs.schema import JobStatus
 from face_emotions.jobs.schema import WorkerState
+from face_emotions.jobs.worker_heartbeats import INFERENCE
+from face_emotions.jobs.worker_heartbeats import LIVENESS_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 REDIS_TIMEOUT_SECONDS = 1.0
-DEFAULT_WORKER_LIVENESS = timedelta(minutes=5)
+DEFAULT_WORKER_LIVENESS = timedelta(seconds=LIVENESS_SECONDS)
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -134,7 +136,7 @@ class ClusterCollector(Collector):
             ).all()
             workers = session.execute(
                 select(WorkerState.name, WorkerState.model_version).where(
-                    WorkerState.last_seen >= since
+                    WorkerState.last_seen >= since, WorkerState.role == INFERENCE
                 )
             ).all()
         jobs = GaugeMetricFamily("emotions_jobs", "Jobs by status.", labels=["status"])

@@ -3,7 +3,8 @@
 Orchestrators restart a container whose liveness fails, so it checks nothing external: a
 database outage must not restart every API replica. Readiness checks the three dependencies
 a request needs and takes the replica out of rotation while one is down; each check has a
-deadline so a hanging dependency can't hang the probe.
+deadline so a hanging dependency can't hang the probe. It also warns (without failing) when no
+worker or trainer is consuming its queue, since work would then wait for ever.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from api.openapi_docs import Responses
 from api.openapi_docs import response_doc
 from api.schemas.common import HealthOut
 from api.schemas.common import ReadyOut
+from api.training_runs import trainer_problem
+from face_emotions.jobs import worker_heartbeats
 
 bp = APIBlueprint("health", __name__, tag="health")
 
@@ -52,9 +55,29 @@ def readyz() -> tuple[dict[str, Any], int]:
         timeout=CHECK_TIMEOUT_SECONDS,
     )
     ready = all(value == "ok" for value in checks.values())
-    return {"status": "ready" if ready else "unavailable", "checks": checks}, (
-        200 if ready else 503
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if checks.get("database") == "ok":
+        body["warnings"] = consumer_warnings(state)
+    return body, (200 if ready else 503)
+
+
+def consumer_warnings(state: Services) -> list[str]:
+    """What would make work wait although the API is ready: nobody consuming a queue.
+
+    Informational: the API accepts jobs and runs without workers or trainers (they queue), so
+    neither takes the replica out of rotation.
+    """
+    with state.sessions() as session:
+        warnings = []
+        if not worker_heartbeats.live_workers(session, role=worker_heartbeats.INFERENCE):
+            warnings.append(
+                "no inference worker has reported in the last minute: jobs stay queued until "
+                "one starts (celery -A worker.app worker -Q inference)"
+            )
+        trainers = trainer_problem(session, state.settings)
+        if trainers is not None:
+            warnings.append(trainers)
+        return warnings
 
 
 def _check_database(state: Services) -> bool:

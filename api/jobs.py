@@ -42,9 +42,9 @@ from api.openapi_docs import JOB_NOT_FOUND
 from api.openapi_docs import RESULTS_RESPONSES
 from api.openapi_docs import SUBMISSION_RESPONSES
 from api.openapi_docs import error_responses
-from api.schemas.common import PageQuery
 from api.schemas.common import clamp_page
 from api.schemas.jobs import JobCreatedOut
+from api.schemas.jobs import JobListQuery
 from api.schemas.jobs import JobOut
 from api.schemas.jobs import JobPageOut
 from api.schemas.jobs import ResultPageOut
@@ -115,6 +115,7 @@ def create_job() -> Any:
     payload = _job_payload(session, job, model_versions=[])
     if submitted.skipped is not None:
         payload["skipped"] = submitted.skipped
+        payload["skipped_files"] = submitted.skipped_files
     if not submitted.dispatched:
         payload["warning"] = BROKER_WARNING
     log.info(
@@ -131,19 +132,24 @@ def create_job() -> Any:
 
 @bp.get("")
 @require_role(SUBMIT)
-@bp.input(PageQuery, location="query")
+@bp.input(JobListQuery, location="query")
 @bp.output(JobPageOut)
-def list_jobs(query_data: dict[str, int]) -> dict[str, Any]:
+def list_jobs(query_data: dict[str, Any]) -> dict[str, Any]:
     """List jobs, newest first
 
     Submit tokens see their own jobs, admins every job. `limit` is clamped to
     1..EMOTIONS_MAX_PAGE_SIZE and `page` to 1..2^31-1 (a page past the end is empty).
+    `id_prefix` keeps the jobs whose id starts with it (the console's short ids).
     """
     page, limit = clamp_page(query_data, services().settings.max_page_size)
     session = db_session()
     owner = current_principal().owner_filter
     jobs, total = job_queries.list_jobs(
-        session, owner=owner, offset=(page - 1) * limit, limit=limit
+        session,
+        owner=owner,
+        offset=(page - 1) * limit,
+        limit=limit,
+        id_prefix=query_data.get("id_prefix"),
     )
     versions = model_versions_by_job(session, [job.id for job in jobs])
     return {

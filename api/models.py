@@ -29,6 +29,7 @@ from api.schemas.models import PromoteOut
 from api.serialize import aware
 from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.broker import TrainingSender
+from face_emotions.jobs.schema import WorkerState
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import TAG_ARCHITECTURE
 from face_emotions.registry.mlflow_registry import TAG_IMAGE_SIZE
@@ -47,8 +48,8 @@ MISSING_VERSION_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 #: Registries number versions from 1 in a 32-bit integer; larger numbers exist nowhere.
 MAX_VERSION = 2**31 - 1
 
-#: Workers heartbeat far more often; one silent this long is gone (or stuck).
-WORKER_LIVENESS = timedelta(minutes=5)
+#: Processes heartbeat every 15 s, idle or busy; one silent this long is gone (or stuck).
+WORKER_LIVENESS = timedelta(seconds=worker_heartbeats.LIVENESS_SECONDS)
 
 REGISTRY_UNREACHABLE: dict[int, str] = {503: "The model registry is unreachable"}
 
@@ -58,7 +59,7 @@ REGISTRY_UNREACHABLE: dict[int, str] = {503: "The model registry is unreachable"
 @bp.output(ModelsOut)
 @bp.doc(responses=error_responses(REGISTRY_UNREACHABLE))
 def list_models() -> dict[str, Any]:
-    """Registered model versions, the champion, and the workers seen in the last 5 minutes
+    """Registered model versions, the champion, and the live workers and trainers
 
     Readable by submit tokens: clients choose `model_version` from it.
     """
@@ -72,22 +73,24 @@ def list_models() -> dict[str, Any]:
     alias = state.settings.model_alias
     champion = next((v.version for v in versions if alias in v.aliases), None)
     since = datetime.now(UTC) - WORKER_LIVENESS
-    workers = worker_heartbeats.live_workers(db_session(), since=since)
+    live = worker_heartbeats.live_workers(db_session(), since=since)
     return {
         "model": getattr(registry, "model_name", state.settings.model_name),
         "champion": champion,
         "versions": [_version_dict(v) for v in versions],
-        "workers": [
-            {
-                "name": w.name,
-                "model_version": w.model_version,
-                "device": w.device,
-                "backend": w.backend,
-                "images_processed": w.images_processed,
-                "last_seen": aware(w.last_seen),
-            }
-            for w in workers
-        ],
+        "workers": [_worker_dict(w) for w in live if w.role == worker_heartbeats.INFERENCE],
+        "trainers": [_worker_dict(w) for w in live if w.role == worker_heartbeats.TRAINING],
+    }
+
+
+def _worker_dict(worker: WorkerState) -> dict[str, Any]:
+    return {
+        "name": worker.name,
+        "model_version": worker.model_version,
+        "device": worker.device,
+        "backend": worker.backend,
+        "images_processed": worker.images_processed,
+        "last_seen": aware(worker.last_seen),
     }
 
 

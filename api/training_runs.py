@@ -19,6 +19,7 @@ from typing import Any
 
 from apiflask import APIBlueprint
 from flask import url_for
+from sqlalchemy.orm import Session
 
 from api.auth import ADMIN
 from api.auth import current_principal
@@ -36,8 +37,13 @@ from api.schemas.training_runs import TrainingRunPageOut
 from api.serialize import aware
 from face_emotions.data.data_root import FolderError
 from face_emotions.jobs import training_runs as db_runs
+from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.broker import TrainingSender
 from face_emotions.jobs.schema import TrainingRun
+from face_emotions.jobs.schema import TrainingRunStatus
+from face_emotions.settings import Settings
+from face_emotions.training_config import OverrideError
+from face_emotions.training_config import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,15 @@ def create_training_run(body: dict[str, Any]) -> Any:
     if "epochs" in body:
         overrides.append(f"training.max_epochs={body['epochs']}")
     overrides += body["overrides"]
+    try:  # composed as the trainer will compose it: what it would refuse is refused now
+        check_run_config(
+            overrides,
+            data_dir=db_runs.resolve_data_path(data_root, folder),
+            output_dir=state.settings.var_dir / "runs" / "check",
+            promote=body["promote"],
+        )
+    except OverrideError as exc:
+        raise ApiError(400, "invalid_overrides", f"overrides: {exc}") from exc
 
     session = db_session()
     run = db_runs.create_run(
@@ -108,9 +123,14 @@ def create_training_run(body: dict[str, Any]) -> Any:
     session.commit()
     sent, error = db_runs.dispatch_pending(state.sessions, queue.send_training_run)
     payload = run_dict(db_runs.get_run(session, run.id) or run)
+    warnings = [] if run.id in sent else [BROKER_WARNING]
     if run.id not in sent:
-        payload["warning"] = BROKER_WARNING
         log.warning("training run %s left queued for later dispatch: %s", run.id, error)
+    trainers = trainer_problem(session, state.settings)
+    if trainers is not None:
+        warnings.append(trainers)
+    if warnings:
+        payload["warning"] = "; ".join(warnings)
     log.info("training run %s: data %r, overrides %s", run.id, folder, overrides)
     return payload, 202, {"Location": url_for("training_runs.get_training_run", run_id=run.id)}
 
@@ -135,11 +155,61 @@ def list_training_runs(query: dict[str, int]) -> dict[str, Any]:
 @bp.output(TrainingRunOut)
 @bp.doc(responses=error_responses({404: "Training run not found"}, auth=True))
 def get_training_run(run_id: uuid.UUID) -> dict[str, Any]:
-    """Status, MLflow run, test metrics, registered version and promotion of a run"""
+    """Status, progress, MLflow run, test metrics, registered version and promotion of a run"""
     run = db_runs.get_run(db_session(), run_id)
     if run is None:
         raise ApiError(404, "not_found", f"no training run {run_id}")
     return run_dict(run)
+
+
+@bp.delete("/<uuid:run_id>")
+@require_role(ADMIN)
+@bp.output(TrainingRunOut, status_code=202, description="Cancelled, or being stopped")
+@bp.doc(
+    responses=error_responses(
+        {404: "Training run not found", 409: "The run has finished already"}, auth=True
+    )
+)
+def cancel_training_run(run_id: uuid.UUID) -> Any:
+    """Cancel a queued or running run
+
+    A queued run is cancelled at once. A running one is stopped by its trainer within a few
+    seconds (its process and data loaders end, its MLflow run is marked KILLED, nothing is
+    registered); until then the answer says `running` with `cancel_requested: true`.
+    """
+    session = db_session()
+    status = db_runs.request_cancel(session, run_id)
+    session.commit()
+    if status is None:
+        raise ApiError(404, "not_found", f"no training run {run_id}")
+    run = db_runs.get_run(session, run_id)
+    assert run is not None
+    if status not in (TrainingRunStatus.CANCELLED, TrainingRunStatus.RUNNING):
+        raise ApiError(409, "finished", f"training run {run_id} has finished already ({status})")
+    log.info("training run %s: cancel requested (%s)", run_id, status)
+    return run_dict(run), 202
+
+
+def trainer_problem(session: Session, settings: Settings) -> str | None:
+    """Why a queued run would not start now, or None: no live trainer, or trainers that read
+    another data root than this API checks folders against."""
+    trainers = worker_heartbeats.live_workers(session, role=worker_heartbeats.TRAINING)
+    if not trainers:
+        return (
+            f"no trainer is consuming queue '{settings.training_queue}': the run stays queued "
+            "until one starts (celery -A training.service worker -Q training)"
+        )
+    try:
+        ours = str(settings.resolved_data_root)
+    except ValueError:
+        return None
+    other = sorted({t.data_root for t in trainers if t.data_root and t.data_root != ours})
+    if other and len(other) == len({t.data_root for t in trainers}):
+        return (
+            "every live trainer reads another data root than this API "
+            "(EMOTIONS_DATA_ROOT differs between services): the run will not find its folder"
+        )
+    return None
 
 
 def run_dict(run: TrainingRun, *, now: datetime | None = None) -> dict[str, Any]:
@@ -163,6 +233,8 @@ def run_dict(run: TrainingRun, *, now: datetime | None = None) -> dict[str, Any]
         "promotion_reason": run.promotion_reason,
         "metrics": run.metrics,
         "error": run.error,
+        "progress": run.progress,
+        "cancel_requested": run.cancel_requested_at is not None,
         "created_at": aware(run.created_at),
         "started_at": started,
         "finished_at": finished,

@@ -22,12 +22,28 @@ from face_emotions.data.storage import normalise_url
 from face_emotions.data.storage import parse_location
 
 
+def default_var_dir() -> Path:
+    """Where the embedded defaults live when ``EMOTIONS_VAR_DIR`` is not set.
+
+    Never the current directory: ``face-emotions models`` run from another folder must find
+    the same registry and database as ``make demo``, not silently start an empty store. In a
+    source checkout (``make setup``'s editable install) that is the checkout's ``var/``;
+    installed as a package, the user's data folder (``$XDG_DATA_HOME/face-emotions``).
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "face_emotions").is_dir():
+        return checkout / "var"
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "face-emotions"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMOTIONS_", env_file=None, extra="ignore")
 
     var_dir: Path = Field(
-        default=Path("var"),
-        description="Working directory for the embedded defaults (SQLite, MLflow store, logs).",
+        default_factory=default_var_dir,
+        description="Working directory for the embedded defaults (SQLite, MLflow store, logs); "
+        "default: the checkout's var/ (or ~/.local/share/face-emotions when installed).",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,

@@ -1,9 +1,11 @@
 """``make demo``: from a fresh clone to classified faces on one machine.
 
 Steps, each skipped when already done so the demo can be re-run: migrate the database,
-generate sample faces, train and promote a small EfficientNet-Lite0, start the API and one
-worker in the background (logs in ``var/logs``), submit the faces as a batch job through the
-REST API, wait with a progress bar, print the seed's JSON and summary.
+generate sample faces, train and promote a small EfficientNet-Lite0, start the API, one worker
+and a trainer in the background (logs in ``var/logs``), submit the faces as a batch job through
+the REST API, wait with a progress bar, print the seed's JSON and summary. Services started by
+an earlier ``make demo`` are reused when they run with the same settings (data root, broker,
+port) and restarted when not, so every ``make demo`` works whatever ran before it.
 
 Knobs (environment): DEMO_DATA (your own ``data/<Class>/`` folder instead of generated faces),
 DEMO_PER_CLASS (100), DEMO_EPOCHS (3), DEMO_IMAGE_SIZE (112), DEMO_MODEL
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,9 +37,18 @@ from scripts.launcher import stop_process
 #: ``stop_process`` is re-exported: the demo's tests stop what it started by pid file.
 __all__ = ["SERVICES", "Demo", "main", "stop_process"]
 #: Everything the demo may leave running, in the order ``make stop`` ends them: the broker
-#: last, so the API and the workers shut down while it still answers. (The trainer is for a
-#: demo step to come; stopping one that never ran costs nothing.)
+#: last, so the API and the workers shut down while it still answers.
 SERVICES = ("api", "worker", "trainer", "redis")
+#: The settings the API, worker and trainer were started with, to tell on the next run whether
+#: they can be reused.
+SERVICE_SETTINGS = (
+    "EMOTIONS_VAR_DIR",
+    "EMOTIONS_DATA_ROOT",
+    "EMOTIONS_BROKER_URL",
+    "EMOTIONS_API_URL",
+    "EMOTIONS_DATABASE_URL",
+    "EMOTIONS_MLFLOW_TRACKING_URI",
+)
 console = Console(stderr=True)
 
 
@@ -165,42 +177,75 @@ class Demo:
                 "promote=auto",
             ]
         )
-        champion = Registry(settings).alias_version()
+        registry = Registry(settings)
+        champion = registry.alias_version()
         if champion is None:
             console.print("[red]training finished but no version is champion[/]")
             sys.exit(1)
-        say(f"model: version {champion.version} is champion")
+        newest = max(v.version for v in registry.list_versions())
+        if newest != champion.version:
+            say(
+                f"model: the new version {newest} did not beat version {champion.version}, "
+                f"which stays champion (face-emotions promote {newest} to serve it anyway)"
+            )
+        else:
+            say(f"model: version {champion.version} is champion")
         return champion.version
 
     def services(self) -> None:
         launcher = self.launcher
         url = self.env["EMOTIONS_API_URL"]
-        api = launcher.attach("api", http_ready(f"{url}/readyz"), url=url)
-        worker = launcher.attach("worker", log_ready(self.logs / "worker.log"))
-        if api is not None and worker is not None:
-            say(f"services: API (pid {api.pid}) and worker already running")
+        wanted = {key: self.env.get(key, "") for key in SERVICE_SETTINGS}
+        settings_file = self.run_dir / "services.json"
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, ValueError):
+            previous = None
+        running = {
+            "api": launcher.attach("api", http_ready(f"{url}/readyz"), url=url),
+            "worker": launcher.attach("worker", log_ready(self.logs / "worker.log")),
+            "trainer": launcher.attach("trainer", log_ready(self.logs / "trainer.log")),
+        }
+        api, worker, trainer = running["api"], running["worker"], running["trainer"]
+        if api is not None and worker is not None and trainer is not None and previous == wanted:
+            say("services: API, worker and trainer already running with these settings")
         else:
-            launcher.stop("api")
-            launcher.stop("worker")
-            say(f"services: starting the API on port {self.port} and one worker")
-            api = launcher.api(port=self.port)
-            # Celery's default node name, as before the launcher named workers.
-            worker = launcher.worker("worker", node="celery@%h")
+            changed = sorted(k for k in wanted if previous and previous.get(k) != wanted[k])
+            if any(running.values()):
+                reason = f"{', '.join(changed)} changed" if changed else "not all were running"
+                say(f"services: restarting them ({reason})")
+            for name in ("api", "worker", "trainer"):
+                launcher.stop(name)
+            say(f"services: starting the API on port {self.port}, one worker and a trainer")
+            metrics_dir = self.run_dir / "api-metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            # Two gunicorn workers: their counters are summed, so /metrics never goes down.
+            api = launcher.api(port=self.port, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+            worker = launcher.worker("worker")
+            trainer = launcher.trainer("trainer")
+            settings_file.write_text(json.dumps(wanted, indent=2))
         wait(api, 90, "the API to become ready (see var/logs/api.log)")
         wait(worker, 90, "the worker (see var/logs/worker.log)")
+        wait(trainer, 90, "the trainer (see var/logs/trainer.log)")
 
     def submit(self) -> None:
+        from face_emotions.cli.api_client import ApiClientError
         from face_emotions.cli.api_client import EmotionsClient
         from face_emotions.cli.jobs import emit_results
         from face_emotions.cli.jobs import follow_with_progress
 
         client = EmotionsClient(self.env["EMOTIONS_API_URL"])
         say(f"job: submitting folder {self.data.name}/ through POST /api/v1/jobs")
-        job = client.submit_folder(self.data.name, recursive=True)
-        say(f"job {job['id']}: {job['total']} images queued")
-        finished = follow_with_progress(client, job["id"])
-        results_path = self.var / "demo" / "results.json"
-        emit_results(client, finished, "json", results_path, source=str(self.data))
+        try:
+            job = client.submit_folder(self.data.name, recursive=True)
+            say(f"job {job['id']}: {job['total']} images queued")
+            finished = follow_with_progress(client, job["id"])
+            results_path = self.var / "demo" / "results.json"
+            emit_results(client, finished, "json", results_path, source=str(self.data))
+        except ApiClientError as exc:
+            console.print(f"[red]the job failed: {exc}[/] (see {self.logs}/)")
+            sys.exit(1)
         document = json.loads(results_path.read_text())
         shown = dict(document, predictions=document["predictions"][:3])
         print(json.dumps(shown, indent=4))
@@ -212,12 +257,15 @@ class Demo:
         api = self.env["EMOTIONS_API_URL"]
         console.print(
             "\n[bold green]The demo is running.[/]\n"
+            f"  Web console   {api}/  (jobs, results, models, training runs)\n"
             f"  API docs      {api}/docs  (OpenAPI: {api}/openapi.json)\n"
             f"  Jobs          {api}/api/v1/jobs\n"
             f"  MLflow UI     .venv/bin/mlflow ui --backend-store-uri "
             f"sqlite:///{self.var}/mlflow/mlflow.db --port 5000\n"
             f"  Logs          {self.logs}/\n"
             "  Submit more   .venv/bin/face-emotions submit PATH --wait\n"
+            f"  Retrain       in the console's Models page, or POST {api}/api/v1/training-runs\n"
+            f"                (folder '{self.data.name}' under {self.data.parent})\n"
             "  Stop          make stop"
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,17 @@ def split_folder(
     )
 
 
+def resolve_num_workers(requested: int | str) -> int:
+    """``auto``: one loader process per core but the one training, at most four (decoding and
+    augmenting ahead of the model; more only queue for the same cores)."""
+    if str(requested) == "auto":
+        return max(1, min(4, (os.cpu_count() or 1) - 1))
+    workers = int(requested)
+    if workers < 0:
+        raise ValueError(f"training.num_workers must be >= 0 or auto, got {requested}")
+    return workers
+
+
 class EmotionDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -133,7 +145,7 @@ class EmotionDataModule(L.LightningDataModule):
         spec: ModelSpec,
         *,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         augment: bool = True,
         fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
         seed: int = DEFAULT_SEED,
@@ -144,7 +156,7 @@ class EmotionDataModule(L.LightningDataModule):
         self.path = Path(path)
         self.spec = spec
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.augment = augment
         self.fractions = tuple(fractions)
         self.seed = seed

@@ -12,26 +12,27 @@ keeps its unacknowledged tasks under keys of its own: kombu's Redis transport re
 unacknowledged message of a database that is older than the restoring consumer's timeout, and
 an inference worker (1 h) would otherwise hand a 2 h training run to a second trainer.
 
-When a run promotes a version, the trainer broadcasts ``emotions_reload_model`` on the same
-broker, so inference workers swap to it at their next micro-batch instead of at their next poll.
+Each run trains in a process of its own (:mod:`training.supervisor` starts and watches it):
+Celery's pool processes are daemonic and could not start DataLoader workers. When a run promotes
+a version, it broadcasts ``emotions_reload_model`` on the same broker, so inference workers swap
+to it at their next micro-batch instead of at their next poll. While it is up, the trainer
+heartbeats (``workers`` rows of role ``training``), so the API can say when no trainer is
+consuming the training queue.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import shutil
+import socket
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger
 from celery.signals import after_setup_task_logger
 from celery.signals import worker_ready
+from celery.signals import worker_shutdown
 from celery.worker.control import Panel
 from celery.worker.control import control_command
 from sqlalchemy.orm import Session
@@ -41,15 +42,16 @@ from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.broker import BrokerClient
 from face_emotions.jobs.database import create_db_engine
 from face_emotions.jobs.database import session_factory
-from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.protocol import RELOAD_COMMAND
 from face_emotions.jobs.protocol import TRAIN_TASK
-from face_emotions.jobs.schema import TrainingRun
+from face_emotions.jobs.worker_heartbeats import TRAINING
+from face_emotions.jobs.worker_heartbeats import Heartbeat
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 from face_emotions.ops.redaction import install_log_redaction
 from face_emotions.settings import Settings
 from face_emotions.settings import get_settings
+from training.supervisor import supervise
 
 # Before torch allocates anything and before the pool forks: children inherit it.
 tune_glibc_malloc()
@@ -84,8 +86,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
-        # A fresh pool process per run: whatever a run leaves behind (CUDA context, allocator
-        # caches, Lightning globals) is gone before the next one starts.
+        # A fresh pool process per run (the run itself has a process of its own anyway).
         "worker_max_tasks_per_child": 1,
     }
 
@@ -101,160 +102,7 @@ broker = BrokerClient.from_settings(settings)
 @app.task(name=TRAIN_TASK)
 def train(run_id: str) -> str | None:
     """Execute training run ``run_id``; returns its final status (None: nothing to do)."""
-    return execute_run(
-        uuid.UUID(run_id),
-        settings=settings,
-        sessions=_sessions(),
-        announce=broker.announce_promotion,
-    )
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    mlflow_run_id: str | None
-    registered_version: int | None
-    promoted: bool
-    promotion_reason: str | None
-    metrics: dict[str, Any]
-
-
-def execute_run(
-    run_id: uuid.UUID,
-    *,
-    settings: Settings,
-    sessions: sessionmaker[Session],
-    announce: Callable[[], None] | None = None,
-    train_fn: Callable[..., Any] | None = None,
-) -> str | None:
-    """Load the run, train, record the outcome; every failure is recorded, none is raised.
-
-    Failures are not retried: a bad override or a bad folder fails the same way twice, and a
-    run of hours should not silently start again. ``announce`` reaches the workers when the
-    run promotes its version; ``train_fn`` replaces ``run_training`` in tests.
-    """
-    from training.train import compose_config
-    from training.train import run_training
-
-    run = with_db_retry(lambda: _start(sessions, run_id))
-    if run is None:
-        log.info("training run %s is finished or gone; nothing to do", run_id)
-        return None
-    log.info("training run %s: attempt %d", run_id, run.attempts)
-
-    try:
-        data_dir = db_runs.resolve_data_path(settings.resolved_data_root, run.data_path)
-        output_dir = settings.var_dir / "runs" / str(run_id)
-        overrides = build_overrides(run, data_dir, output_dir)
-        cfg = compose_config(overrides)
-    except Exception as exc:
-        message = f"invalid training configuration: {exc}"
-        log.warning("training run %s: %s", run_id, message)
-        _record_failure(sessions, run_id, message)
-        return "failed"
-
-    # A restarted run must not pick up the dead attempt's checkpoints as its own.
-    shutil.rmtree(output_dir, ignore_errors=True)
-    try:
-        result = (train_fn or run_training)(cfg, announce=announce)
-    except Exception as exc:
-        log.exception("training run %s failed", run_id)
-        _record_failure(sessions, run_id, _message(exc))
-        return "failed"
-
-    outcome = _outcome(result)
-    with_db_retry(lambda: _record_success(sessions, run_id, outcome))
-    log.info(
-        "training run %s succeeded: version %s, promoted %s (%s)",
-        run_id,
-        outcome.registered_version,
-        outcome.promoted,
-        outcome.promotion_reason,
-    )
-    return "succeeded"
-
-
-def build_overrides(run: TrainingRun, data_dir: Path, output_dir: Path) -> list[str]:
-    """The run's own overrides plus those the service owns (the API refuses them in requests).
-
-    Paths are quoted for Hydra's override grammar, so a data root with spaces, quotes, commas
-    or ``${`` is taken literally.
-    """
-    return [
-        *run.overrides,
-        f"data.path={hydra_quote(str(data_dir))}",
-        f"promote={run.promote}",
-        f"output_dir={hydra_quote(str(output_dir))}",
-        # One line per redraw in a service log is noise; the run's curves are in MLflow.
-        "training.progress_bar=false",
-    ]
-
-
-def hydra_quote(value: str) -> str:
-    """A single-quoted Hydra override value that reads back exactly as ``value``.
-
-    Backslashes are doubled only where Hydra would read them as escapes (before a quote, an
-    interpolation or the closing quote); ``${`` is escaped so OmegaConf does not resolve it.
-    """
-    escaped = re.sub(r"(\\+)(?='|\$\{|$)", lambda m: m.group(1) * 2, value)
-    escaped = escaped.replace("'", "\\'").replace("${", "\\${")
-    return f"'{escaped}'"
-
-
-# -- recording ----------------------------------------------------------------------------
-
-
-def _start(sessions: sessionmaker[Session], run_id: uuid.UUID) -> TrainingRun | None:
-    with sessions() as session:
-        run = db_runs.mark_running(session, run_id)
-        session.commit()
-        return run
-
-
-def _record_failure(sessions: sessionmaker[Session], run_id: uuid.UUID, message: str) -> None:
-    def write() -> None:
-        with sessions() as session:
-            db_runs.mark_failed(session, run_id, message)
-            session.commit()
-
-    try:
-        with_db_retry(write)
-    except Exception:
-        # Nothing else to do: the task ends, the row stays "running" and says so.
-        log.exception("training run %s: could not record the failure %r", run_id, message)
-
-
-def _record_success(sessions: sessionmaker[Session], run_id: uuid.UUID, outcome: _Outcome) -> None:
-    with sessions() as session:
-        db_runs.mark_succeeded(
-            session,
-            run_id,
-            mlflow_run_id=outcome.mlflow_run_id,
-            registered_version=outcome.registered_version,
-            promoted=outcome.promoted,
-            promotion_reason=outcome.promotion_reason,
-            metrics=outcome.metrics,
-        )
-        session.commit()
-
-
-def _outcome(result: Any) -> _Outcome:
-    """What the row keeps of a ``TrainingResult``: ids, the decision and the test metrics."""
-    summary = result.summary()
-    metrics = {key: value for key, value in summary.items() if key.startswith("test_")}
-    metrics["passed_targets"] = bool(summary.get("passed_targets"))
-    promotion = result.promotion
-    return _Outcome(
-        mlflow_run_id=result.run_id,
-        registered_version=result.version.version if result.version else None,
-        promoted=bool(promotion and promotion.promote),
-        promotion_reason=promotion.reason if promotion else None,
-        metrics=metrics,
-    )
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return supervise(uuid.UUID(run_id), settings=settings, sessions=_sessions())
 
 
 @lru_cache(maxsize=1)
@@ -273,6 +121,31 @@ def _log_format(logger: Any = None, loglevel: Any = None, **_kwargs: Any) -> Non
     if logger is not None:
         apply_format(logger, settings, level=loglevel)
         install_log_redaction(settings, ("celery", "training", "face_emotions"))
+
+
+HEARTBEAT: list[Heartbeat] = []
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
+    """Say this trainer consumes the training queue, and which data root it reads."""
+    if sender is not None and getattr(sender, "app", app) is not app:
+        return
+    name = getattr(sender, "hostname", None) or f"trainer@{socket.gethostname()}"
+    try:
+        data_root = str(settings.resolved_data_root)
+    except ValueError:  # an object-store root: runs will fail, and say why
+        data_root = str(settings.data_root)
+    engine = create_db_engine(settings.resolved_database_url)
+    heartbeat = Heartbeat(session_factory(engine), name, role=TRAINING, data_root=data_root)
+    heartbeat.start()
+    HEARTBEAT.append(heartbeat)
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kwargs: Any) -> None:
+    while HEARTBEAT:
+        HEARTBEAT.pop().stop()
 
 
 @worker_ready.connect

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -31,14 +30,14 @@ from face_emotions.modeling.evaluation import EvaluationReport
 from face_emotions.modeling.evaluation import plot_confusion_matrix
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.registry.promotion import PromotionDecision
+from face_emotions.training_config import CONFIG_DIR
+from training.progress import RunHooks
 
 if TYPE_CHECKING:
     # What ``lightning.Trainer(precision=...)`` accepts (Lightning has no public name for it).
     from lightning.fabric.connector import _PRECISION_INPUT
 
 log = logging.getLogger("training.train")
-
-CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -63,15 +62,6 @@ class TrainingResult:
         }
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The config ``python -m training.train`` would see; for tests and the training queue."""
-    from hydra import compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
-
-
 def resolve_precision(
     accelerator: str, precision: _PRECISION_INPUT | Literal["auto"]
 ) -> _PRECISION_INPUT:
@@ -86,11 +76,12 @@ def resolve_precision(
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def run_training(cfg: DictConfig, *, announce: Callable[[], None] | None = None) -> TrainingResult:
+def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResult:
     """Split, train, evaluate, register and apply ``cfg.promote``.
 
-    ``announce`` is called once a promotion moved the alias (the services pass their broker's
-    reload broadcast); see :func:`face_emotions.registry.promotion.promote`.
+    ``hooks`` follow it: progress reports per stage and during ``fit``, the MLflow run id as soon
+    as it exists, and ``announce`` once a promotion moved the alias (a reload broadcast; see
+    :func:`face_emotions.registry.promotion.promote`).
     """
     import lightning as L
 
@@ -100,9 +91,13 @@ def run_training(cfg: DictConfig, *, announce: Callable[[], None] | None = None)
     from training.datamodule import EmotionDataModule
     from training.module import EmotionClassifier
 
+    hooks = hooks or RunHooks()
+    _one_handler_for_lightning()
+    _check_accelerator(str(cfg.training.accelerator))
     output_dir = Path(cfg.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    hooks.stage("preparing data")
 
     # Data: scan, hash, split before anything expensive, so a bad folder fails in seconds.
     spec = ModelSpec.for_architecture(
@@ -145,13 +140,15 @@ def run_training(cfg: DictConfig, *, announce: Callable[[], None] | None = None)
     )
     run_id = run.info.run_id
     log.info("MLflow run %s (tracking %s)", run_id, registry.tracking_uri)
+    if hooks.mlflow_run_started is not None:
+        hooks.mlflow_run_started(run_id)
     # Lightning's MLFlowLogger calls mlflow.set_tracking_uri(), which also writes
     # MLFLOW_TRACKING_URI into os.environ; restore it so this run's store does not leak into
     # later runs or services of the same process.
     saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         result = _fit_and_publish(
-            cfg, model, datamodule, split, registry, run_id, output_dir, announce
+            cfg, model, datamodule, split, registry, run_id, output_dir, hooks
         )
     except BaseException:
         registry.client.set_terminated(run_id, status="FAILED")
@@ -173,7 +170,7 @@ def _fit_and_publish(
     registry: Any,
     run_id: str,
     output_dir: Path,
-    announce: Callable[[], None] | None,
+    hooks: RunHooks,
 ) -> TrainingResult:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
@@ -191,9 +188,11 @@ def _fit_and_publish(
     from face_emotions.registry.mlflow_registry import TAG_TEST_SPLIT
     from face_emotions.registry.promotion import promote
     from training.evaluate import evaluate_bundle
+    from training.mlflow_params import log_params
+    from training.progress import ProgressCallback
 
     client = registry.client
-    _log_params(client, run_id, cfg, split)
+    log_params(client, run_id, cfg, split)
 
     checkpoint_cb = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
@@ -210,6 +209,8 @@ def _fit_and_publish(
     ]
     if cfg.training.progress_bar:
         trainer_callbacks.append(TQDMProgressBar(refresh_rate=max(1, _refresh_rate())))
+    if hooks.report is not None:
+        trainer_callbacks.append(ProgressCallback(hooks.report))
     loggers: list[Any] = [
         MLFlowLogger(
             experiment_name=cfg.logging.experiment,
@@ -245,6 +246,7 @@ def _fit_and_publish(
     bundle = load_checkpoint(best)
 
     device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+    hooks.stage("evaluating", epochs_trained=int(trainer.current_epoch))
     report = evaluate_bundle(bundle, split.test, batch_size=cfg.training.batch_size, device=device)
     report_path = report.write_json(output_dir / "evaluation.json")
     matrix_path = plot_confusion_matrix(
@@ -269,6 +271,7 @@ def _fit_and_publish(
         return result
 
     test_fingerprint = split.fingerprint("test")
+    hooks.stage("registering", test_accuracy=round(report.accuracy, 4))
     bundle_dir = save_bundle(
         output_dir / "bundle",
         bundle.model,
@@ -316,7 +319,11 @@ def _fit_and_publish(
         champion_metrics = champion_report.metrics()
         client.log_metric(run_id, "champion_test_accuracy", champion_report.accuracy)
     result.promotion = promote(
-        registry, version, str(cfg.promote), champion_metrics=champion_metrics, announce=announce
+        registry,
+        version,
+        str(cfg.promote),
+        champion_metrics=champion_metrics,
+        announce=hooks.announce,
     )
     client.set_tag(run_id, "registered_version", str(version.version))
     client.set_tag(run_id, "promoted", str(result.promotion.promote).lower())
@@ -329,34 +336,27 @@ def _options(options: Any) -> dict[str, Any]:
     return dict(OmegaConf.to_container(options, resolve=True))  # type: ignore[arg-type]
 
 
-def _log_params(client: Any, run_id: str, cfg: DictConfig, split: Any) -> None:
-    from mlflow.entities import Param
-
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    flat.update(
-        {
-            "split.train": len(split.train),
-            "split.val": len(split.val),
-            "split.test": len(split.test),
-            "split.groups": split.groups,
-            "split.duplicate_images": split.duplicate_images,
-            "split.unreadable": len(split.unreadable),
-            "data.fingerprint": split.scan.fingerprint(),
-            "data.unknown_folders": ",".join(sorted(split.scan.unknown_folders)) or "-",
-        }
-    )
-    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
-    for start in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[start : start + 100])
+def _one_handler_for_lightning() -> None:
+    """``import lightning`` gives its logger a console handler of its own that also propagates
+    to the root logger: with the service's (or Celery's, or Hydra's) root handler, every
+    Lightning line came out twice. Where the root logger prints, Lightning's own handler goes."""
+    lightning_logger = logging.getLogger("lightning")
+    if not logging.getLogger().handlers:
+        return
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
+def _check_accelerator(accelerator: str) -> None:
+    """Refuse a GPU run without a GPU in one sentence (Lightning's error is a traceback)."""
+    import torch
+
+    if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available():
+        raise ValueError(
+            f"training.accelerator={accelerator}, but no CUDA GPU is visible to this process: "
+            "use training.accelerator=cpu (or auto, which takes a GPU when there is one)"
+        )
 
 
 def _broadcast_reload() -> None:
@@ -372,13 +372,13 @@ def _refresh_rate() -> int:
     return 1 if sys.stderr.isatty() else 20
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     from face_emotions.data.labelled_folder import DatasetError
     from face_emotions.modeling.zoo import PretrainedWeightsUnavailable
 
     try:
-        result = run_training(cfg, announce=_broadcast_reload)
+        result = run_training(cfg, RunHooks(announce=_broadcast_reload))
     except (DatasetError, PretrainedWeightsUnavailable, ValueError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
@@ -386,7 +386,20 @@ def main(cfg: DictConfig) -> float:
     import json
 
     print(json.dumps(result.summary(), indent=2))
+    print(outcome_line(result), file=sys.stderr)
     return result.report.accuracy
+
+
+def outcome_line(result: TrainingResult) -> str:
+    """What became of the run for a person: which version serves now, or what to do next."""
+    if result.version is None:
+        return "not registered (register=false)"
+    version = result.version.version
+    if result.promotion is None:
+        return f"registered version {version}"
+    if result.promotion.promote:
+        return result.promotion.summary()
+    return f"{result.promotion.summary()}. To serve it anyway: face-emotions promote {version}"
 
 
 if __name__ == "__main__":

@@ -100,7 +100,31 @@ def _serve_metrics(**_kwargs) -> None:
 
 @worker_process_shutdown.connect
 def _forget_pool_process(pid=None, **_kwargs) -> None:
+    from worker.runtime import stop_heartbeat
+
+    stop_heartbeat()  # this pool process is gone: say so instead of waiting for it to expire
     METRICS.process_exited(pid or os.getpid())
+
+
+@worker_ready.connect
+def _heartbeat_without_pool_processes(sender: Any = None, **_kwargs: Any) -> None:
+    """``--pool threads`` (or ``solo``) runs tasks in this process, which gets no
+    ``worker_process_init``: it heartbeats from here instead."""
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
+    if isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool):
+        return
+    from worker.runtime import start_heartbeat
+
+    start_heartbeat()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kwargs: Any) -> None:
+    from worker.runtime import stop_heartbeat
+
+    stop_heartbeat()
 
 
 @worker_shutdown.connect
@@ -133,8 +157,11 @@ def _init_pool_process(**_kwargs) -> None:
     The model itself is loaded by the first task (see worker.runtime), never in the parent:
     CUDA can't survive a fork and a loaded model would be copied into every child.
     """
-    from worker.runtime import configure_torch_threads  # the task modules' imports, not ours
+    # The task modules' imports, not ours (prometheus-client must see its directory first).
+    from worker.runtime import configure_torch_threads
+    from worker.runtime import start_heartbeat
 
     # A pool process forked after the sweeper started inherits its engine: let it go unused.
     SWEEPER.forget_after_fork()
     configure_torch_threads(settings)
+    start_heartbeat()  # a thread: this process is alive even before its first task

@@ -20,7 +20,11 @@ from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs.database import create_db_engine
 from face_emotions.jobs.database import session_factory
+from face_emotions.jobs.worker_heartbeats import INFERENCE
+from face_emotions.jobs.worker_heartbeats import Beat
+from face_emotions.jobs.worker_heartbeats import Heartbeat
 from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.serving.chunk_classifier import default_worker_name
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
 from face_emotions.serving.image_loading import ImageLoader
 from face_emotions.serving.image_loading import storage_image_loader
@@ -79,9 +83,45 @@ def holder() -> ModelHolder:
     settings = get_settings()
     # A threads pool has no worker_process_init: set the intra-op threads here too.
     configure_torch_threads(settings)
-    model_holder = ModelHolder(settings, reload_generation=reload_generation)
+    model_holder = ModelHolder(
+        settings,
+        reload_generation=reload_generation,
+        # An idle worker that swapped to a new champion says so now, not at its next task.
+        on_swap=lambda _version: _beat_now(),
+    )
     _start_idle_refresher(model_holder, settings.model_refresh_seconds)
+    _BUILT.append(model_holder)
     return model_holder
+
+
+#: The holder once the first task built it (the heartbeat reads it, never builds it: loading a
+#: model is a task's job, not a heartbeat's).
+_BUILT: list[ModelHolder] = []
+_HEARTBEATS: list[Heartbeat] = []
+
+
+def _serving() -> Beat:
+    if not _BUILT:
+        return Beat()
+    described = _BUILT[0].describe()
+    return Beat(described["version"], described["device"], described["backend"])
+
+
+def start_heartbeat() -> None:
+    """Report this pool process alive, busy or idle, until :func:`stop_heartbeat`."""
+    heartbeat = Heartbeat(sessions(), default_worker_name(), role=INFERENCE, state=_serving)
+    heartbeat.start()
+    _HEARTBEATS.append(heartbeat)
+
+
+def stop_heartbeat() -> None:
+    while _HEARTBEATS:
+        _HEARTBEATS.pop().stop()
+
+
+def _beat_now() -> None:
+    for heartbeat in _HEARTBEATS:
+        heartbeat.beat()
 
 
 @_once

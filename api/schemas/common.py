@@ -10,6 +10,7 @@ from apiflask.fields import DateTime
 from apiflask.fields import Dict
 from apiflask.fields import Float
 from apiflask.fields import Integer
+from apiflask.fields import List
 from apiflask.fields import Nested
 from apiflask.fields import String
 from marshmallow import ValidationError
@@ -93,4 +94,11 @@ class ReadyOut(Schema):
         values=String(),
         required=True,
         metadata={"description": "database, broker, registry: 'ok' or why not."},
+    )
+    warnings = List(
+        String(),
+        metadata={
+            "description": "Why work would wait although the API is ready: no inference worker "
+            "or no trainer consuming its queue (informational, not a failed check)."
+        },
     )

@@ -12,6 +12,7 @@ from apiflask.fields import Nested
 from apiflask.fields import String
 from apiflask.validators import OneOf
 from apiflask.validators import Range
+from apiflask.validators import Regexp
 from marshmallow import RAISE
 
 from api.schemas.common import MAX_INT32
@@ -98,6 +99,10 @@ class JobOut(LifecycleOut):
 class JobCreatedOut(JobOut):
     warning = String(metadata={"description": "Set when the job could not be dispatched yet."})
     skipped = Integer(metadata={"description": "Zip entries skipped (not images, hidden...)."})
+    skipped_files = List(
+        String(),
+        metadata={"description": "The first skipped entries' names (at most 10), to check."},
+    )
 
 
 class JobListItem(JobOut):
@@ -113,6 +118,15 @@ class JobPageOut(PageOut):
 
 
 # -- results --------------------------------------------------------------------------------
+
+
+class JobListQuery(PageQuery):
+    id_prefix = String(
+        validate=Regexp(
+            r"^[0-9a-fA-F-]{4,36}$", error="id_prefix is 4-36 hex digits (hyphens allowed)"
+        ),
+        metadata={"description": "Only jobs whose id starts with these hex digits (short ids)."},
+    )
 
 
 class ResultsQuery(PageQuery):

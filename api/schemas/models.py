@@ -38,7 +38,16 @@ class ModelsOut(Schema):
     model = String(required=True)
     champion = Integer(allow_none=True)
     versions = List(Nested(ModelVersionOut), required=True)
-    workers = List(Nested(WorkerOut), required=True)
+    workers = List(
+        Nested(WorkerOut),
+        required=True,
+        metadata={"description": "Inference processes seen in the last minute, idle or busy."},
+    )
+    trainers = List(
+        Nested(WorkerOut),
+        required=True,
+        metadata={"description": "Trainers consuming the training queue (none: runs wait)."},
+    )
 
 
 class ClassMetricsOut(Schema):

@@ -6,12 +6,12 @@ would refuse to train is refused with 400 before it is stored or queued.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 from apiflask import Schema
 from apiflask.fields import Boolean
 from apiflask.fields import Dict
+from apiflask.fields import Float
 from apiflask.fields import Integer
 from apiflask.fields import List
 from apiflask.fields import Nested
@@ -25,27 +25,13 @@ from marshmallow import ValidationError
 from api.schemas.common import LifecycleOut
 from api.schemas.common import PageOut
 from api.schemas.common import validate_path_text
+from face_emotions.training_config import MAX_OVERRIDES
+from face_emotions.training_config import OverrideError
+from face_emotions.training_config import check_override
 
 PROMOTE_MODES = ("auto", "never", "force")
-TRAINING_RUN_STATUSES = ("queued", "running", "succeeded", "failed")
+TRAINING_RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 MAX_EPOCHS = 500
-MAX_OVERRIDES = 50
-MAX_OVERRIDE_CHARS = 500
-OVERRIDE_PATTERN = re.compile(r"^[A-Za-z0-9_.+~/-]+=.*$")
-#: Keys the service sets itself, and the request field to use instead (None: no field).
-#: ``data.path``, ``output_dir`` and ``data.hash_cache`` are paths on the trainer's disk, which a
-#: request must not choose; ``hydra`` would reconfigure the framework itself. These keys and
-#: everything under them are refused.
-RESERVED_OVERRIDES: dict[str, str | None] = {
-    "data.path": "data",
-    "data.hash_cache": None,
-    "promote": "promote",
-    "output_dir": None,
-    "hydra": None,
-}
-#: Config groups chosen by a field: selecting them is refused, their sub-keys are allowed
-#: (``model.image_size=64`` is fine, ``model=resnet18`` must go through the validated field).
-RESERVED_GROUPS: dict[str, str] = {"data": "data", "model": "model"}
 
 
 @lru_cache(maxsize=1)
@@ -61,34 +47,13 @@ def validate_model(name: str) -> None:
         raise ValidationError(f"unknown model {name!r}; choose one of: {', '.join(known_models())}")
 
 
-def override_key(override: str) -> str:
-    """``++training.lr=1`` -> ``training.lr``: the dotted key an override sets or deletes."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key.replace("/", ".")
-
-
 def validate_override(override: str) -> None:
-    """One Hydra override: ``key=value``, not a key the service owns, no interpolation."""
-    if len(override) > MAX_OVERRIDE_CHARS:
-        raise ValidationError(f"an override is longer than {MAX_OVERRIDE_CHARS} characters")
+    """One Hydra override, by the trainer's rules (:func:`check_override`)."""
     validate_path_text(override)  # it reaches the trainer's command line and the database
-    if not OVERRIDE_PATTERN.fullmatch(override):
-        raise ValidationError(
-            f"{override!r} is not a Hydra override like 'training.lr=0.001' (key=value)"
-        )
-    key = override_key(override)
-    for reserved, field in RESERVED_OVERRIDES.items():
-        if key == reserved or key.startswith(reserved + "."):
-            hint = f"; use the '{field}' field" if field else ""
-            raise ValidationError(f"{override!r}: {reserved} is set by the service{hint}")
-    if key in RESERVED_GROUPS:
-        raise ValidationError(
-            f"{override!r}: choose the {key} with the '{RESERVED_GROUPS[key]}' field"
-        )
-    if "${" in override:
-        # Interpolations would resolve against the trainer's environment (oc.env:...) and
-        # end up in MLflow params: a way to read the trainer's secrets.
-        raise ValidationError(f"{override!r}: interpolations (${{...}}) are not allowed")
+    try:
+        check_override(override)
+    except OverrideError as exc:
+        raise ValidationError(str(exc)) from exc
 
 
 class TrainingRunIn(Schema):
@@ -130,6 +95,26 @@ class TrainingRunIn(Schema):
     )
 
 
+class TrainingProgressOut(Schema):
+    stage = String(metadata={"description": "preparing data, training, evaluating or registering."})
+    epoch = Integer(metadata={"description": "1-based epoch being trained."})
+    max_epochs = Integer(allow_none=True)
+    step = Integer(metadata={"description": "Optimizer steps done so far."})
+    total_steps = Integer(
+        allow_none=True,
+        metadata={"description": "Steps if every epoch runs (early stopping may end sooner)."},
+    )
+    metrics = Dict(
+        keys=String(), values=Float(), metadata={"description": "Latest val_loss, val_acc, ..."}
+    )
+    eta_seconds = Float(
+        allow_none=True, metadata={"description": "Upper bound: assumes no early stopping."}
+    )
+    epochs_trained = Integer()
+    test_accuracy = Float()
+    updated_at = String(metadata={"description": "When the trainer reported (UTC, ISO 8601)."})
+
+
 class TrainingRunLinks(Schema):
     self = String(required=True)
 
@@ -152,6 +137,14 @@ class TrainingRunOut(LifecycleOut):
         metadata={"description": "test_* metrics of the test split and passed_targets."},
     )
     error = String(allow_none=True)
+    progress = Nested(
+        TrainingProgressOut,
+        allow_none=True,
+        metadata={"description": "The trainer's last report while the run is running."},
+    )
+    cancel_requested = Boolean(
+        required=True, metadata={"description": "An admin asked to stop it (DELETE)."}
+    )
     links = Nested(TrainingRunLinks, required=True)
 
 

@@ -12,10 +12,11 @@
   const TERMINAL = new Set(["succeeded", "completed_with_errors", "failed", "cancelled"]);
 
   class ApiError extends Error {
-    constructor(status, code, message) {
+    constructor(status, code, message, body = null) {
       super(message);
       this.status = status;
       this.code = code;
+      this.body = body;
     }
   }
 
@@ -39,8 +40,9 @@
   async function errorFrom(response) {
     let code = "http_" + response.status;
     let message = response.status + " " + (response.statusText || "error");
+    let body = null;
     try {
-      const body = await response.json();
+      body = await response.json();
       if (body && body.error) {
         code = body.error.code || code;
         message = body.error.message || message;
@@ -51,7 +53,7 @@
     if (response.status === 401) {
       message += getToken() ? " (check the API token above)" : " (enter an API token above)";
     }
-    return new ApiError(response.status, code, message);
+    return new ApiError(response.status, code, message, body);
   }
 
   /** fetch() an API path with the token; resolves to the Response, rejects with ApiError. */

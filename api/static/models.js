@@ -4,7 +4,7 @@
 (function () {
   const C = window.Console;
   const RUN_POLL_SECONDS = 3;
-  const RUN_TERMINAL = new Set(["succeeded", "failed"]);
+  const RUN_TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   let champion = null;
   let stopRuns = null;
 
@@ -69,6 +69,7 @@
     document.querySelector("#versions tbody").replaceChildren(...body.versions.map(versionRow));
     document.querySelector("#workers tbody").replaceChildren(...body.workers.map(workerRow));
     document.getElementById("workers-empty").hidden = body.workers.length > 0;
+    await loadWarnings();
 
     const select = document.getElementById("matrix-version");
     const previous = select.value;
@@ -85,6 +86,20 @@
     if (wanted && body.versions.some((v) => String(v.version) === wanted)) select.value = wanted;
     if (select.value) await loadMatrix(select.value);
     else document.getElementById("matrix").replaceChildren(C.el("p", { class: "hint" }, "No version is registered yet."));
+  }
+
+  /** What would make work wait: no worker or no trainer consuming its queue (/readyz). */
+  async function loadWarnings() {
+    const box = document.getElementById("queue-warnings");
+    let ready;
+    try {
+      ready = await C.getJSON("/readyz");
+    } catch (err) {
+      ready = err.body || null;  // 503: the checks and warnings are still in the body
+    }
+    const warnings = (ready && ready.warnings) || [];
+    box.replaceChildren(...warnings.map((text) => C.el("li", {}, text)));
+    box.hidden = warnings.length === 0;
   }
 
   async function promote(version, button) {
@@ -160,10 +175,53 @@
 
   // -- training runs --------------------------------------------------------------------------
 
+  function progressText(run) {
+    const progress = run.progress;
+    if (run.status !== "running" || !progress) return "";
+    const parts = [progress.stage || "running"];
+    if (progress.epoch) parts.push("epoch " + progress.epoch + "/" + (progress.max_epochs || "?"));
+    if (progress.total_steps) parts.push("step " + progress.step + "/" + progress.total_steps);
+    const metrics = progress.metrics || {};
+    for (const key of ["val_loss", "val_acc"]) {
+      if (typeof metrics[key] === "number") parts.push(key + " " + C.number(metrics[key], 3));
+    }
+    if (typeof progress.eta_seconds === "number") {
+      parts.push("at most " + Math.ceil(progress.eta_seconds / 60) + " min left");
+    }
+    return parts.join(" · ");
+  }
+
+  async function cancelRun(run, button) {
+    button.disabled = true;
+    C.clearError();
+    try {
+      const body = await C.sendJSON("DELETE", "/api/v1/training-runs/" + run.id);
+      C.announce(
+        "Training run " + run.id.slice(0, 8) +
+          (body.status === "cancelled" ? " cancelled." : " is being stopped."),
+      );
+      watchRuns();
+    } catch (err) {
+      C.showError(err);
+      button.disabled = false;
+    }
+  }
+
   function runRow(run) {
     const accuracy = run.metrics ? run.metrics.test_accuracy : null;
     const status = C.el("td", {}, C.badge(run.status));
+    const progress = progressText(run);
+    if (progress) status.append(C.el("p", { class: "hint" }, progress));
+    if (run.cancel_requested && run.status === "running") {
+      status.append(C.el("p", { class: "hint" }, "stopping…"));
+    }
     if (run.error) status.append(C.el("p", { class: "error-text" }, run.error));
+    if (!RUN_TERMINAL.has(run.status) && !run.cancel_requested) {
+      const button = C.el("button", { type: "button", class: "small secondary" }, "Cancel");
+      button.setAttribute("aria-label", "Cancel training run " + run.id.slice(0, 8));
+      button.addEventListener("click", () => cancelRun(run, button));
+      status.append(button);
+    }
     return C.el(
       "tr",
       {},

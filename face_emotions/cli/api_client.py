@@ -17,6 +17,8 @@ import requests
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "completed_with_errors", "failed", "cancelled"}
+#: Characters of a job id the console and the CLI show, and the least a prefix must give.
+SHORT_ID_CHARS = 8
 #: What a person can do about an authentication refusal, appended to the API's message.
 AUTH_HINTS = {
     401: " (pass --token or set EMOTIONS_API_TOKEN; create one with "
@@ -72,16 +74,20 @@ class EmotionsClient:
 
     def submit_files(
         self,
-        files: Iterable[Path],
+        files: Iterable[Path | tuple[Path, str]],
         *,
         batch_size: int | None = None,
         model_version: int | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Upload images (or one .zip) as one job."""
+        """Upload images (or one .zip) as one job; a ``(path, name)`` pair uploads ``path`` as
+        ``name`` (a relative path such as ``Angry/0.jpg``, which the job keeps)."""
         data = _options(batch_size, model_version)
+        named = [item if isinstance(item, tuple) else (item, item.name) for item in files]
         with ExitStack() as stack:
-            parts = [("files", (path.name, stack.enter_context(path.open("rb")))) for path in files]
+            parts = [
+                ("files", (name, stack.enter_context(path.open("rb")))) for path, name in named
+            ]
             if not parts:
                 raise ApiClientError("nothing to upload")
             return self._request(
@@ -109,10 +115,41 @@ class EmotionsClient:
         ).json()
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/api/v1/jobs/{job_id}").json()
+        return self._request("GET", f"/api/v1/jobs/{self.resolve(job_id)}").json()
+
+    def jobs(self, *, limit: int = 20, id_prefix: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if id_prefix:
+            params["id_prefix"] = id_prefix
+        return self._request("GET", "/api/v1/jobs", params=params).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/api/v1/jobs/{self.resolve(job_id)}").json()
+
+    def resolve(self, job_id: str) -> str:
+        """A full job id from a unique prefix of at least 8 characters (the console and the
+        CLI show 8); a full id is used as it is."""
+        text = job_id.strip().lower()
+        if len(text) == 36:
+            return text
+        if len(text.replace("-", "")) < SHORT_ID_CHARS:
+            raise ApiClientError(
+                f"{job_id!r}: give at least {SHORT_ID_CHARS} characters of the job id"
+            )
+        found = self.jobs(limit=3, id_prefix=text)
+        ids = [item["id"] for item in found["items"]]
+        if not ids:
+            raise ApiClientError(f"no job id starts with {job_id!r}", status=404)
+        if len(ids) > 1:
+            raise ApiClientError(
+                f"{job_id!r} is ambiguous: {found['total']} jobs start with it "
+                f"({', '.join(ids[:2])}, ...); give more characters"
+            )
+        return ids[0]
 
     def results(self, job_id: str) -> list[dict[str, Any]]:
         """Every result of a job, following pagination."""
+        job_id = self.resolve(job_id)
         items: list[dict[str, Any]] = []
         page = 1
         while True:
@@ -125,7 +162,9 @@ class EmotionsClient:
             page += 1
 
     def export(self, job_id: str, fmt: str) -> str:
-        return self._request("GET", f"/api/v1/jobs/{job_id}/results", params={"format": fmt}).text
+        return self._request(
+            "GET", f"/api/v1/jobs/{self.resolve(job_id)}/results", params={"format": fmt}
+        ).text
 
     def wait(
         self,

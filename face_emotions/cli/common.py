@@ -28,6 +28,14 @@ def client_exit(exc: ApiClientError) -> NoReturn:
     sys.exit(2 if exc.user_error else 1)
 
 
+def say_store(kind: str, url: str) -> None:
+    """Which registry or database a command used (stderr, passwords hidden): a command run with
+    other settings than the services would otherwise look at another store without a word."""
+    from face_emotions.ops.redaction import redact_url
+
+    click.echo(f"{kind}: {redact_url(url)}", err=True)
+
+
 def stderr_console() -> Console:
     from rich.console import Console
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from face_emotions.cli.common import say_store
 from face_emotions.ops.redaction import redact_url
 
 
@@ -33,4 +34,5 @@ def db_current() -> None:
     from face_emotions.settings import get_settings
 
     url = get_settings().resolved_database_url
+    say_store("database", url)
     click.echo(f"current: {current_revision(url)}  head: {head_revision(url)}")

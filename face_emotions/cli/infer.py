@@ -80,10 +80,15 @@ def infer(
 
     images_path = ", ".join(str(p) for p in paths)
     if not quiet:
+        from face_emotions.ops.redaction import redact_url
+        from face_emotions.settings import get_settings
+
+        registry = redact_url(get_settings().tracking_uri)
         click.echo(
             configuration_block(
                 {
                     "Checkpoint": model_source,
+                    **({"Registry": registry} if model_source.startswith("models:/") else {}),
                     "Images": f"{images_path} ({len(files)} files)",
                     "Output": output or "stdout",
                     "Accelerator": torch_device.type,

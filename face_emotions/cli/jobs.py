@@ -81,6 +81,12 @@ def submit(
         click.echo(f"job {job['id']}: {job['status']}, {job['total']} images", err=True)
         if job.get("warning"):
             click.echo(f"warning: {job['warning']}", err=True)
+        if job.get("skipped"):
+            names = ", ".join(job.get("skipped_files") or [])
+            more = "" if job["skipped"] <= len(job.get("skipped_files") or []) else ", ..."
+            click.echo(
+                f"skipped {job['skipped']} zip entries (not images): {names}{more}", err=True
+            )
         if not wait:
             click.echo(job["id"])
             return
@@ -95,12 +101,13 @@ def submit(
 @api_options
 @click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it ends.")
 def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
-    """Show a job's status, counts and model versions."""
+    """Show a job's status, counts and model versions (JOB_ID: the full id or 8+ characters)."""
     from face_emotions.cli.api_client import ApiClientError
     from face_emotions.cli.api_client import EmotionsClient
 
     client = EmotionsClient(url, token)
     try:
+        job_id = client.resolve(job_id)  # once: a short id, then the full one when polling
         job = follow_with_progress(client, job_id) if wait else client.job(job_id)
     except ApiClientError as exc:
         client_exit(exc)
@@ -113,7 +120,9 @@ def status(job_id: str, url: str | None, token: str | None, wait: bool) -> None:
 @click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
 def results(job_id: str, url: str | None, token: str | None, fmt: str, output: Path | None) -> None:
-    """Print or save a job's results (json: the seed's document; jsonl/csv: exports)."""
+    """Print or save a job's results (json: the seed's document; jsonl/csv: exports).
+
+    JOB_ID is the full id or a unique prefix of at least 8 characters."""
     from face_emotions.cli.api_client import ApiClientError
     from face_emotions.cli.api_client import EmotionsClient
 
@@ -124,15 +133,23 @@ def results(job_id: str, url: str | None, token: str | None, fmt: str, output: P
         client_exit(exc)
 
 
-def _upload_files(paths: tuple[Path, ...]) -> list[Path]:
+def _upload_files(paths: tuple[Path, ...]) -> list[tuple[Path, str]]:
+    """Each file with the name it is uploaded as: a folder's images keep their path below it
+    (``Angry/0.jpg``), prefixed with the folder's name when several folders are given, so no
+    two files of one job share a name and results match files."""
     from face_emotions.data.images import iter_image_files
 
-    files: list[Path] = []
+    folders = sum(path.is_dir() for path in paths)
+    files: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            files += iter_image_files(path)
+            for image in iter_image_files(path):
+                relative = image.relative_to(path).as_posix()
+                files.append(
+                    (image, f"{path.resolve().name}/{relative}" if folders > 1 else relative)
+                )
         elif path.is_file():
-            files.append(path)
+            files.append((path, path.name))
         else:
             raise UserError(f"{path}: no such file or directory")
     if not files:
@@ -210,3 +227,48 @@ def emit_results(
 def _seed_record(item: dict) -> dict:
     keys = ("image_path", "predicted_class", "predicted_emotion", "confidence", "all_probabilities")
     return {key: item[key] for key in keys}
+
+
+@click.command("jobs")
+@api_options
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+def list_jobs(url: str | None, token: str | None, limit: int) -> None:
+    """List jobs, newest first (your own, or every job with an admin token)."""
+    from face_emotions.cli.api_client import SHORT_ID_CHARS
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        page = client.jobs(limit=limit)
+    except ApiClientError as exc:
+        client_exit(exc)
+    if not page["items"]:
+        click.echo("no jobs yet: face-emotions submit PATH", err=True)
+        return
+    click.echo(f"{'JOB':<10}{'STATUS':<23}{'DONE':>12}  {'CREATED':<17}SOURCE")
+    for job in page["items"]:
+        done = f"{job['done'] + job['failed']}/{job['total']}"
+        created = job["created_at"][:16].replace("T", " ")
+        click.echo(
+            f"{job['id'][:SHORT_ID_CHARS]:<10}{job['status']:<23}{done:>12}  {created:<17}"
+            f"{job['source_type']}: {job['source']}"
+        )
+    if page["total"] > len(page["items"]):
+        click.echo(f"({page['total'] - len(page['items'])} older; --limit shows more)", err=True)
+
+
+@click.command()
+@click.argument("job_id")
+@api_options
+def cancel(job_id: str, url: str | None, token: str | None) -> None:
+    """Cancel a queued or running job (JOB_ID may be the 8-character short id)."""
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
+
+    client = EmotionsClient(url, token)
+    try:
+        job = client.cancel(job_id)
+    except ApiClientError as exc:
+        client_exit(exc)
+    click.echo(f"job {job['id']}: {job['status']} ({job['done']}/{job['total']} classified)")

@@ -1,8 +1,8 @@
 """``face-emotions`` console script: one command group per module of this package.
 
 ``sample-data`` and ``infer`` work on local files; ``models``/``promote`` on the registry;
-``db`` and ``tokens`` on the jobs database; ``submit``/``status``/``results`` talk to the
-REST API.
+``db`` and ``tokens`` on the jobs database; ``submit``, ``status``, ``results``, ``jobs`` and
+``cancel`` talk to the REST API.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import click
 from face_emotions import __version__
 from face_emotions.cli.database import db
 from face_emotions.cli.infer import infer
+from face_emotions.cli.jobs import cancel
+from face_emotions.cli.jobs import list_jobs
 from face_emotions.cli.jobs import results
 from face_emotions.cli.jobs import status
 from face_emotions.cli.jobs import submit
@@ -36,7 +38,19 @@ def main(verbose: bool) -> None:
     )
 
 
-for command in (sample_data, infer, list_models, promote, db, tokens, submit, status, results):
+for command in (
+    sample_data,
+    infer,
+    list_models,
+    promote,
+    db,
+    tokens,
+    submit,
+    status,
+    results,
+    list_jobs,
+    cancel,
+):
     main.add_command(command)
 
 

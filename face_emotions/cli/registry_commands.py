@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from face_emotions.cli.common import UserError
+from face_emotions.cli.common import say_store
 
 
 @click.command("models")
@@ -17,9 +18,14 @@ def list_models() -> None:
     from face_emotions.registry.mlflow_registry import Registry
 
     registry = Registry()
+    say_store("registry", registry.tracking_uri)
     versions = registry.list_versions()
     if not versions:
-        click.echo(f"no versions of {registry.model_name!r} registered yet", err=True)
+        click.echo(
+            f"no versions of {registry.model_name!r} registered in this registry yet "
+            "(EMOTIONS_VAR_DIR or EMOTIONS_MLFLOW_TRACKING_URI choose another one)",
+            err=True,
+        )
         return
     for v in versions:
         mark = "*" if registry.settings.model_alias in v.aliases else " "
@@ -47,6 +53,7 @@ def promote(version: int, mode: str) -> None:
     from face_emotions.registry.promotion import promote as promote_version
 
     registry = Registry()
+    say_store("registry", registry.tracking_uri)
     try:
         candidate = registry.get_version(version)
     except RegistryError as exc:

@@ -7,6 +7,7 @@ from datetime import datetime
 import click
 
 from face_emotions.cli.common import UserError
+from face_emotions.cli.common import say_store
 from face_emotions.ops.redaction import redact_url
 
 
@@ -31,6 +32,7 @@ def _token_database() -> str:
 
     settings = get_settings()
     url = settings.resolved_database_url
+    say_store("database", url)
     try:
         behind = current_revision(url) != head_revision(url)
         if behind and settings.migrate_on_start:

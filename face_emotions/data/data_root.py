@@ -54,11 +54,13 @@ def resolve_local_folder(root: Path, folder: str) -> tuple[Path, Path]:
     try:
         target = (resolved_root / relative).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise FolderError("not_found", f"folder {folder!r} does not exist") from exc
+        raise FolderError(
+            "not_found", f"folder {folder!r} does not exist under the data root"
+        ) from exc
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, permissions, names
         raise FolderError("invalid_path", f"folder {folder!r} cannot be resolved") from exc
     if not target.is_relative_to(resolved_root):
         raise FolderError("invalid_path", f"folder {folder!r} leads outside the data root")
     if not target.is_dir():
-        raise FolderError("not_found", f"{folder!r} is not a folder")
+        raise FolderError("not_found", f"{folder!r} under the data root is not a folder")
     return resolved_root, target

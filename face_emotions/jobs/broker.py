@@ -152,20 +152,20 @@ class BrokerClient:
         self._connection.release()
 
     def _send(self, message: TaskMessage, queue: str) -> None:
-        from kombu import Exchange
-        from kombu import Queue
         from kombu.pools import producers
 
-        # The queue as Celery declares one by name: a direct exchange of the same name.
-        exchange = Exchange(queue, type="direct")
+        # The anonymous exchange routes by queue name alone: the message lands in the queue's
+        # list whatever bindings Redis holds. A declared exchange would be looked up through a
+        # binding that kombu declares once per process and caches, so after a Redis restart
+        # without persistence (or anything else that drops the binding) every message would
+        # be routed nowhere, silently.
         with producers[self._connection].acquire(
             block=True, timeout=self.connect_timeout
         ) as producer:
             producer.publish(
                 message.body(),
-                exchange=exchange,
+                exchange="",
                 routing_key=queue,
-                declare=[Queue(queue, exchange, routing_key=queue)],
                 serializer="json",
                 headers=message.headers(),
                 correlation_id=message.id,

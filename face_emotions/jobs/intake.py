@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import IO
 from typing import Final
 
+from face_emotions.data.data_root import DRIVE_LETTER
 from face_emotions.data.images import IMAGE_EXTENSIONS
 from face_emotions.data.storage import Storage
 from face_emotions.data.storage import check_key
@@ -30,6 +31,8 @@ COPY_BUFFER: Final[int] = 1024 * 1024
 #: compresses several hundred to one, and ``max_total_bytes`` bounds small entries anyway.
 RATIO_CHECK_MIN_BYTES: Final[int] = 1024 * 1024
 MAX_NAME_CHARS: Final[int] = 150
+#: Folders an uploaded name may keep (``a/b/c/x.png``); deeper ones keep their last folders.
+MAX_DEPTH: Final[int] = 8
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _WINDOWS_DEVICE_NAMES: Final[frozenset[str]] = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
@@ -71,6 +74,24 @@ def secure_name(name: str, *, default: str = "upload") -> str:
     return f"{stem}.{suffix}" if suffix else stem
 
 
+def secure_relative_name(name: str, *, max_depth: int = MAX_DEPTH) -> str:
+    """A client-supplied relative path, made safe component by component.
+
+    ``face-emotions submit ./faces`` uploads ``Angry/0.jpg`` and ``Fear/0.jpg``: keeping the
+    folders keeps results matchable to files. Absolute roots, drive letters, ``.`` and ``..``
+    are dropped (they could only lead out of the job), every folder is cleaned like a file name,
+    and the last component goes through :func:`secure_name`.
+    """
+    parts = [p for p in re.split(r"[/\\]", name or "") if p not in ("", ".", "..")]
+    if parts and DRIVE_LETTER.match(parts[0]):
+        parts = parts[1:]
+    if not parts:
+        return secure_name(name)
+    folders = [_clean(part)[:MAX_NAME_CHARS] for part in parts[:-1]]
+    folders = [folder for folder in folders if folder][-(max_depth - 1) :] if max_depth > 1 else []
+    return "/".join([*folders, secure_name(parts[-1])])
+
+
 def _clean(part: str) -> str:
     part = unicodedata.normalize("NFKD", part).encode("ascii", "ignore").decode("ascii")
     return _UNSAFE_NAME_CHARS.sub("", "_".join(part.split())).strip("._")
@@ -94,7 +115,8 @@ def _unique_name(name: str, taken: set[str]) -> str:
 def store_uploads(
     files: Iterable[tuple[str, IO[bytes]]], storage: Storage, prefix: str, *, max_images: int
 ) -> list[NewImage]:
-    """Write uploaded image files below ``prefix`` in ``storage``; ``path`` is the sanitised name.
+    """Write uploaded image files below ``prefix`` in ``storage``; ``path`` is the sanitised
+    relative name (folders kept, see :func:`secure_relative_name`).
 
     Every name is checked before the first byte is written, so a batch with one bad file
     leaves nothing behind; files are streamed in 1 MiB blocks (a 500 MiB upload never sits in
@@ -111,7 +133,7 @@ def store_uploads(
     taken: set[str] = set()
     planned: list[tuple[str, IO[bytes]]] = []
     for original, stream in entries:
-        safe = secure_name(original)
+        safe = secure_relative_name(original)
         if not has_image_extension(safe):
             allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise IntakeError(

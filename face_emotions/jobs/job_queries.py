@@ -13,7 +13,9 @@ from typing import Any
 from typing import cast
 
 from sqlalchemy import CursorResult
+from sqlalchemy import String
 from sqlalchemy import Table
+from sqlalchemy import cast as sa_cast
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy import update
@@ -113,13 +115,26 @@ def get_job(session: Session, job_id: uuid.UUID, *, owner: str | None = None) ->
 
 
 def list_jobs(
-    session: Session, *, owner: str | None, offset: int, limit: int
+    session: Session,
+    *,
+    owner: str | None,
+    offset: int,
+    limit: int,
+    id_prefix: str | None = None,
 ) -> tuple[list[Job], int]:
+    """A page of jobs, newest first; ``id_prefix`` (hex digits, hyphens ignored) keeps the jobs
+    whose id starts with it, which is how a short id from the console finds its job."""
     query = select(Job)
     count = select(func.count()).select_from(Job)
     if owner is not None:
         query = query.where(Job.owner == owner)
         count = count.where(Job.owner == owner)
+    if id_prefix:
+        # PostgreSQL writes a uuid with hyphens, SQLite stores 32 hex digits: compare without.
+        digits = func.replace(func.lower(sa_cast(Job.id, String)), "-", "")
+        matches = digits.like(id_prefix.replace("-", "").lower() + "%")
+        query = query.where(matches)
+        count = count.where(matches)
     jobs = session.scalars(
         query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)
     ).all()

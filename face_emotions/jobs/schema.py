@@ -162,6 +162,10 @@ class WorkerState(Base):
     images_processed: Mapped[int] = mapped_column(BigInteger, default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    #: ``inference`` (a pool process or a worker's main process) or ``training`` (a trainer).
+    role: Mapped[str] = mapped_column(String(16), default="inference", server_default="inference")
+    #: The data root the process reads folders from (trainers), to notice a mismatch.
+    data_root: Mapped[str | None] = mapped_column(Text)
 
 
 class TrainingRunStatus(StrEnum):
@@ -169,9 +173,12 @@ class TrainingRunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-TRAINING_TERMINAL_STATUSES = frozenset({TrainingRunStatus.SUCCEEDED, TrainingRunStatus.FAILED})
+TRAINING_TERMINAL_STATUSES = frozenset(
+    {TrainingRunStatus.SUCCEEDED, TrainingRunStatus.FAILED, TrainingRunStatus.CANCELLED}
+)
 
 
 class TrainingRun(Base):
@@ -179,8 +186,8 @@ class TrainingRun(Base):
 
     The row is the contract between the two: the API writes what to train (``overrides``,
     ``data_path``, ``promote``), the trainer writes what came of it. Its status only moves
-    forward (queued -> running -> succeeded | failed), which is what lets a redelivered task
-    recognise a finished run and do nothing.
+    forward (queued -> running -> succeeded | failed | cancelled), which is what lets a
+    redelivered task recognise a finished run and do nothing.
     """
 
     __tablename__ = "training_runs"
@@ -203,6 +210,11 @@ class TrainingRun(Base):
     promotion_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+    #: The trainer's last report: epoch, steps, latest validation metrics, ETA (see
+    #: :mod:`face_emotions.jobs.training_runs`).
+    progress: Mapped[dict[str, Any] | None]
+    #: Set by an admin's cancel of a running run; the trainer stops the run when it sees it.
+    cancel_requested_at: Mapped[datetime | None]
     # Deliveries of the task: more than one means a trainer died and the run was restarted.
     attempts: Mapped[int] = mapped_column(SmallInteger, default=0)
     # Set when the task was handed to the broker; a queued run without it is sent again.

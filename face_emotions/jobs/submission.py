@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from typing import IO
 
 from sqlalchemy.exc import IntegrityError
@@ -87,6 +88,7 @@ class Submission:
     batch_size: int
     model_version: int | None
     skipped: int | None = None
+    skipped_files: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class SubmittedJob:
     job: Job
     replayed: bool = False
     skipped: int | None = None
+    skipped_files: list[str] = field(default_factory=list)
     dispatched: bool = True
 
 
@@ -159,7 +162,12 @@ def submit_job(
         remove_uploads(storage, prefix)
         raise
     dispatched = dispatch_chunks(session, job, broker)
-    return SubmittedJob(job, skipped=submission.skipped, dispatched=dispatched)
+    return SubmittedJob(
+        job,
+        skipped=submission.skipped,
+        skipped_files=submission.skipped_files,
+        dispatched=dispatched,
+    )
 
 
 def build_submission(
@@ -211,6 +219,7 @@ def _upload_submission(
             batch_size=options.batch_size,
             model_version=options.model_version,
             skipped=extraction.skipped,
+            skipped_files=extraction.skipped_examples,
         )
     if len(files) <= settings.max_images_per_job:  # else store_uploads says too_many_images
         check_capacity(len(files))

@@ -167,16 +167,23 @@ def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
         CursorResult[Any],
         session.execute(
             update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
+            .where(
+                TrainingRun.id == run_id,
+                TrainingRun.status.in_(_ACTIVE),
+                # A trainer that died while stopping a cancelled run: nothing to restart.
+                TrainingRun.cancel_requested_at.is_(None),
+            )
             .values(
                 status=TrainingRunStatus.RUNNING,
                 started_at=utcnow(),
                 attempts=TrainingRun.attempts + 1,
                 error=None,
+                progress=None,
             )
         ),
     ).rowcount
     if not moved:
+        mark_cancelled(session, run_id, "cancelled while its trainer was stopping")
         return None
     return get_run(session, run_id)
 
@@ -227,3 +234,77 @@ def _finish(session: Session, run_id: uuid.UUID, *, status: TrainingRunStatus, *
         ),
     ).rowcount
     return bool(finished)
+
+
+# -- progress and cancellation -----------------------------------------------------------------
+
+
+def record_mlflow_run(session: Session, run_id: uuid.UUID, mlflow_run_id: str) -> None:
+    """The MLflow run is known as soon as training starts: a run that fails later still links
+    to what MLflow recorded of it."""
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.RUNNING)
+        .values(mlflow_run_id=mlflow_run_id)
+    )
+
+
+def report_progress(session: Session, run_id: uuid.UUID, progress: dict[str, Any]) -> bool:
+    """Store the trainer's latest report; True while the run should go on (running and not
+    asked to stop), so the reporter learns of a cancel at its next report."""
+    moved = cast(
+        CursorResult[Any],
+        session.execute(
+            update(TrainingRun)
+            .where(
+                TrainingRun.id == run_id,
+                TrainingRun.status == TrainingRunStatus.RUNNING,
+                TrainingRun.cancel_requested_at.is_(None),
+            )
+            .values(progress={**progress, "updated_at": utcnow().isoformat()})
+        ),
+    ).rowcount
+    return bool(moved)
+
+
+def request_cancel(session: Session, run_id: uuid.UUID) -> TrainingRunStatus | None:
+    """Cancel a queued run now, or ask the trainer to stop a running one.
+
+    Returns the run's status afterwards (``cancelled``, or ``running`` with the request set,
+    or a finished status, unchanged), None for an unknown run. The trainer stops a running run
+    within seconds and marks it cancelled itself, once its process is gone.
+    """
+    now = utcnow()
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.QUEUED)
+        .values(
+            status=TrainingRunStatus.CANCELLED,
+            cancel_requested_at=now,
+            finished_at=now,
+            error="cancelled by an admin before it started",
+        )
+    )
+    session.execute(
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == run_id,
+            TrainingRun.status == TrainingRunStatus.RUNNING,
+            TrainingRun.cancel_requested_at.is_(None),
+        )
+        .values(cancel_requested_at=now)
+    )
+    run = get_run(session, run_id)
+    return None if run is None else TrainingRunStatus(run.status)
+
+
+def cancel_requested(session: Session, run_id: uuid.UUID) -> bool:
+    requested = session.scalar(
+        select(TrainingRun.cancel_requested_at).where(TrainingRun.id == run_id)
+    )
+    return requested is not None
+
+
+def mark_cancelled(session: Session, run_id: uuid.UUID, reason: str) -> bool:
+    """Record a stopped run; False (and no change) if it had finished already."""
+    return _finish(session, run_id, status=TrainingRunStatus.CANCELLED, error=reason)

@@ -31,7 +31,8 @@ from face_emotions.jobs.job_queries import NewImage
 
 @dataclass(frozen=True)
 class ZipExtraction:
-    """What :func:`extract_zip` kept, and how many entries it skipped on purpose."""
+    """What :func:`extract_zip` kept, and how many entries it skipped on purpose (not images,
+    hidden files, folders); ``skipped_examples`` names the first ten, for the client to check."""
 
     images: list[NewImage]
     skipped: int = 0

@@ -59,6 +59,8 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passed"] = self.passed
+        # What the README (and the seed's report) promise a reader: PASS or FAIL, in words.
+        data["verdict"] = "PASS" if self.passed else "FAIL"
         data["classes"] = list(EMOTIONS)
         return data
 

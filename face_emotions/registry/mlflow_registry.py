@@ -7,6 +7,7 @@ deprecated stages) marks the version workers serve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ TAG_DATA_FINGERPRINT = "data_fingerprint"
 TAG_TEST_SPLIT = "test_split_fingerprint"
 TAG_ARCHITECTURE = "architecture"
 TAG_IMAGE_SIZE = "image_size"
+#: SHA-256 over the bundle's files: what a version *is*, so a local cache can't confuse two
+#: registries' "version 3".
+TAG_CONTENT_HASH = "bundle_sha256"
 #: Where ``training.train`` logs the test-split report (confusion matrix) in a version's run.
 EVALUATION_ARTIFACT = "evaluation/evaluation.json"
 
@@ -119,6 +123,7 @@ class Registry:
 
         # A unique path per publish: versions are immutable, even two from the same run.
         artifact_path = f"model-{uuid.uuid4().hex[:12]}"
+        tags = {**tags, TAG_CONTENT_HASH: content_hash(Path(bundle_dir))}
         self.client.log_artifacts(run_id, str(bundle_dir), artifact_path=artifact_path)
         run = self.client.get_run(run_id)
         try:
@@ -231,11 +236,28 @@ class Registry:
             return found
         return self.get_version(int(text))
 
+    def cache_path(self, version: VersionInfo) -> Path:
+        """Where ``version`` is cached: per registry (tracking URI) and per content.
+
+        Two registries both have a "version 3" (a test store, a staging server); keyed by
+        name and number alone, the cache would serve one's model for the other's version.
+        """
+        registry = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:16]
+        content = (
+            version.tags.get(TAG_CONTENT_HASH)
+            or hashlib.sha256(f"{version.source}|{version.run_id}".encode()).hexdigest()
+        )
+        root = self.settings.resolved_model_cache_dir
+        return root / registry / self.model_name / f"{version.version}-{content[:16]}"
+
     def download(self, version: VersionInfo) -> Path:
-        """Fetch a version into the local cache once; versions are immutable, so reuse is safe."""
+        """Fetch a version into the local cache once; versions are immutable, so reuse is safe.
+
+        A version published with a content hash is checked against it after the download.
+        """
         import mlflow
 
-        target = self.settings.resolved_model_cache_dir / self.model_name / str(version.version)
+        target = self.cache_path(version)
         if (target / "model.json").is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +274,12 @@ class Registry:
                 raise RegistryError(
                     f"{self.model_name} v{version.version} at {version.source} is not a bundle"
                 )
+            expected = version.tags.get(TAG_CONTENT_HASH)
+            if expected and content_hash(downloaded) != expected:
+                raise RegistryError(
+                    f"{self.model_name} v{version.version}: the downloaded files do not match "
+                    "the content hash it was registered with (altered or incomplete artefacts)"
+                )
             # Atomic publish: a concurrent worker either sees nothing or a complete directory.
             try:
                 downloaded.rename(target)
@@ -261,6 +289,17 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+def content_hash(bundle_dir: Path) -> str:
+    """SHA-256 over a bundle's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(bundle_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def download_bundle(uri: str, settings: Settings | None = None) -> Path:

@@ -65,12 +65,14 @@ class ModelHolder:
         registry_factory: Callable[[], Registry] | None = None,
         clock: Callable[[], float] = time.monotonic,
         reload_generation: Callable[[], int] | None = None,
+        on_swap: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._registry_factory = registry_factory or (lambda: Registry(settings))
         self._registry: Registry | None = None
         self._clock = clock
         self._reload_generation = reload_generation
+        self._on_swap = on_swap
         self._seen_generation = reload_generation() if reload_generation else 0
         self._lock = threading.Lock()
         self._current: ServingModel | None = None
@@ -86,13 +88,7 @@ class ModelHolder:
 
     def current(self) -> ServingModel:
         """The model to use for the next micro-batch (the swap point)."""
-        with self._lock:
-            if self._ready is not None:
-                old = self._current.version if self._current else None
-                self._current, self._ready = self._ready, None
-                self.swaps += 1
-                log.info("now serving version %s (was %s)", self._current.version, old)
-            current = self._current
+        current = self._swap_if_ready()
         if current is None:
             return self._load_first()
         self._maybe_start_refresh()
@@ -123,8 +119,14 @@ class ModelHolder:
         return model
 
     def poll(self) -> None:
-        """Idle-time check: start a background load if one is due (no swap happens here)."""
+        """Idle-time check: swap in a version that finished loading, start a load if one is due.
+
+        A chunk in progress keeps the model it asked for until its next micro-batch, so a swap
+        here never mixes versions in a batch; it only means an idle worker serves (and reports)
+        the new champion without waiting for its next task.
+        """
         if self._current is not None:
+            self._swap_if_ready()
             self._maybe_start_refresh()
 
     @property
@@ -137,6 +139,23 @@ class ModelHolder:
         return self._registry
 
     # -- internals -------------------------------------------------------------------------
+
+    def _swap_if_ready(self) -> ServingModel | None:
+        swapped = None
+        with self._lock:
+            if self._ready is not None:
+                old = self._current.version if self._current else None
+                self._current, self._ready = self._ready, None
+                self.swaps += 1
+                swapped = self._current.version
+                log.info("now serving version %s (was %s)", swapped, old)
+            current = self._current
+        if swapped is not None and self._on_swap is not None:
+            try:
+                self._on_swap(swapped)
+            except Exception as exc:  # a heartbeat that failed must not fail a chunk
+                log.debug("swap callback failed: %s", exc)
+        return current
 
     def _alias_version(self) -> VersionInfo:
         try:

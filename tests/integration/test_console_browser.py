@@ -40,8 +40,8 @@ def browser() -> Iterator:
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: the console's browser test needs the system's Chromium "
-            "(`apt-get install -y chromium`; .ci/run installs it). Playwright's own browser "
-            "downloads are not used."
+            "(`make test` installs it through scripts/system_deps.sh; run pytest through make, "
+            "or `apt-get install -y chromium`). Playwright's own browser downloads are not used."
         )
     from playwright.sync_api import sync_playwright
 
@@ -206,6 +206,8 @@ def test_console_upload_follow_results_export(
     expect(matrix.locator("caption")).to_contain_text("10 test images, accuracy 70.0%")
     assert matrix.locator("tbody tr").first.locator("td").all_inner_texts()[:2] == ["1", "1"]
     expect(page.locator("#runs-note")).to_contain_text("No training run yet")
+    # No trainer runs here: the page says why a training run would wait.
+    expect(page.locator("#queue-warnings")).to_contain_text("no trainer is consuming")
     try:
         page.get_by_role("button", name=f"Promote version {other}").click()
         expect(page.get_by_role("status")).to_contain_text(

@@ -13,7 +13,7 @@ from face_emotions.modeling.bundle import load_bundle
 from face_emotions.modeling.bundle import load_checkpoint
 from face_emotions.registry.mlflow_registry import Registry
 from face_emotions.settings import Settings
-from training.train import compose_config
+from face_emotions.training_config import compose_config
 from training.train import run_training
 
 pytestmark = [pytest.mark.slow]

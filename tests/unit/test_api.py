@@ -254,6 +254,27 @@ def test_zip_job(app, client: FlaskClient, queue: FakeQueue) -> None:
         "c.png",
     ]
     assert [len(ids) for _, ids in queue.chunks] == [3]  # chunk = batch_size * chunk_batches
+    # The answer says what was skipped, not only how many.
+    assert sorted(body["skipped_files"]) == ["__MACOSX/._c.png", "readme.txt"]
+
+
+def test_uploads_keep_their_folders(app, client: FlaskClient) -> None:
+    """``face-emotions submit ./faces`` sends Angry/0.jpg and Fear/0.jpg: both names must
+    survive (before, they became 0.jpg and "0 (1).jpg" and results could not be matched)."""
+    response = upload(client, ["Angry/0.png", "Fear/0.png", "../../etc/x.png"])
+    assert response.status_code == 202, response.get_json()
+    paths = [image.path for image in job_images(app, response.get_json()["id"])]
+    assert paths == ["Angry/0.png", "Fear/0.png", "etc/x.png"]
+
+
+def test_jobs_are_found_by_the_short_id_the_console_shows(client: FlaskClient) -> None:
+    first = upload(client, ["a.png"]).get_json()["id"]
+    second = upload(client, ["b.png"]).get_json()["id"]
+    for job_id in (first, second):
+        for prefix in (job_id[:8], job_id[:8].upper(), job_id[:13]):
+            found = client.get("/api/v1/jobs", query_string={"id_prefix": prefix}).get_json()
+            assert [item["id"] for item in found["items"]] == [job_id], prefix
+    assert client.get("/api/v1/jobs", query_string={"id_prefix": "zz"}).status_code == 400
 
 
 def test_folder_job(app, client: FlaskClient, settings: Settings, queue: FakeQueue) -> None:
@@ -750,10 +771,13 @@ def test_health_and_readiness(client: FlaskClient, queue: FakeQueue, registry) -
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.get_json() == {
-        "status": "ready",
-        "checks": {"database": "ok", "broker": "ok", "registry": "ok"},
-    }
+    body = ready.get_json()
+    assert (body["status"], body["checks"]) == (
+        "ready",
+        {"database": "ok", "broker": "ok", "registry": "ok"},
+    )
+    # Ready, yet nothing consumes the queues here: said, without failing the probe.
+    assert any("no inference worker" in warning for warning in body["warnings"])
     queue.up = False
     down = client.get("/readyz")
     assert down.status_code == 503
@@ -789,8 +813,8 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
                 assert expected in content, (path, method, code)
             checked += 1
     # jobs: post, list, get, delete, results, summary, image thumbnail; models: list,
-    # evaluation, promote; 2 probes; training runs: post, list, get
-    assert checked == 15
+    # evaluation, promote; 2 probes; training runs: post, list, get, delete (cancel)
+    assert checked == 16
     post = spec["paths"]["/api/v1/jobs"]["post"]
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     error_schema = spec["components"]["schemas"]["ErrorOut"]

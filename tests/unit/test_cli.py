@@ -179,3 +179,97 @@ def test_infer_bundle_with_unknown_architecture_exits_2(
     result = _invoke("infer", "--model", str(broken), str(images_dir), "--quiet")
     assert result.exit_code == 2
     assert "future_net" in result.stderr
+
+
+# -- the CLI's state does not depend on the current folder ------------------------------------
+
+
+def test_the_default_var_dir_does_not_depend_on_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`face-emotions models` run from another folder used to start an empty store there."""
+    from face_emotions.settings import Settings
+
+    monkeypatch.delenv("EMOTIONS_VAR_DIR", raising=False)
+    here = Settings().var_dir
+    monkeypatch.chdir(tmp_path)
+    assert Settings().var_dir == here
+    assert not here.is_relative_to(tmp_path)
+    assert here == Path(__file__).resolve().parents[2] / "var", "a checkout keeps its var/"
+
+
+def test_registry_and_database_commands_say_which_store_they_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from face_emotions.settings import get_settings
+
+    monkeypatch.setenv("EMOTIONS_VAR_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("EMOTIONS_MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    try:
+        models = CliRunner().invoke(main, ["models"])
+        assert models.exit_code == 0, models.output
+        assert f"registry: sqlite:///{tmp_path}/mlflow/mlflow.db" in models.stderr
+        assert "no versions of 'face-emotion' registered in this registry" in models.stderr
+        db = CliRunner().invoke(main, ["db", "upgrade"])
+        assert db.exit_code == 0, db.output
+        assert f"sqlite:///{tmp_path}/emotions.db" in db.stderr
+        tokens = CliRunner().invoke(main, ["tokens", "list"])
+        assert f"database: sqlite:///{tmp_path}/emotions.db" in tokens.stderr
+    finally:
+        get_settings.cache_clear()
+
+
+def test_promote_says_which_version_serves_and_which_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle_dir: Path
+) -> None:
+    from face_emotions.registry.mlflow_registry import Registry
+    from face_emotions.settings import Settings
+    from face_emotions.settings import get_settings
+
+    monkeypatch.setenv("EMOTIONS_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("EMOTIONS_BROKER_URL", "memory://")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    registry = Registry(Settings(var_dir=tmp_path))
+    run = registry.client.create_run(registry.experiment_id())
+    for _ in range(2):
+        registry.publish(bundle_dir, run_id=run.info.run_id, tags={"accuracy": 0.5})
+    registry.set_alias(1)
+    try:
+        result = CliRunner().invoke(main, ["promote", "2"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "promoted: v2 is now champion (replaces v1): promote=force" in result.stdout
+    assert registry.alias_version().version == 2
+
+
+class FakeJobs:
+    """The list endpoint, as far as resolving a short id uses it."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def __call__(self, *, limit: int = 20, id_prefix: str | None = None) -> dict:
+        found = [i for i in self.ids if i.replace("-", "").startswith(id_prefix or "")]
+        return {"items": [{"id": i} for i in found[:limit]], "total": len(found)}
+
+
+def test_short_job_ids_resolve_to_the_unique_job() -> None:
+    from face_emotions.cli.api_client import ApiClientError
+    from face_emotions.cli.api_client import EmotionsClient
+
+    ids = ["aee7216c-0000-4000-8000-000000000001", "aee7216d-0000-4000-8000-000000000002",
+           "aee7216d-1111-4000-8000-000000000003"]  # fmt: skip
+    client = EmotionsClient("http://api.invalid")
+    client.jobs = FakeJobs(ids)  # type: ignore[method-assign]
+    assert client.resolve("aee7216c") == ids[0]
+    assert client.resolve(ids[1]) == ids[1]  # a full id is used as it is
+    with pytest.raises(ApiClientError, match="ambiguous: 2 jobs"):
+        client.resolve("aee7216d")
+    with pytest.raises(ApiClientError, match="no job id starts with"):
+        client.resolve("bbbbbbbb")
+    with pytest.raises(ApiClientError, match="at least 8 characters"):
+        client.resolve("aee72")

@@ -387,9 +387,17 @@ def test_celery_healthchecks_ping_their_own_node(name: str) -> None:
     ping = shlex.split(check.replace("$$", "$"))
     assert ping[:2] == ["celery", "-A"] and ping[3:5] == ["inspect", "ping"], ping
     assert ping[2] == option(command(service), "-A", "--app")
-    # The default node name is celery@<hostname>, and Docker sets HOSTNAME per replica.
-    assert option(ping, "--destination", "-d") == "celery@$HOSTNAME"
-    assert "--hostname" not in command(service) and "-n" not in command(service)
+    # Each service names its node <role>@<hostname> (%h), and Docker sets HOSTNAME per
+    # replica, so the check pings exactly this container's node.
+    node = option(command(service), "-n", "--hostname")
+    assert node is not None and node.endswith("@%h"), node
+    assert option(ping, "--destination", "-d") == node.replace("%h", "$HOSTNAME")
+
+
+def test_worker_and_trainer_have_node_names_of_their_own() -> None:
+    """Flower and `celery inspect` must tell an inference worker from a trainer."""
+    nodes = {option(command(SERVICES[name]), "-n", "--hostname") for name in GPU_SERVICES}
+    assert nodes == {"worker@%h", "trainer@%h"}
 
 
 def test_http_healthchecks_hit_real_routes() -> None:
@@ -678,7 +686,11 @@ def test_build_context_installs_a_complete_package(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         path.relative_to(ROOT).as_posix()
-        for pattern in ("migrations/**/*.py", "migrations/*.mako", "training/configs/**/*.yaml")
+        for pattern in (
+            "migrations/**/*.py",
+            "migrations/*.mako",
+            "face_emotions/training_config/configs/**/*.yaml",
+        )
         for path in ROOT.glob(pattern)
         if "__pycache__" not in path.parts
     }
@@ -764,3 +776,18 @@ def test_docker_compose_requires_the_admin_token(tmp_path: Path) -> None:
     result = compose_config(["docker-compose.yml"], env_file)
     assert result.returncode != 0
     assert "EMOTIONS_ADMIN_TOKEN" in result.stderr and "set it in .env" in result.stderr
+
+
+def test_make_test_installs_the_system_packages_the_tests_need() -> None:
+    """A fresh machine has no Chromium: `make test` itself must provide it (not only CI)."""
+    dry_run = subprocess.run(
+        ["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "scripts/system_deps.sh" in dry_run
+    assert dry_run.index("scripts/system_deps.sh") < dry_run.index("pytest")
+    script = (ROOT / "scripts" / "system_deps.sh").read_text()
+    assert "apt-get" in script and "/usr/bin/chromium" in script
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "apt-get" not in ci, (
+        "CI installs nothing the README's command doesn't"
+    )

@@ -146,6 +146,7 @@ def test_write_json_round_trip(tmp_path: Path) -> None:
     path = report.write_json(tmp_path / "reports" / "test.json")
     data = json.loads(path.read_text())
     assert data["passed"] is False
+    assert data["verdict"] == "FAIL", "the README promises PASS/FAIL in evaluation.json"
     assert data["failures"] == report.failures
     assert data["accuracy"] == pytest.approx(report.accuracy)
     assert data["classes"] == list(EMOTIONS)

@@ -235,11 +235,12 @@ def test_store_uploads_sanitises_and_deduplicates(tmp_path: Path) -> None:
         ("/etc/b.jpg", io.BytesIO(b"4")),
     ]
     images = store_uploads(files, *job_storage(dest), max_images=10)
-    assert [image.path for image in images] == ["a.png", "a (1).png", "A (2).png", "b.jpg"]
+    # Folders are kept (uploads of a folder keep their paths); what leads out is dropped.
+    assert [image.path for image in images] == ["a.png", "a (1).png", "x/A.png", "etc/b.jpg"]
     contents = [stored_path(image.location).read_bytes() for image in images]
     assert contents == [b"1", b"2", b"3", b"4"]
     assert all_files(tmp_path) == {stored_path(image.location) for image in images}
-    assert all(stored_path(image.location).parent == dest.resolve() for image in images)
+    assert all(stored_path(image.location).is_relative_to(dest.resolve()) for image in images)
 
 
 def test_store_uploads_streams_large_files(tmp_path: Path) -> None:
@@ -383,3 +384,31 @@ def test_intake_error_pickles() -> None:
 
     error = pickle.loads(pickle.dumps(IntakeError("empty", "nothing")))
     assert (error.code, error.message) == ("empty", "nothing")
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        ("Angry/0.jpg", "Angry/0.jpg"),
+        ("faces/Fear/0.jpg", "faces/Fear/0.jpg"),
+        ("../../etc/x.png", "etc/x.png"),
+        ("C:\\photos\\a.png", "photos/a.png"),
+        ("/abs/x.png", "abs/x.png"),
+        ("a/./b/../c.png", "a/b/c.png"),
+        ("ümlaut dir/a b.png", "umlaut_dir/a_b.png"),
+        (".hidden/x.png", "hidden/x.png"),
+        ("x.png", "x.png"),
+    ],
+)
+def test_uploaded_names_keep_safe_folders(name: str, kept: str) -> None:
+    from face_emotions.jobs.intake import secure_relative_name
+
+    assert secure_relative_name(name) == kept
+
+
+def test_uploaded_folders_are_bounded_in_depth() -> None:
+    from face_emotions.jobs.intake import MAX_DEPTH
+    from face_emotions.jobs.intake import secure_relative_name
+
+    deep = "/".join(f"d{i}" for i in range(20)) + "/x.png"
+    assert secure_relative_name(deep).count("/") == MAX_DEPTH - 1

@@ -309,12 +309,14 @@ def test_resolve_uri_of_another_model_does_not_return_ours(store: Store) -> None
 def test_download_and_cache(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    target = store.registry.download(store.registry.resolve(1))
-    assert target == store.settings.resolved_model_cache_dir / MODEL / "1"
+    version = store.registry.resolve(1)
+    target = store.registry.download(version)
+    assert target.is_relative_to(store.settings.resolved_model_cache_dir)
+    assert target.parent.name == MODEL and target.name.startswith("1-")
     assert (target / "model.json").is_file()
     assert torch.equal(_outputs(load_bundle(target).model), store.expected[1])
     # No staging directories are left next to the cached version.
-    assert sorted(p.name for p in target.parent.iterdir()) == ["1"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
     def no_download(*args: object, **kwargs: object) -> str:
         raise AssertionError("the cached version should have been reused")
@@ -397,3 +399,30 @@ def test_promote_announces_only_a_moved_alias(store: Store) -> None:
     moved = promote(store.registry, store.v2, "force", announce=announce)
     assert moved.promote and announced == [2], "announced before the alias moved"
     assert moved.summary() == "v2 is now champion (replaces v1): promote=force"
+
+
+def test_the_cache_tells_registries_and_contents_apart(store: Store, tmp_path: Path) -> None:
+    """Version 1 of another registry (or with other files) is never served from our cache."""
+    from face_emotions.registry.mlflow_registry import TAG_CONTENT_HASH
+
+    ours = store.registry.resolve(1)
+    assert len(ours.tags[TAG_CONTENT_HASH]) == 64, "published versions carry a content hash"
+    other = Registry(
+        Settings(
+            var_dir=tmp_path,
+            mlflow_tracking_uri=f"sqlite:///{tmp_path / 'other.db'}",
+            model_cache_dir=store.settings.resolved_model_cache_dir,
+        )
+    )
+    assert other.cache_path(ours) != store.registry.cache_path(ours)
+    changed = VersionInfo(**{**ours.__dict__, "tags": {**ours.tags, TAG_CONTENT_HASH: "0" * 64}})
+    assert store.registry.cache_path(changed) != store.registry.cache_path(ours)
+
+
+def test_a_download_that_does_not_match_its_hash_is_refused(store: Store) -> None:
+    from face_emotions.registry.mlflow_registry import TAG_CONTENT_HASH
+
+    ours = store.registry.resolve(2)
+    altered = VersionInfo(**{**ours.__dict__, "tags": {**ours.tags, TAG_CONTENT_HASH: "f" * 64}})
+    with pytest.raises(RegistryError, match="content hash"):
+        store.registry.download(altered)

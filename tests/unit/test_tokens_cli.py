@@ -152,6 +152,6 @@ def test_client_errors_say_what_to_do(
     client = EmotionsClient("http://api.invalid", "fe_secret")
     monkeypatch.setattr(client.http, "request", fake_request)
     with pytest.raises(ApiClientError) as caught:
-        client.job("some-id")
+        client.job("00000000-0000-0000-0000-000000000001")
     assert hint in str(caught.value) and "fe_secret" not in str(caught.value)
     assert caught.value.user_error is (status < 500)

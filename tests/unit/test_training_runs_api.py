@@ -18,6 +18,7 @@ from api.extensions import services
 from face_emotions.jobs import training_runs as db_runs
 from face_emotions.jobs.schema import TrainingRun
 from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.registry.promotion import PromotionDecision
 from face_emotions.settings import Settings
 from tests.fakes import ChunkOnlyBroker as JobOnlyQueue
 from tests.fakes import FakeBroker as FakeQueue
@@ -71,6 +72,12 @@ def assert_error(response, status: int, code: str) -> str:
 def rows(app) -> list[TrainingRun]:
     with app.app_context(), services().sessions() as session:
         return list(session.scalars(select(TrainingRun).order_by(TrainingRun.created_at)))
+
+
+@pytest.fixture
+def trainer_alive(app, settings: Settings) -> None:
+    """A trainer's heartbeat, with this API's data root: submissions need not warn."""
+    _heartbeat(app, "trainer@host", "training", str(settings.resolved_data_root))
 
 
 def submit(client: FlaskClient, **body: Any):
@@ -233,14 +240,17 @@ def test_data_folder_must_exist_under_the_data_root(
     assert rows(app) == [] and queue.training == []
 
 
-def test_run_is_stored_and_enqueued(client: FlaskClient, app, queue: FakeQueue) -> None:
+def test_run_is_stored_and_enqueued(
+    client: FlaskClient, app, queue: FakeQueue, trainer_alive: None
+) -> None:
     response = submit(
         client,
         model="cnn",
         epochs=6,
         data=" faces ",
         promote="never",
-        overrides=["model.image_size=64", "training=fast", "+training.extra=a b,c"],
+        # Quoted: unquoted, Hydra reads "a b,c" as ambiguous, and the API refuses it (below).
+        overrides=["model.image_size=64", "training=fast", "+training.extra='a b,c'"],
     )
     assert response.status_code == 202, response.get_json()
     body = response.get_json()
@@ -255,7 +265,7 @@ def test_run_is_stored_and_enqueued(client: FlaskClient, app, queue: FakeQueue) 
         "training.max_epochs=6",
         "model.image_size=64",
         "training=fast",
-        "+training.extra=a b,c",
+        "+training.extra='a b,c'",
     ]
     assert body["registered_version"] is None and body["promoted"] is False
     assert body["started_at"] is None and body["duration_seconds"] is None
@@ -270,7 +280,7 @@ def test_defaults(client: FlaskClient, queue: FakeQueue) -> None:
 
 
 def test_broker_down_leaves_the_run_queued_and_the_next_submission_sends_it(
-    client: FlaskClient, app, queue: FakeQueue
+    client: FlaskClient, app, queue: FakeQueue, trainer_alive: None
 ) -> None:
     queue.up = False
     response = submit(client, epochs=1)
@@ -416,7 +426,8 @@ class FakeResult:
     def __init__(self, *, promote: bool) -> None:
         self.run_id = "mlflow-run-1"
         self.version = _version(5)
-        self.promotion = SimpleNamespace(promote=promote, reason="promote=force")
+        reason = "promote=force" if promote else "promote=never"
+        self.promotion = PromotionDecision(promote, reason, previous=None, candidate=5)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -429,31 +440,74 @@ class FakeResult:
         }
 
 
+class FinishedProcess:
+    """A run's process that already ran (in the test's own process) and exited with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.stopped = False
+
+    def wait(self, timeout: float) -> int | None:
+        return self.code
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class TrainingProcess:
+    """A run's process that trains until stopped (``wait`` never returns an exit code)."""
+
+    def __init__(self, on_wait: Any = None) -> None:
+        self.stopped = False
+        self.on_wait = on_wait
+
+    def wait(self, timeout: float) -> int | None:
+        if self.on_wait is not None:
+            self.on_wait()
+        return -15 if self.stopped else None
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 @pytest.fixture
 def trainer(app, settings: Settings, client: FlaskClient):
-    """execute_run bound to the API's database, recording configs and broadcasts."""
-    from training.service import execute_run
+    """The trainer's task (``supervise``) bound to the API's database; the run's process is
+    :func:`train_and_record` run in this process, with a fake ``run_training``."""
+    from training.run_record import train_and_record
+    from training.supervisor import supervise
 
     calls: dict[str, list[Any]] = {"configs": [], "broadcasts": []}
     with app.app_context():
         sessions = services().sessions
 
-    def run(run_id: str, train=None) -> str | None:
-        def fake_train(cfg, announce):
+    def run(run_id: str, train=None, launch=None) -> str | None:
+        def fake_train(cfg, hooks):
             """Promotes, as ``run_training`` with ``promote=force`` would: through ``announce``."""
             calls["configs"].append(cfg)
-            announce()
+            hooks.announce()
             return FakeResult(promote=True)
 
-        return execute_run(
+        def in_process(rid: uuid.UUID) -> FinishedProcess:
+            status = train_and_record(
+                rid,
+                settings=settings,
+                sessions=sessions,
+                train=train or fake_train,
+                announce=lambda: calls["broadcasts"].append(1),
+            )
+            return FinishedProcess(0 if status == "succeeded" else 1)
+
+        return supervise(
             uuid.UUID(run_id),
             settings=settings,
             sessions=sessions,
-            announce=lambda: calls["broadcasts"].append(1),
-            train_fn=train or fake_train,
+            launch=launch or in_process,
+            poll_seconds=0,
         )
 
     run.calls = calls  # type: ignore[attr-defined]
+    run.sessions = sessions  # type: ignore[attr-defined]
     return run
 
 
@@ -493,7 +547,7 @@ def test_task_trains_records_and_broadcasts(
 
 def test_task_does_not_broadcast_without_a_promotion(client: FlaskClient, trainer) -> None:
     run_id = submit(client, promote="never").get_json()["id"]
-    assert trainer(run_id, train=lambda cfg, announce: FakeResult(promote=False)) == "succeeded"
+    assert trainer(run_id, train=lambda cfg, hooks: FakeResult(promote=False)) == "succeeded"
     assert trainer.calls["broadcasts"] == []
     assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["promoted"] is False
 
@@ -507,8 +561,18 @@ def test_task_restarts_a_run_whose_trainer_died(client: FlaskClient, app, traine
     assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["attempts"] == 2
 
 
-def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, trainer) -> None:
-    run_id = submit(client, overrides=["training.no_such_key=1"]).get_json()["id"]
+def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, app, trainer) -> None:
+    """A run the API accepted before its config changed (the API refuses such runs now)."""
+    with app.app_context(), services().sessions() as session:
+        run = db_runs.create_run(
+            session,
+            data_path="faces",
+            overrides=["training.no_such_key=1"],
+            promote="auto",
+            requested_by="admin",
+        )
+        session.commit()
+        run_id = str(run.id)
     assert trainer(run_id) == "failed"
     assert trainer.calls["configs"] == []
     body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
@@ -521,7 +585,7 @@ def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, tra
 def test_training_error_fails_the_run(client: FlaskClient, trainer) -> None:
     run_id = submit(client).get_json()["id"]
 
-    def explode(cfg, announce):
+    def explode(cfg, hooks):
         raise ValueError("no images found under faces")
 
     assert trainer(run_id, train=explode) == "failed"
@@ -539,6 +603,8 @@ def test_task_resolves_the_folder_under_its_own_data_root(
     assert trainer(run_id) == "failed"
     error = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["error"]
     assert "does not exist" in error
+    # It names the root the trainer looked in: an API and a trainer that disagree show it.
+    assert str(data_root.resolve()) in error and "EMOTIONS_DATA_ROOT" in error
 
 
 def test_unknown_run_id_is_ignored(trainer) -> None:
@@ -561,17 +627,6 @@ def test_a_starting_trainer_sends_runs_the_broker_missed(
     assert len(sent) == 1  # claimed once, sent once
     service._dispatch_pending(sender=SimpleNamespace(app=object()))  # another app's worker
     assert len(sent) == 1
-
-
-@pytest.mark.parametrize(
-    "path",
-    ["/data/a b/c", "/data/it's", "/d/x=y,z", "/d/${oc.env:HOME}", "/d/back\\slash", "/d/end\\"],
-)
-def test_paths_reach_hydra_literally(path: str) -> None:
-    from training.service import hydra_quote
-    from training.train import compose_config
-
-    assert compose_config([f"data.path={hydra_quote(path)}"]).data.path == path
 
 
 def test_trainer_celery_settings() -> None:
@@ -634,3 +689,149 @@ def test_broker_client_broadcast_with_the_broker_down_fails_fast() -> None:
     with pytest.raises(Exception):  # noqa: B017
         queue.send_training_run("run-1")
     assert time.monotonic() - started < 20
+
+
+# -- config checked at submission, progress, cancellation, trainers ----------------------------
+
+
+def test_overrides_the_trainer_would_refuse_are_refused_at_submission(
+    client: FlaskClient, queue: FakeQueue
+) -> None:
+    """The README says data.* overrides are refused: before, the API took this one and the
+    trainer failed on it ("Could not override 'data.image_size'")."""
+    for override in (
+        "data.image_size=64",
+        "training.lr=fast",
+        "logging=../../../../tmp/x/y",
+        "+training.extra=a b,c",
+    ):
+        response = submit(client, overrides=[override])
+        assert response.status_code == 400, (override, response.get_json())
+        message = response.get_json()["error"]["message"]
+        assert override.split("=")[0] in message and "/tmp" not in message.replace(override, "")
+    assert queue.training == []
+    assert submit(client, overrides=["training=fast", "data.split_seed=7"]).status_code == 202
+
+
+def test_the_mlflow_run_of_a_failed_run_is_recorded(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+
+    def fail_after_mlflow_started(cfg, hooks):
+        hooks.mlflow_run_started("mlflow-run-9")
+        raise RuntimeError("CUDA out of memory")
+
+    assert trainer(run_id, train=fail_after_mlflow_started) == "failed"
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["mlflow_run_id"] == "mlflow-run-9"
+    assert body["error"] == "RuntimeError: CUDA out of memory"
+
+
+def test_progress_is_reported_through_the_api(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    seen: dict[str, Any] = {}
+
+    def train_with_progress(cfg, hooks):
+        hooks.stage("preparing data")
+        hooks.report(
+            {
+                "stage": "training",
+                "epoch": 2,
+                "max_epochs": 30,
+                "step": 8,
+                "total_steps": 120,
+                "metrics": {"val_loss": 0.9, "val_acc": 0.6},
+                "eta_seconds": 56.0,
+            }
+        )
+        seen.update(client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json())
+        return FakeResult(promote=False)
+
+    assert trainer(run_id, train=train_with_progress) == "succeeded"
+    assert seen["status"] == "running"
+    progress = seen["progress"]
+    assert (progress["stage"], progress["epoch"], progress["max_epochs"]) == ("training", 2, 30)
+    assert progress["metrics"] == {"val_loss": 0.9, "val_acc": 0.6}
+    assert progress["eta_seconds"] == 56.0 and progress["updated_at"]
+
+
+def test_the_result_says_which_version_became_champion(client: FlaskClient, trainer) -> None:
+    run_id = submit(client, promote="force").get_json()["id"]
+    assert trainer(run_id) == "succeeded"
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["promotion_reason"] == "v5 is now champion: promote=force"
+
+
+def test_a_queued_run_is_cancelled_at_once(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    response = client.delete(f"{RUNS}/{run_id}", headers=AUTH)
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["status"] == "cancelled"
+    assert trainer(run_id) is None, "the trainer must not start a cancelled run"
+    assert trainer.calls["configs"] == []
+    assert client.delete(f"{RUNS}/{run_id}", headers=AUTH).status_code == 202  # idempotent
+
+
+def test_a_running_run_is_stopped_by_its_trainer(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    answers: list[dict[str, Any]] = []
+
+    def admin_cancels_meanwhile() -> None:
+        if not answers:
+            answers.append(client.delete(f"{RUNS}/{run_id}", headers=AUTH).get_json())
+
+    process = TrainingProcess(on_wait=admin_cancels_meanwhile)
+    assert trainer(run_id, launch=lambda _rid: process) == "cancelled"
+    assert answers[0]["status"] == "running" and answers[0]["cancel_requested"] is True
+    assert process.stopped, "the run's process was not stopped"
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["status"] == "cancelled" and body["finished_at"]
+    assert client.delete(f"{RUNS}/{run_id}", headers=AUTH).status_code == 202
+
+
+def test_finished_and_unknown_runs_cannot_be_cancelled(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    assert trainer(run_id) == "succeeded"
+    response = client.delete(f"{RUNS}/{run_id}", headers=AUTH)
+    assert response.status_code == 409 and response.get_json()["error"]["code"] == "finished"
+    assert client.delete(f"{RUNS}/{uuid.uuid4()}", headers=AUTH).status_code == 404
+
+
+def test_a_run_process_that_dies_fails_the_run_with_how(client: FlaskClient, trainer) -> None:
+    run_id = submit(client).get_json()["id"]
+    assert trainer(run_id, launch=lambda _rid: FinishedProcess(-9)) == "failed"
+    error = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["error"]
+    assert "killed by signal 9" in error
+
+
+def _heartbeat(app, name: str, role: str, data_root: str | None = None) -> None:
+    from face_emotions.jobs.worker_heartbeats import touch_worker
+
+    with app.app_context(), services().sessions() as session:
+        touch_worker(
+            session, name, model_version=None, device=None, backend=None, role=role,
+            data_root=data_root,
+        )  # fmt: skip
+        session.commit()
+
+
+def test_readiness_and_submission_say_when_no_trainer_consumes_the_queue(
+    client: FlaskClient, app, settings: Settings, registry
+) -> None:
+    ready = client.get("/readyz").get_json()
+    assert any("no trainer" in warning for warning in ready["warnings"]), ready
+    body = submit(client).get_json()
+    assert "no trainer is consuming" in body["warning"]
+
+    _heartbeat(app, "trainer@host", "training", str(settings.resolved_data_root))
+    _heartbeat(app, "host:1", "inference")
+    assert client.get("/readyz").get_json()["warnings"] == []
+    assert "warning" not in submit(client).get_json()
+    listing = client.get("/api/v1/models", headers=AUTH).get_json()
+    assert [t["name"] for t in listing["trainers"]] == ["trainer@host"]
+    assert [w["name"] for w in listing["workers"]] == ["host:1"]
+
+
+def test_a_trainer_reading_another_data_root_is_reported(client: FlaskClient, app) -> None:
+    _heartbeat(app, "trainer@elsewhere", "training", "/srv/other-data")
+    body = submit(client).get_json()
+    assert "another data root" in body["warning"]

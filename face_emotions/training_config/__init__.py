@@ -1,0 +1,187 @@
+"""The training configuration (Hydra): the config tree, composing it, and what a run may change.
+
+The tree (``configs/``: one group per swappable part, ``model``, ``training``, ``data``,
+``logging``) is shared by ``python -m training.train``, the trainer service and the API: the API
+composes a requested run's configuration exactly as the trainer will, so a run the trainer
+would refuse is refused at submission (400) instead of failing minutes later in the trainer.
+
+What a request may not do: set what the service owns (paths on the trainer's disk, ``promote``,
+``hydra.*``), choose a config group by anything but the name of one of its files (a choice such
+as ``logging=../../x`` would load a YAML from anywhere), or use interpolations (``${oc.env:..}``
+would read the trainer's environment into MLflow params). Errors never show the trainer's
+config search path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_NAME = "config"
+MAX_OVERRIDES = 50
+MAX_OVERRIDE_CHARS = 500
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z0-9_.+~/-]+=.*$")
+#: Keys the service sets itself, and the request field to use instead (None: no field).
+#: ``data.path``, ``output_dir`` and ``data.hash_cache`` are paths on the trainer's disk, which a
+#: request must not choose; ``hydra`` would reconfigure the framework itself. These keys and
+#: everything under them are refused.
+RESERVED_OVERRIDES: dict[str, str | None] = {
+    "data.path": "data",
+    "data.hash_cache": None,
+    "promote": "promote",
+    "output_dir": None,
+    "hydra": None,
+}
+#: Config groups chosen by a request field: selecting them in ``overrides`` is refused, their
+#: sub-keys are allowed (``model.image_size=64`` is fine, ``model=resnet18`` goes through the
+#: validated field).
+RESERVED_GROUPS: dict[str, str] = {"data": "data", "model": "model"}
+_ABSOLUTE_PATH = re.compile(r"(?:file://)?(?<![\w.])/[^\s'\"]+")
+
+
+class OverrideError(ValueError):
+    """A requested override the trainer would refuse, in words fit to show the requester."""
+
+
+def compose_config(overrides: Sequence[str] | None = None) -> DictConfig:
+    """The config ``python -m training.train <overrides>`` would see."""
+    from hydra import compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+
+
+def group_choices() -> dict[str, tuple[str, ...]]:
+    """Each config group and the names it offers (its YAML files)."""
+    return {
+        group.name: tuple(sorted(path.stem for path in group.glob("*.yaml")))
+        for group in sorted(CONFIG_DIR.iterdir())
+        if group.is_dir()
+    }
+
+
+def hydra_quote(value: str) -> str:
+    """A single-quoted Hydra override value that reads back exactly as ``value``.
+
+    Backslashes are doubled only where Hydra would read them as escapes (before a quote, an
+    interpolation or the closing quote); ``${`` is escaped so OmegaConf does not resolve it.
+    """
+    escaped = re.sub(r"(\\+)(?='|\$\{|$)", lambda m: m.group(1) * 2, value)
+    escaped = escaped.replace("'", "\\'").replace("${", "\\${")
+    return f"'{escaped}'"
+
+
+def service_overrides(*, data_dir: Path, output_dir: Path, promote: str) -> list[str]:
+    """What the trainer service sets itself after a run's own overrides.
+
+    Paths are quoted for Hydra's override grammar, so a data root with spaces, quotes, commas
+    or ``${`` is taken literally.
+    """
+    return [
+        f"data.path={hydra_quote(str(data_dir))}",
+        f"promote={promote}",
+        f"output_dir={hydra_quote(str(output_dir))}",
+        # One line per redraw in a service log is noise; progress is in the run's record.
+        "training.progress_bar=false",
+    ]
+
+
+def override_key(override: str) -> str:
+    """``++training.lr=1`` -> ``training.lr``: the dotted key an override sets or deletes."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.replace("/", ".")
+
+
+def check_override(override: str, *, from_fields: bool = False) -> None:
+    """One requested override on its own: ``key=value``, a key the request may set, a config
+    group chosen by one of its names, no interpolation. Raises :class:`OverrideError`.
+
+    ``from_fields``: the override was made from a request's own field (``model=...``), which
+    may choose a group the free-form overrides may not.
+    """
+    if len(override) > MAX_OVERRIDE_CHARS:
+        raise OverrideError(f"an override is longer than {MAX_OVERRIDE_CHARS} characters")
+    if not OVERRIDE_PATTERN.fullmatch(override):
+        raise OverrideError(
+            f"{override!r} is not a Hydra override like 'training.lr=0.001' (key=value)"
+        )
+    key = override_key(override)
+    for reserved, field in RESERVED_OVERRIDES.items():
+        if key == reserved or key.startswith(reserved + "."):
+            hint = f"; use the '{field}' field" if field else ""
+            raise OverrideError(f"{override!r}: {reserved} is set by the service{hint}")
+    if key in RESERVED_GROUPS and not from_fields:
+        raise OverrideError(
+            f"{override!r}: choose the {key} with the '{RESERVED_GROUPS[key]}' field"
+        )
+    if "${" in override:
+        raise OverrideError(f"{override!r}: interpolations (${{...}}) are not allowed")
+    choices = group_choices()
+    if key in choices:
+        value = override.split("=", 1)[1].strip()
+        if value not in choices[key]:
+            raise OverrideError(f"{override!r}: {key} must be one of {', '.join(choices[key])}")
+
+
+def check_run_config(
+    overrides: Sequence[str], *, data_dir: Path, output_dir: Path, promote: str
+) -> DictConfig:
+    """Compose a run's configuration as the trainer will; :class:`OverrideError` if it can't be.
+
+    Every override of the run (its fields' and its free-form ones) is checked first
+    (:func:`check_override`), then the whole configuration is composed, which refuses unknown
+    keys (``data.image_size``), values of the wrong type and duplicate keys, with Hydra's own
+    reason minus any path of this machine.
+    """
+    for override in overrides:
+        check_override(override, from_fields=True)
+    own = service_overrides(data_dir=data_dir, output_dir=output_dir, promote=promote)
+    groups = [o for o in overrides if override_key(o) in group_choices()]
+    try:
+        cfg = compose_config([*overrides, *own])
+        defaults = compose_config([*groups, *own])
+    except Exception as exc:  # Hydra's and OmegaConf's errors share no useful base class
+        raise OverrideError(_describe(exc)) from exc
+    for override in overrides:
+        _check_type(override, cfg, defaults)
+    return cfg
+
+
+def _check_type(override: str, cfg: DictConfig, defaults: DictConfig) -> None:
+    """A value of the type the config's default has: the configs are not typed schemas, so
+    ``training.lr=fast`` composes, and would fail only in the optimiser, minutes later."""
+    from omegaconf import OmegaConf
+
+    key = override_key(override)
+    if key in group_choices():
+        return
+    default = OmegaConf.select(defaults, key, default=None)
+    value = OmegaConf.select(cfg, key, default=None)
+    if default is None or value is None:
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, int | float):
+        ok = isinstance(value, int | float) and (
+            isinstance(default, float) or isinstance(value, int)
+        )
+    else:
+        ok = True
+    if not ok:
+        raise OverrideError(
+            f"{override!r}: {key} takes a {type(default).__name__}, like its default {default!r}"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """Hydra's first line of explanation, with no file path of this machine in it."""
+    text = str(exc).split("Config search path", 1)[0].strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return _ABSOLUTE_PATH.sub("<path>", first)

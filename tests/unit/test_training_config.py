@@ -1,0 +1,94 @@
+"""What a training run may change, checked as the trainer composes it (issues: data.* overrides
+accepted by the API then failing in the trainer; a config-group choice loading a file from
+outside the config folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from face_emotions.training_config import CONFIG_DIR
+from face_emotions.training_config import OverrideError
+from face_emotions.training_config import check_override
+from face_emotions.training_config import check_run_config
+from face_emotions.training_config import compose_config
+from face_emotions.training_config import group_choices
+from face_emotions.training_config import hydra_quote
+
+
+def run_config(tmp_path: Path, *overrides: str):
+    return check_run_config(
+        list(overrides), data_dir=tmp_path / "faces", output_dir=tmp_path / "out", promote="auto"
+    )
+
+
+def test_groups_are_the_files_of_the_config_folder() -> None:
+    choices = group_choices()
+    assert set(choices) == {"model", "training", "data", "logging"}
+    assert "fast" in choices["training"] and "tensorboard" in choices["logging"]
+    assert (CONFIG_DIR / "config.yaml").is_file()
+
+
+def test_a_valid_run_composes_with_the_services_own_keys(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "training=fast", "training.lr=0.0005", "data.split_seed=3")
+    assert cfg.training.lr == 0.0005 and cfg.data.split_seed == 3
+    assert cfg.data.path == str(tmp_path / "faces") and cfg.promote == "auto"
+    assert cfg.training.progress_bar is False
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.image_size=64", "data.image_size"),  # no such key: the trainer would fail on it
+        ("training.lr=fast", "training.lr"),  # wrong type
+        ("training.no_such_knob=1", "no_such_knob"),
+    ],
+)
+def test_keys_the_config_does_not_have_are_refused(
+    tmp_path: Path, override: str, expected: str
+) -> None:
+    with pytest.raises(OverrideError, match=expected) as refused:
+        run_config(tmp_path, override)
+    assert "/" not in str(refused.value), "the error shows a path of the server"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "logging=../../../../tmp/x/y",
+        "training=/etc/passwd",
+        "+logging=../x",
+        "logging=mlflow/../../x",
+        "training=nonexistent",
+    ],
+)
+def test_a_group_is_chosen_by_one_of_its_names_never_by_a_path(override: str) -> None:
+    with pytest.raises(OverrideError, match="must be one of") as refused:
+        check_override(override)
+    assert "config search path" not in str(refused.value).lower()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.path=/etc", "set by the service"),
+        ("promote=force", "set by the service"),
+        ("hydra.run.dir=/tmp", "set by the service"),
+        ("output_dir=/tmp", "set by the service"),
+        ("model=resnet18", "'model' field"),
+        ("training.lr=${oc.env:HOME}", "interpolations"),
+        ("not an override", "key=value"),
+    ],
+)
+def test_what_the_service_owns_is_refused(override: str, fragment: str) -> None:
+    with pytest.raises(OverrideError, match=fragment):
+        check_override(override)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data/a b/c", "/data/it's", "/d/x=y,z", "/d/${oc.env:HOME}", "/d/back\\slash", "/d/end\\"],
+)
+def test_paths_reach_hydra_literally(path: str) -> None:
+    assert compose_config([f"data.path={hydra_quote(path)}"]).data.path == path
