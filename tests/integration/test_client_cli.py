@@ -69,3 +69,42 @@ def test_submit_wait_status_results(services, api_server: str, start_worker, tmp
     assert escape.returncode == 2 and "400" in escape.stderr
     unreachable = run_cli("status", job_id, env={**env, "EMOTIONS_API_URL": "http://127.0.0.1:9"})
     assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+
+
+@pytest.mark.parametrize("services", ["sqlite"], indirect=True)
+def test_folders_keep_their_paths_and_short_ids_list_and_cancel(
+    services, api_server: str, tmp_path
+) -> None:
+    """`submit ./folder` keeps Angry/face_0000.png and Fear/face_0000.png apart; the
+    8-character ids the console shows work in `status`; `jobs` lists and `cancel` stops a job
+    (no worker runs, so it stays queued until cancelled)."""
+    env = services.env(EMOTIONS_API_URL=api_server)
+    for emotion in ("Angry", "Fear"):
+        write_faces(tmp_path / "faces" / emotion, 1, size=48)
+    submitted = run_cli("submit", str(tmp_path / "faces"), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    short = job_id[:8]
+    status = run_cli("status", short, env=env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["id"] == job_id
+    listed = run_cli("jobs", env=env)
+    assert listed.returncode == 0 and short in listed.stdout and "queued" in listed.stdout
+    assert run_cli("status", job_id[:5], env=env).returncode == 2  # too short to be unique
+
+    results = run_cli("results", short, "--format", "csv", env=env)
+    assert results.returncode == 0, results.stderr
+    cancelled = run_cli("cancel", short, env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"job {job_id}: cancelled" in cancelled.stdout
+
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
+    from face_emotions.jobs.schema import Image
+
+    engine = create_db_engine(services.database_url)
+    with session_factory(engine)() as session:
+        paths = sorted(image.path for image in session.query(Image))
+    engine.dispose()
+    assert paths == ["Angry/face_0000.png", "Fear/face_0000.png"]

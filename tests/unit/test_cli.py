@@ -273,3 +273,24 @@ def test_short_job_ids_resolve_to_the_unique_job() -> None:
         client.resolve("bbbbbbbb")
     with pytest.raises(ApiClientError, match="at least 8 characters"):
         client.resolve("aee72")
+
+
+def test_uploads_of_folders_are_named_by_their_path_below_the_folder(tmp_path: Path) -> None:
+    from face_emotions.cli.jobs import _upload_files
+
+    for emotion in ("Angry", "Fear"):
+        (tmp_path / "faces" / emotion).mkdir(parents=True)
+        (tmp_path / "faces" / emotion / "0.jpg").write_bytes(b"x")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "0.jpg").write_bytes(b"x")
+    (tmp_path / "single.png").write_bytes(b"x")
+
+    one = _upload_files((tmp_path / "faces",))
+    assert sorted(name for _, name in one) == ["Angry/0.jpg", "Fear/0.jpg"]
+    several = _upload_files((tmp_path / "faces", tmp_path / "more", tmp_path / "single.png"))
+    assert sorted(name for _, name in several) == [
+        "faces/Angry/0.jpg",
+        "faces/Fear/0.jpg",
+        "more/0.jpg",
+        "single.png",
+    ]

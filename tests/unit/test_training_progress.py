@@ -85,3 +85,20 @@ def test_a_gpu_run_without_a_gpu_is_one_clear_line(tmp_path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "error: training.accelerator=gpu, but no CUDA GPU is visible" in result.stderr
+
+
+def test_the_command_line_says_what_to_do_with_a_version_it_did_not_promote() -> None:
+    from face_emotions.registry.promotion import PromotionDecision
+    from training.train import outcome_line
+
+    kept = SimpleNamespace(
+        version=SimpleNamespace(version=4),
+        promotion=PromotionDecision(False, "does not beat the champion: ...", 3, 4),
+    )
+    line = outcome_line(kept)  # type: ignore[arg-type]
+    assert line.startswith("v4 not promoted, v3 stays champion")
+    assert line.endswith("To serve it anyway: face-emotions promote 4")
+    moved = SimpleNamespace(
+        version=SimpleNamespace(version=4), promotion=PromotionDecision(True, "promote=force", 3, 4)
+    )
+    assert outcome_line(moved) == "v4 is now champion (replaces v3): promote=force"  # type: ignore[arg-type]
