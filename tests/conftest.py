@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker
 
 from face_emotions.data.sample_faces import write_sample_dataset
 
@@ -22,6 +25,20 @@ def sample_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (root / "Surprised").rename(root / "Suprise")
     return root
+
+
+@pytest.fixture
+def jobs_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions of a fresh SQLite jobs database at the newest schema (one per test)."""
+    from face_emotions.jobs.database import create_db_engine
+    from face_emotions.jobs.database import session_factory
+    from face_emotions.jobs.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    engine = create_db_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

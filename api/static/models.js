@@ -88,16 +88,14 @@
     else document.getElementById("matrix").replaceChildren(C.el("p", { class: "hint" }, "No version is registered yet."));
   }
 
-  /** What would make work wait: no worker or no trainer consuming its queue (/readyz). */
+  /** What would make work wait: no worker or no trainer consuming its queue (/readyz). The
+   * probe needs no token, and a 503 still carries the warnings, so it is read whatever its
+   * status. */
   async function loadWarnings() {
     const box = document.getElementById("queue-warnings");
-    let ready;
-    try {
-      ready = await C.getJSON("/readyz");
-    } catch (err) {
-      ready = err.body || null;  // 503: the checks and warnings are still in the body
-    }
-    const warnings = (ready && ready.warnings) || [];
+    const response = await fetch("/readyz", { headers: { Accept: "application/json" } });
+    const ready = await response.json().catch(() => ({}));
+    const warnings = ready.warnings || [];
     box.replaceChildren(...warnings.map((text) => C.el("li", {}, text)));
     box.hidden = warnings.length === 0;
   }

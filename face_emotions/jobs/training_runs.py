@@ -30,7 +30,9 @@ from face_emotions.jobs.schema import utcnow
 
 #: Stored errors are for people; a traceback-sized message would bloat every list page.
 MAX_ERROR_CHARS = 4000
-_ACTIVE = (TrainingRunStatus.QUEUED, TrainingRunStatus.RUNNING)
+_QUEUED, _RUNNING = TrainingRunStatus.QUEUED, TrainingRunStatus.RUNNING
+_ACTIVE = (_QUEUED, _RUNNING)
+_NOT_CANCELLED = TrainingRun.cancel_requested_at.is_(None)
 
 
 def resolve_data_path(data_root: Path, folder: str) -> Path:
@@ -84,34 +86,26 @@ def list_runs(session: Session, *, offset: int, limit: int) -> tuple[list[Traini
 # -- dispatch ---------------------------------------------------------------------------------
 
 
+def _move_run(session: Session, run_id: uuid.UUID, *conditions: Any, **values: Any) -> bool:
+    """Update run ``run_id`` where ``conditions`` hold; whether it moved (the point of a
+    conditional update: of two processes racing, one moves the run and the other learns so)."""
+    statement = update(TrainingRun).where(TrainingRun.id == run_id, *conditions).values(**values)
+    return bool(cast(CursorResult[Any], session.execute(statement)).rowcount)
+
+
 def claim_dispatch(session: Session, run_id: uuid.UUID) -> bool:
     """Mark a queued, never-sent run as being sent; False if someone else sent it already.
 
     The conditional update is the lock: of two processes dispatching pending runs at once,
     only one sends each run, so a broker outage never turns into duplicate trainings.
     """
-    claimed = cast(
-        CursorResult[Any],
-        session.execute(
-            update(TrainingRun)
-            .where(
-                TrainingRun.id == run_id,
-                TrainingRun.status == TrainingRunStatus.QUEUED,
-                TrainingRun.dispatched_at.is_(None),
-            )
-            .values(dispatched_at=utcnow())
-        ),
-    ).rowcount
-    return bool(claimed)
+    queued, unsent = TrainingRun.status == _QUEUED, TrainingRun.dispatched_at.is_(None)
+    return _move_run(session, run_id, queued, unsent, dispatched_at=utcnow())
 
 
 def release_dispatch(session: Session, run_id: uuid.UUID) -> None:
     """The broker refused the task: let the next dispatcher try again."""
-    session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.QUEUED)
-        .values(dispatched_at=None)
-    )
+    _move_run(session, run_id, TrainingRun.status == _QUEUED, dispatched_at=None)
 
 
 def dispatch_pending(
@@ -163,25 +157,18 @@ def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
     task again when the trainer that had it died, so nobody else is working on it. A finished
     run stays finished.
     """
-    moved = cast(
-        CursorResult[Any],
-        session.execute(
-            update(TrainingRun)
-            .where(
-                TrainingRun.id == run_id,
-                TrainingRun.status.in_(_ACTIVE),
-                # A trainer that died while stopping a cancelled run: nothing to restart.
-                TrainingRun.cancel_requested_at.is_(None),
-            )
-            .values(
-                status=TrainingRunStatus.RUNNING,
-                started_at=utcnow(),
-                attempts=TrainingRun.attempts + 1,
-                error=None,
-                progress=None,
-            )
-        ),
-    ).rowcount
+    moved = _move_run(
+        session,
+        run_id,
+        TrainingRun.status.in_(_ACTIVE),
+        # A trainer that died while stopping a cancelled run: nothing to restart.
+        _NOT_CANCELLED,
+        status=TrainingRunStatus.RUNNING,
+        started_at=utcnow(),
+        attempts=TrainingRun.attempts + 1,
+        error=None,
+        progress=None,
+    )
     if not moved:
         mark_cancelled(session, run_id, "cancelled while its trainer was stopping")
         return None
@@ -225,15 +212,8 @@ def mark_failed(
 
 
 def _finish(session: Session, run_id: uuid.UUID, *, status: TrainingRunStatus, **values) -> bool:
-    finished = cast(
-        CursorResult[Any],
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status.in_(_ACTIVE))
-            .values(status=status, finished_at=utcnow(), **values)
-        ),
-    ).rowcount
-    return bool(finished)
+    active = TrainingRun.status.in_(_ACTIVE)
+    return _move_run(session, run_id, active, status=status, finished_at=utcnow(), **values)
 
 
 # -- progress and cancellation -----------------------------------------------------------------
@@ -242,29 +222,16 @@ def _finish(session: Session, run_id: uuid.UUID, *, status: TrainingRunStatus, *
 def record_mlflow_run(session: Session, run_id: uuid.UUID, mlflow_run_id: str) -> None:
     """The MLflow run is known as soon as training starts: a run that fails later still links
     to what MLflow recorded of it."""
-    session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.RUNNING)
-        .values(mlflow_run_id=mlflow_run_id)
-    )
+    _move_run(session, run_id, TrainingRun.status == _RUNNING, mlflow_run_id=mlflow_run_id)
 
 
 def report_progress(session: Session, run_id: uuid.UUID, progress: dict[str, Any]) -> bool:
     """Store the trainer's latest report; True while the run should go on (running and not
     asked to stop), so the reporter learns of a cancel at its next report."""
-    moved = cast(
-        CursorResult[Any],
-        session.execute(
-            update(TrainingRun)
-            .where(
-                TrainingRun.id == run_id,
-                TrainingRun.status == TrainingRunStatus.RUNNING,
-                TrainingRun.cancel_requested_at.is_(None),
-            )
-            .values(progress={**progress, "updated_at": utcnow().isoformat()})
-        ),
-    ).rowcount
-    return bool(moved)
+    report = {**progress, "updated_at": utcnow().isoformat()}
+    return _move_run(
+        session, run_id, TrainingRun.status == _RUNNING, _NOT_CANCELLED, progress=report
+    )
 
 
 def request_cancel(session: Session, run_id: uuid.UUID) -> TrainingRunStatus | None:
@@ -275,24 +242,17 @@ def request_cancel(session: Session, run_id: uuid.UUID) -> TrainingRunStatus | N
     within seconds and marks it cancelled itself, once its process is gone.
     """
     now = utcnow()
-    session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == TrainingRunStatus.QUEUED)
-        .values(
-            status=TrainingRunStatus.CANCELLED,
-            cancel_requested_at=now,
-            finished_at=now,
-            error="cancelled by an admin before it started",
-        )
+    _move_run(
+        session,
+        run_id,
+        TrainingRun.status == _QUEUED,
+        status=TrainingRunStatus.CANCELLED,
+        cancel_requested_at=now,
+        finished_at=now,
+        error="cancelled by an admin before it started",
     )
-    session.execute(
-        update(TrainingRun)
-        .where(
-            TrainingRun.id == run_id,
-            TrainingRun.status == TrainingRunStatus.RUNNING,
-            TrainingRun.cancel_requested_at.is_(None),
-        )
-        .values(cancel_requested_at=now)
+    _move_run(
+        session, run_id, TrainingRun.status == _RUNNING, _NOT_CANCELLED, cancel_requested_at=now
     )
     run = get_run(session, run_id)
     return None if run is None else TrainingRunStatus(run.status)

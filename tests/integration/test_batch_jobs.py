@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
 from tests.contract import SEED_KEYS
 from tests.integration.conftest import wait_for_job
+from tests.zip_archives import make_zip
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,11 +92,7 @@ def test_upload_zip_and_folder_jobs(services, api, start_worker) -> None:
     assert upload.status_code == 202, upload.get_json()
     assert upload.headers["Location"].endswith(upload.get_json()["id"])
     # Zip: one archive.
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zf:
-        for i in range(5):
-            zf.writestr(f"nested/z_{i}.png", face_png(100 + i))
-    archive.seek(0)
+    archive = make_zip([(f"nested/z_{i}.png", face_png(100 + i)) for i in range(5)])
     zipped = api.post("/api/v1/jobs", data={"files": [(archive, "faces.zip")]})
     assert zipped.status_code == 202, zipped.get_json()
     # Folder: a path under EMOTIONS_DATA_ROOT.

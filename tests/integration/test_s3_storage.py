@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import uuid
-import zipfile
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.integration.test_batch_jobs import all_results
 from tests.integration.test_batch_jobs import assert_seed_shape
 from tests.integration.test_batch_jobs import face_png
 from tests.s3_fixtures import MotoServer
+from tests.zip_archives import make_zip
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,11 +58,7 @@ def test_uploads_and_folder_jobs_through_s3(
     upload_id = upload.get_json()["id"]
     assert moto_server.keys(uploads) == [f"shared/jobs/{upload_id}/face_{i}.png" for i in range(5)]
 
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zf:
-        for i in range(3):
-            zf.writestr(f"nested/z_{i}.png", face_png(100 + i))
-    archive.seek(0)
+    archive = make_zip([(f"nested/z_{i}.png", face_png(100 + i)) for i in range(3)])
     zipped = api.post("/api/v1/jobs", data={"files": [(archive, "faces.zip")]})
     assert zipped.status_code == 202, zipped.get_json()
     zip_id = zipped.get_json()["id"]

@@ -4,7 +4,6 @@ stopped worker stayed listed for five minutes)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,9 +12,6 @@ import pytest
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
-from face_emotions.jobs.database import create_db_engine
-from face_emotions.jobs.database import session_factory
-from face_emotions.jobs.migrate import upgrade
 from face_emotions.jobs.schema import WorkerState
 from face_emotions.jobs.schema import utcnow
 from face_emotions.jobs.worker_heartbeats import INFERENCE
@@ -31,12 +27,8 @@ from face_emotions.settings import Settings
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    upgrade(url)
-    engine = create_db_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
+def sessions(jobs_db: sessionmaker[Session]) -> sessionmaker[Session]:
+    return jobs_db
 
 
 def rows(sessions: sessionmaker[Session]) -> dict[str, WorkerState]:

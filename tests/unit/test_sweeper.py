@@ -10,7 +10,6 @@ task runs eagerly.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -26,9 +25,6 @@ from sqlalchemy.orm import sessionmaker
 from face_emotions.jobs import job_queries
 from face_emotions.jobs import recovery_queries
 from face_emotions.jobs import result_writes
-from face_emotions.jobs.database import create_db_engine
-from face_emotions.jobs.database import session_factory
-from face_emotions.jobs.migrate import upgrade
 from face_emotions.jobs.recovery import gave_up_reason
 from face_emotions.jobs.recovery import sweep
 from face_emotions.jobs.schema import Image
@@ -47,12 +43,8 @@ MAX = 3
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    upgrade(url)
-    engine = create_db_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
+def sessions(jobs_db: sessionmaker[Session]) -> sessionmaker[Session]:
+    return jobs_db
 
 
 def make_job(

@@ -69,18 +69,19 @@ def test_a_group_is_chosen_by_one_of_its_names_never_by_a_path(override: str) ->
     assert "config search path" not in str(refused.value).lower()
 
 
-@pytest.mark.parametrize(
-    ("override", "fragment"),
-    [
-        ("data.path=/etc", "set by the service"),
-        ("promote=force", "set by the service"),
-        ("hydra.run.dir=/tmp", "set by the service"),
-        ("output_dir=/tmp", "set by the service"),
-        ("model=resnet18", "'model' field"),
-        ("training.lr=${oc.env:HOME}", "interpolations"),
-        ("not an override", "key=value"),
-    ],
-)
+#: A refused override -> a fragment of the reason it is given.
+OWNED_BY_THE_SERVICE = {
+    "data.path=/etc": "set by the service",
+    "promote=force": "set by the service",
+    "hydra.run.dir=/tmp": "set by the service",
+    "output_dir=/tmp": "set by the service",
+    "model=resnet18": "'model' field",
+    "training.lr=${oc.env:HOME}": "interpolations",
+    "not an override": "key=value",
+}
+
+
+@pytest.mark.parametrize(("override", "fragment"), OWNED_BY_THE_SERVICE.items())
 def test_what_the_service_owns_is_refused(override: str, fragment: str) -> None:
     with pytest.raises(OverrideError, match=fragment):
         check_override(override)
