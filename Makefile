@@ -14,10 +14,11 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	@touch $@
 
 # Sample faces -> train + promote a small model -> API + worker in the background -> a batch

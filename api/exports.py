@@ -1,4 +1,5 @@
-"""Every result of a job as one streamed download: JSON Lines or CSV.
+"""Every result of a job as one streamed download: JSON Lines (one line per image, with its
+``faces``) or CSV (one row per face, with the face's index and box).
 
 A job may hold millions of results, so the body is a generator that Flask streams after the
 view has returned: it reads keyset pages with short-lived sessions of its own (the request's
@@ -32,6 +33,14 @@ MIMETYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv"}
 CSV_COLUMNS: tuple[str, ...] = (
     "image_path",
     "status",
+    "face_index",
+    "faces_found",
+    "whole_image",
+    "box_x0",
+    "box_y0",
+    "box_x1",
+    "box_y1",
+    "face_score",
     "predicted_class",
     "predicted_emotion",
     "confidence",
@@ -48,9 +57,10 @@ def export_response(
     *,
     emotion: str | None,
     status: str | None,
+    no_face: bool | None = None,
 ) -> Response:
     """The streamed attachment for ``format=jsonl`` or ``format=csv``."""
-    records = iter_records(sessions, job_id, emotion=emotion, status=status)
+    records = iter_records(sessions, job_id, emotion=emotion, status=status, no_face=no_face)
     body = jsonl_lines(records) if fmt == "jsonl" else csv_lines(records)
     return Response(
         body,
@@ -65,6 +75,7 @@ def iter_records(
     *,
     emotion: str | None,
     status: str | None,
+    no_face: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every result in position order, read in keyset pages with short-lived sessions.
 
@@ -75,7 +86,7 @@ def iter_records(
     while True:
         with sessions() as session:
             rows = session.execute(
-                job_queries.results_query(job_id, emotion=emotion, status=status)
+                job_queries.results_query(job_id, emotion=emotion, status=status, no_face=no_face)
                 .where(Image.position > last)
                 .limit(EXPORT_BATCH)
             ).all()
@@ -95,25 +106,43 @@ def csv_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
-    for count, record in enumerate(records, start=1):
-        writer.writerow(csv_row(record))
-        if count % CSV_FLUSH_ROWS == 0:
+    count = 0
+    for record in records:
+        for row in csv_rows(record):
+            writer.writerow(row)
+            count += 1
+        if count >= CSV_FLUSH_ROWS:
+            count = 0
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
 
 
-def csv_row(record: dict[str, Any]) -> list[Any]:
-    """One record flattened to :data:`CSV_COLUMNS` (one column per emotion's probability)."""
-    probabilities = record.get("all_probabilities") or {}
-    return [
-        record["image_path"],
-        record["status"],
-        record["predicted_class"],
-        record["predicted_emotion"],
-        record["confidence"],
-        *(probabilities.get(name) for name in EMOTIONS),
-        record["model_version"],
-        record.get("error"),
-    ]
+def csv_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """One row per face of a record (one row for a failed image, or a result from before face
+    detection), flattened to :data:`CSV_COLUMNS` with one column per emotion's probability."""
+    faces = record.get("faces") or [None]
+    rows = []
+    for face in faces:
+        source = face or record
+        probabilities = source.get("all_probabilities") or {}
+        box = face["box"] if face else [None] * 4
+        rows.append(
+            [
+                record["image_path"],
+                record["status"],
+                face["index"] if face else None,
+                record.get("faces_found"),
+                face["whole_image"] if face else None,
+                *box,
+                face.get("score") if face else None,
+                source.get("predicted_class"),
+                source.get("predicted_emotion"),
+                source.get("confidence"),
+                *(probabilities.get(name) for name in EMOTIONS),
+                record["model_version"],
+                record.get("error"),
+            ]
+        )
+    return rows

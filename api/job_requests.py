@@ -123,6 +123,7 @@ def _read_upload(settings: Settings) -> UploadSource:
         options=JobOptions(
             batch_size=options.get("batch_size", default_batch_size(settings)),
             model_version=options.get("model_version"),
+            faces=options.get("faces") or settings.faces,
         ),
     )
 
@@ -138,6 +139,7 @@ def _read_folder(settings: Settings) -> FolderSource:
         options=JobOptions(
             batch_size=options.get("batch_size", default_batch_size(settings)),
             model_version=options.get("model_version"),
+            faces=options.get("faces") or settings.faces,
         ),
     )
 

@@ -199,27 +199,30 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
     Items keep the seed's record shape (`image_path, predicted_class, predicted_emotion,
     confidence, all_probabilities`) plus `status`, `model_version` and, for failed images,
     `error`; JSON pages also give each item's `image_id` (for its thumbnail). Filter with
-    `emotion` (aliases accepted) and `status`.
+    `emotion` (aliases accepted), `status` and `no_face`. Each item's `faces` lists every
+    classified face (box, detector score, landmarks, prediction), largest first; the
+    image-level fields describe the first. CSV has one row per face.
     """
     session = db_session()
     job = _job_or_404(session, job_id)
-    emotion = emotion_filter(query_data.get("emotion"))
-    status = query_data.get("status")
+    filters: dict[str, Any] = {
+        "emotion": emotion_filter(query_data.get("emotion")),
+        "status": query_data.get("status"),
+        "no_face": query_data.get("no_face"),
+    }
     fmt = query_data["format"]
     if fmt != "json":
-        return export_response(services().sessions, job.id, fmt, emotion=emotion, status=status)
+        return export_response(services().sessions, job.id, fmt, **filters)
 
     page, limit = clamp_page(query_data, services().settings.max_page_size)
     rows = session.execute(
-        job_queries.results_query(job.id, emotion=emotion, status=status)
-        .offset((page - 1) * limit)
-        .limit(limit)
+        job_queries.results_query(job.id, **filters).offset((page - 1) * limit).limit(limit)
     ).all()
     return {
         "items": [{**result_dict(image, result), "image_id": image.id} for image, result in rows],
         "page": page,
         "limit": limit,
-        "total": job_queries.count_results(session, job.id, emotion=emotion, status=status),
+        "total": job_queries.count_results(session, job.id, **filters),
     }
 
 
@@ -228,7 +231,11 @@ def job_results(job_id: uuid.UUID, query_data: dict[str, Any]) -> Any:
 @bp.output(SummaryOut)
 @bp.doc(responses=error_responses(JOB_NOT_FOUND))
 def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
-    """Counts and mean confidence per predicted emotion"""
+    """Counts and mean confidence per predicted emotion, and faces found
+
+    Emotions count images (each by its largest face); `faces` counts the faces found and the
+    images where none was (classified whole) or several were.
+    """
     session = db_session()
     job = _job_or_404(session, job_id)
     return {
@@ -238,6 +245,7 @@ def job_summary(job_id: uuid.UUID) -> dict[str, Any]:
         "done": job.done,
         "failed": job.failed,
         "emotions": job_queries.emotion_summary(session, job.id),
+        "faces": job_queries.face_summary(session, job.id),
     }
 
 

@@ -30,6 +30,7 @@ from api.job_requests import MULTIPART
 from api.schemas.common import MAX_INT32
 from api.schemas.common import ErrorOut
 from api.schemas.jobs import MAX_BATCH_SIZE
+from face_emotions.faces.crop import FACE_POLICIES
 
 #: What ``@bp.doc(responses=...)`` takes as response objects (APIFlask's ``ResponsesObjectType``:
 #: its keys are ``int | str`` and a dict is invariant in them, so ``dict[int, ...]`` won't do).
@@ -200,6 +201,12 @@ def document_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
         "maximum": MAX_INT32,
         "description": "Pin a registered version; default: the serving alias.",
     }
+    faces = {
+        "type": "string",
+        "enum": list(FACE_POLICIES),
+        "description": "all: classify every face; largest: the largest face only; none: the "
+        "whole image, no detection. Default EMOTIONS_FACES (all).",
+    }
     content = post.setdefault("requestBody", {}).setdefault("content", {})
     content[MULTIPART] = {
         "schema": {
@@ -213,6 +220,7 @@ def document_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
                 },
                 "batch_size": batch_size,
                 "model_version": model_version,
+                "faces": faces,
             },
         }
     }
@@ -234,6 +242,7 @@ def document_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
                 },
                 "batch_size": batch_size,
                 "model_version": {**model_version, "nullable": True},
+                "faces": faces,
             },
         }
     }

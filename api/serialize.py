@@ -16,6 +16,7 @@ from face_emotions.jobs.schema import Image
 from face_emotions.jobs.schema import Job
 from face_emotions.jobs.schema import Result
 from face_emotions.labels import EMOTIONS
+from face_emotions.serving.seed_format import rounded_face
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -53,6 +54,7 @@ def job_dict(job: Job, model_versions: list[int], *, now: datetime | None = None
         "source": job.source,
         "batch_size": job.batch_size,
         "model_version": job.model_version,
+        "face_policy": job.face_policy,
         "total": job.total,
         "done": job.done,
         "failed": job.failed,
@@ -89,7 +91,8 @@ def model_versions_by_job(
 
 
 def result_dict(image: Image, result: Result) -> dict[str, Any]:
-    """The seed's per-image record (rounded like ``prediction_record``) plus status/version."""
+    """The seed's per-image record (rounded like ``prediction_record``) plus status, version
+    and faces: the image-level fields describe the largest face, ``faces`` lists them all."""
     probabilities = result.probabilities
     record: dict[str, Any] = {
         "image_path": image.path,
@@ -107,6 +110,13 @@ def result_dict(image: Image, result: Result) -> dict[str, Any]:
             }
         ),
         "model_version": result.model_version,
+        "faces_found": result.faces_found,
+        "image_size": (
+            None
+            if result.image_width is None or result.image_height is None
+            else [result.image_width, result.image_height]
+        ),
+        "faces": [rounded_face(face) for face in result.faces or ()],
     }
     if result.status != "succeeded":
         record["error"] = result.error

@@ -25,6 +25,17 @@ FACES = "faces"
 WARMUP = "warmup"
 WARMUP_ONE = "warmup-one"
 TINY = "tiny"
+PHOTOS = "photos"
+PHOTO_SIZE = (640, 480)
+#: Real photographs in scikit-image's wheel (a dev dependency): with and without a face.
+PHOTO_SOURCES = (
+    "astronaut.png",
+    "camera.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+)
 
 
 @dataclass
@@ -85,6 +96,40 @@ def make_faces(workspace: Workspace, tiny_jobs: int) -> list[Path]:
     for index in range(tiny_jobs):
         path = paths[index % len(paths)]
         _copy(path, workspace.data_root / TINY / f"{index:04d}" / f"face{path.suffix}")
+    return paths
+
+
+def make_photos(workspace: Workspace, count: int) -> list[Path]:
+    """``count`` 640x480 JPEG photos under photos/: scikit-image's real photos (two with one
+    face, four without), each placed at a random scale and offset on a blurred copy of itself,
+    mirrored or not, so no two files are the same and faces sit anywhere in the frame."""
+    import skimage.data
+    from PIL import ImageFilter
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(3)
+    folder = workspace.data_root / PHOTOS
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Path(skimage.data.__file__).parent
+    sources = [decode_image(base / name) for name in PHOTO_SOURCES]
+    paths = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        if rng.random() < 0.5:
+            source = ImageOps.mirror(source)
+        canvas = source.resize(PHOTO_SIZE).filter(ImageFilter.GaussianBlur(12))
+        scale = rng.uniform(0.6, 0.95) * min(
+            PHOTO_SIZE[0] / source.width, PHOTO_SIZE[1] / source.height
+        )
+        placed = source.resize((round(source.width * scale), round(source.height * scale)))
+        offset = (
+            int(rng.integers(0, PHOTO_SIZE[0] - placed.width + 1)),
+            int(rng.integers(0, PHOTO_SIZE[1] - placed.height + 1)),
+        )
+        canvas.paste(placed, offset)
+        path = folder / f"photo_{index:04d}.jpg"
+        canvas.save(path, format="JPEG", quality=90)
+        paths.append(path)
     return paths
 
 

@@ -33,6 +33,7 @@ from bench.figures.allocator import allocator_figure
 from bench.figures.allocator import start_allocator
 from bench.figures.backends import backends_figure
 from bench.figures.backends import prepare_backends
+from bench.figures.detection import detection_figure
 from bench.figures.limit import Limit
 from bench.figures.limit import limit_only
 from bench.figures.limit import prepare_limit
@@ -196,9 +197,14 @@ def run_all(context: Context, root: Path) -> None:
     tiny = context.plan.tiny_jobs if context.wants("tiny_jobs") else 0
     with context.phase("faces"):
         paths = assets.make_faces(workspace, tiny)
+        photos = (
+            assets.make_photos(workspace, PHOTOS_SMALL if args.small else args.images)
+            if context.wants("detection")
+            else []
+        )
     with context.phase("bundle"):
         bundle_dir = assets.make_bundle(workspace, args.image_size)
-    service_keys = ("pipeline", "micro_batching", "scale_out", "tiny_jobs", "memory")
+    service_keys = ("pipeline", "detection", "micro_batching", "scale_out", "tiny_jobs", "memory")
     with contextlib.ExitStack() as stack:
         cluster = None
         if args.device == "cpu" and context.wants(*service_keys):
@@ -250,7 +256,7 @@ def run_all(context: Context, root: Path) -> None:
             del backends
         if cluster is not None:
             try:
-                service_figures(context, cluster, workspace, bundle_dir, paths)
+                service_figures(context, cluster, workspace, bundle_dir, paths, photos)
             except Exception as exc:
                 context.failed_all((*service_keys, "limit"), exc)
         elif context.wants("limit") and "limit" not in context.figures:
@@ -303,7 +309,9 @@ def start_services(
     return cluster
 
 
-MAIN_WORKER_FIGURES = ("limit", "pipeline", "micro_batching", "memory", "tiny_jobs")
+#: Photos of the detection figure in small mode (CI's proof that it runs).
+PHOTOS_SMALL = 32
+MAIN_WORKER_FIGURES = ("limit", "pipeline", "detection", "micro_batching", "memory", "tiny_jobs")
 
 
 def warm_up(cluster: Cluster) -> None:
@@ -330,11 +338,23 @@ def warm_up(cluster: Cluster) -> None:
 
 
 def service_figures(
-    context: Context, cluster: Cluster, workspace: Workspace, bundle_dir: Path, paths: list[Path]
+    context: Context,
+    cluster: Cluster,
+    workspace: Workspace,
+    bundle_dir: Path,
+    paths: list[Path],
+    photos: list[Path],
 ) -> None:
     """The figures of the main worker, then scale-out (its own two workers)."""
     if "main" in cluster.workers:
         main_worker_figures(context, cluster, workspace, bundle_dir, paths)
+        if context.wants("detection"):
+            # After memory: loading the detector must not count as the worker's growth.
+            try:
+                with context.phase("detection"):
+                    detection_figure(context, cluster, bundle_dir, photos)
+            except Exception as exc:
+                context.failed("detection", exc)
     if context.wants("scale_out"):
         try:
             with context.phase("scale-out"):

@@ -100,7 +100,27 @@ class Settings(BaseSettings):
     torch_compile: bool = Field(
         default=False, description="Compile the model with torch.compile (GPU workers)."
     )
-    decode_threads: int = Field(default=2, ge=1, le=64, description="Image decode threads.")
+    decode_threads: int = Field(
+        default=2, ge=1, le=64, description="Image decode (and face detection) threads."
+    )
+    faces: Literal["all", "largest", "none"] = Field(
+        default="all",
+        description="Face policy of jobs that name none: classify every face (all), only the "
+        "largest, or the whole image without detection (none).",
+    )
+    face_min_score: float = Field(
+        default=0.95, gt=0, le=1, description="Detector confidence below which a face is not one."
+    )
+    face_min_size: int = Field(
+        default=20, ge=8, le=1000, description="Smallest face side (px) detection looks for."
+    )
+    face_detect_max_side: int = Field(
+        default=320,
+        ge=64,
+        le=8192,
+        description="Detection runs on a copy at most this many pixels on its longer side "
+        "(faces from 1/16 of it at 320; larger finds smaller faces at a squared cost).",
+    )
     worker_max_memory_mb: int | None = Field(
         default=None,
         ge=64,

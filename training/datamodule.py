@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +33,8 @@ from face_emotions.data.splits import summarise_split
 from face_emotions.labels import EMOTIONS
 from face_emotions.labels import NUM_CLASSES
 from face_emotions.modeling.bundle import ModelSpec
+from training.face_crops import CropReport
+from training.face_crops import FaceCropping
 from training.transforms import Transform
 from training.transforms import eval_transform
 from training.transforms import train_transform
@@ -61,13 +64,27 @@ class SplitData:
     unreadable: list[Path]
     groups: int
     duplicate_images: int
+    #: ``data.faces=detect``: what cropping found, and each crop's original file.
+    faces: CropReport | None = None
+    sources: dict[Path, Path] = field(default_factory=dict)
+
+    def source(self, item: LabelledImage) -> Path:
+        """The user's file behind ``item`` (a crop's original, else the item's own path)."""
+        return self.sources.get(item.path, item.path)
 
     def fingerprint(self, split: str) -> str:
-        """Identity of one split, so two models' test metrics are only compared when equal."""
+        """Identity of one split, so two models' test metrics are only compared when equal.
+
+        Crops count as their original files plus the crop settings (in their cache folder's
+        name), so the same photos cropped another way are another test set.
+        """
         items = getattr(self, split)
         digest = hashlib.sha256()
-        for item in sorted(items, key=lambda i: str(i.path)):
-            digest.update(f"{item.path}\0{item.label}\0".encode("utf-8", "surrogateescape"))
+        for item in sorted(items, key=lambda i: str(self.source(i))):
+            crop = item.path.parent.name if item.path in self.sources else ""
+            digest.update(
+                f"{self.source(item)}\0{crop}\0{item.label}\0".encode("utf-8", "surrogateescape")
+            )
         return digest.hexdigest()
 
     def class_counts(self, split: str) -> dict[str, int]:
@@ -83,9 +100,22 @@ def split_folder(
     dedup_distance: int = 4,
     hash_cache: Path | None = None,
     progress: bool = True,
+    faces: FaceCropping | None = None,
 ) -> SplitData:
+    """Scan, (crop faces,) hash and split; ``faces`` crops before the split, so near-duplicates
+    are found among what the model sees, and the test split is made of crops too."""
     scan = scan_labelled_folder(root)
-    paths = [item.path for item in scan.items]
+    candidates, sources, face_report = scan.items, {}, None
+    if faces is not None:
+        cropped = faces.crop(scan.items)
+        candidates, sources, face_report = cropped.items, cropped.sources, cropped.report
+        if not candidates:
+            raise ValueError(
+                f"no face was found in any of the {len(scan.items)} images of {root} "
+                "(data.no_face=skip leaves nothing to train on): use data.no_face=keep or "
+                "data.faces=none"
+            )
+    paths = [item.path for item in candidates]
     unreadable: list[int] = []
     hashes = perceptual_hashes(
         paths, cache_file=hash_cache, progress=progress, unreadable=unreadable
@@ -96,7 +126,7 @@ def split_folder(
         )
     keep = np.ones(len(paths), dtype=bool)
     keep[unreadable] = False
-    items = [item for item, k in zip(scan.items, keep, strict=True) if k]
+    items = [item for item, k in zip(candidates, keep, strict=True) if k]
     labels = np.array([item.label for item in items], dtype=np.int64)
     groups = near_duplicate_groups(hashes[keep], max_distance=dedup_distance)
     assignment = stratified_group_split(labels, groups, fractions=fractions, seed=seed)
@@ -121,9 +151,12 @@ def split_folder(
     return SplitData(
         **by_split,
         scan=scan,
-        unreadable=[paths[i] for i in unreadable],
+        unreadable=[sources.get(paths[i], paths[i]) for i in unreadable]
+        + (face_report.unreadable if face_report else []),
         groups=summary.groups,
         duplicate_images=summary.duplicate_images,
+        faces=face_report,
+        sources=sources,
     )
 
 
@@ -151,6 +184,7 @@ class EmotionDataModule(L.LightningDataModule):
         seed: int = DEFAULT_SEED,
         dedup_distance: int = 4,
         hash_cache: str | Path | None = None,
+        faces: FaceCropping | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -162,6 +196,7 @@ class EmotionDataModule(L.LightningDataModule):
         self.seed = seed
         self.dedup_distance = dedup_distance
         self.hash_cache = Path(hash_cache) if hash_cache else None
+        self.faces = faces
         self.split: SplitData | None = None
 
     def prepare_split(self) -> SplitData:
@@ -173,6 +208,7 @@ class EmotionDataModule(L.LightningDataModule):
                 seed=self.seed,
                 dedup_distance=self.dedup_distance,
                 hash_cache=self.hash_cache,
+                faces=self.faces,
             )
         return self.split
 

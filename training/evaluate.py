@@ -2,7 +2,8 @@
 
 Evaluating the exported bundle (not the Lightning module) tests the artefact that is registered,
 with the preprocessing it will be served with. ``python -m training.evaluate`` evaluates any
-checkpoint, bundle or ``models:/`` URI on the split of a folder.
+checkpoint, bundle or ``models:/`` URI on the split of a folder, cropped to faces as that model
+was trained (``data.faces=detect``: the same crops as training, from the same cache).
 """
 
 from __future__ import annotations
@@ -59,10 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
 
+    from face_emotions.faces.detection import FaceDetector
+    from face_emotions.settings import get_settings
     from training.datamodule import split_folder
+    from training.face_crops import FaceCropping
 
-    split = split_folder(args.data)
-    report = evaluate_bundle(load_model_source(args.model), getattr(split, args.split))
+    bundle = load_model_source(args.model)
+    crop = bundle.spec.crop
+    faces = None
+    if crop.faces == "detect":  # the images the model was trained on: its own crops
+        settings = get_settings()
+        faces = FaceCropping(
+            spec=crop,
+            cache_dir=settings.var_dir / "face-crops",
+            detector_factory=lambda: FaceDetector.from_settings(settings),
+        )
+    split = split_folder(args.data, faces=faces)
+    report = evaluate_bundle(bundle, getattr(split, args.split))
     text = json.dumps(report.to_dict(), indent=2)
     if args.output:
         report.write_json(args.output)

@@ -1,4 +1,5 @@
-"""A run's parameters in MLflow: the whole composed config plus what the split found."""
+"""A run's parameters in MLflow: the whole composed config plus what the split (and, with
+``data.faces=detect``, face cropping) found."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def log_params(client: Any, run_id: str, cfg: DictConfig, split: Any) -> None:
             "data.unknown_folders": ",".join(sorted(split.scan.unknown_folders)) or "-",
         }
     )
+    if split.faces is not None:  # data.faces=detect: how many images had no face, or several
+        flat.update({f"faces.{key}": value for key, value in split.faces.to_dict().items()})
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])

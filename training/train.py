@@ -49,6 +49,8 @@ class TrainingResult:
     version: VersionInfo | None = None
     promotion: PromotionDecision | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: ``data.faces=detect``: images cropped, without a face, with several (CropReport.to_dict).
+    faces: dict[str, int] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class TrainingResult:
             "promotion_reason": self.promotion.reason if self.promotion else None,
             "passed_targets": self.report.passed,
             **{f"test_{k}": round(v, 4) for k, v in self.metrics.items()},
+            **({"faces": self.faces} if self.faces is not None else {}),
         }
 
 
@@ -70,8 +73,7 @@ def resolve_precision(
         return precision
     import torch
 
-    on_gpu = accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
-    if not on_gpu:
+    if not _uses_gpu(accelerator):
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
@@ -85,26 +87,35 @@ def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResu
     """
     import lightning as L
 
+    from face_emotions.faces.crop import CropSpec
     from face_emotions.modeling.bundle import ModelSpec
     from face_emotions.registry.mlflow_registry import Registry
     from face_emotions.settings import Settings
+    from face_emotions.training_config import check_values
     from training.datamodule import EmotionDataModule
     from training.module import EmotionClassifier
 
     hooks = hooks or RunHooks()
     _one_handler_for_lightning()
     _check_accelerator(str(cfg.training.accelerator))
+    check_values(cfg)
     output_dir = Path(cfg.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     hooks.stage("preparing data")
 
     # Data: scan, hash, split before anything expensive, so a bad folder fails in seconds.
+    crop = CropSpec(
+        faces=str(cfg.data.faces),  # type: ignore[arg-type]  # checked by check_values
+        margin=float(cfg.data.crop_margin),
+        align=bool(cfg.data.crop_align),
+    )
     spec = ModelSpec.for_architecture(
         cfg.model.name,
         cfg.model.image_size,
         dropout=cfg.model.dropout,
         options=_options(cfg.model.get("options")),
+        crop=crop,
     )
     datamodule = EmotionDataModule(
         cfg.data.path,
@@ -116,6 +127,7 @@ def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResu
         seed=cfg.data.split_seed,
         dedup_distance=cfg.data.dedup_distance,
         hash_cache=cfg.data.hash_cache,
+        faces=_face_cropping(cfg, crop, hooks),
     )
     split = datamodule.prepare_split()
     class_weights = datamodule.class_weights() if cfg.training.class_weighting else None
@@ -266,7 +278,14 @@ def _fit_and_publish(
         "PASS" if report.passed else "FAIL (" + "; ".join(report.failures) + ")",
     )
 
-    result = TrainingResult(run_id, output_dir, best, report, metrics=metrics)
+    result = TrainingResult(
+        run_id,
+        output_dir,
+        best,
+        report,
+        metrics=metrics,
+        faces=split.faces.to_dict() if split.faces is not None else None,
+    )
     if not cfg.register:
         return result
 
@@ -292,6 +311,8 @@ def _fit_and_publish(
         TAG_TEST_SPLIT: test_fingerprint,
         TAG_ARCHITECTURE: bundle.spec.architecture,
         TAG_IMAGE_SIZE: bundle.spec.image_size,
+        "crop": f"faces={bundle.spec.crop.faces} margin={bundle.spec.crop.margin}"
+        + (" align" if bundle.spec.crop.align else ""),
         "num_test_images": report.num_images,
         "num_train_images": len(split.train),
     }
@@ -328,6 +349,42 @@ def _fit_and_publish(
     client.set_tag(run_id, "registered_version", str(version.version))
     client.set_tag(run_id, "promoted", str(result.promotion.promote).lower())
     return result
+
+
+def _face_cropping(cfg: DictConfig, crop: Any, hooks: RunHooks) -> Any:
+    """``data.faces=detect``: crop with the serving detector's settings (the crop cache and the
+    served crops then agree), on the training GPU when there is one; progress every 5 s."""
+    if crop.faces != "detect":
+        return None
+    import time
+
+    from face_emotions.faces.detection import FaceDetector
+    from face_emotions.settings import Settings
+    from training.face_crops import FaceCropping
+
+    settings = Settings()
+    device = "cuda" if _uses_gpu(str(cfg.training.accelerator)) else "cpu"
+    last = [float("-inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 5.0:
+            last[0] = now
+            hooks.stage("detecting faces", images_done=done, images_total=total)
+
+    return FaceCropping(
+        spec=crop,
+        cache_dir=Path(cfg.data.crop_cache),
+        no_face=str(cfg.data.no_face),
+        detector_factory=lambda: FaceDetector.from_settings(settings, device),
+        on_progress=report,
+    )
+
+
+def _uses_gpu(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def _options(options: Any) -> dict[str, Any]:

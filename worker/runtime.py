@@ -18,6 +18,7 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
+from face_emotions.faces.detection import FaceDetector
 from face_emotions.jobs.database import create_db_engine
 from face_emotions.jobs.database import session_factory
 from face_emotions.jobs.worker_heartbeats import INFERENCE
@@ -31,6 +32,7 @@ from face_emotions.serving.image_loading import storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder
 from face_emotions.serving.model_holder import ModelUnavailable
 from face_emotions.serving.model_holder import ServingModel
+from face_emotions.serving.predictor import resolve_device
 from face_emotions.settings import Settings
 from face_emotions.settings import get_settings
 from worker.reload_signal import reload_generation
@@ -122,6 +124,17 @@ def stop_heartbeat() -> None:
 def _beat_now() -> None:
     for heartbeat in _HEARTBEATS:
         heartbeat.beat()
+
+
+@_once
+def detector() -> FaceDetector:
+    """The process's face detector, on the inference device (a GPU worker detects on its GPU).
+
+    Built on first use, in the pool process: a detector that cannot load (its package missing)
+    fails the task with the reason, which retries and in the end fails the images saying why.
+    """
+    settings = get_settings()
+    return FaceDetector.from_settings(settings, resolve_device(settings.device).type)
 
 
 @_once

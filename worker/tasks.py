@@ -31,6 +31,7 @@ from face_emotions.serving.model_holder import ModelUnavailable
 from worker.app import app
 from worker.app import settings
 from worker.runtime import batcher
+from worker.runtime import detector
 from worker.runtime import holder
 from worker.runtime import image_loader
 from worker.runtime import sessions
@@ -64,6 +65,7 @@ def classify_chunk_task(self: Task, job_id: str, image_ids: list[int]) -> dict:
             settings=settings,
             load_image=image_loader(),
             batcher=batcher(),
+            detector=detector,
         )
     except ModelUnavailable as exc:
         log.warning(

@@ -20,6 +20,7 @@ from api.schemas.common import LifecycleOut
 from api.schemas.common import PageOut
 from api.schemas.common import PageQuery
 from api.schemas.common import validate_path_text
+from face_emotions.faces.crop import FACE_POLICIES
 from face_emotions.labels import EMOTIONS
 
 MAX_BATCH_SIZE = 1024
@@ -42,6 +43,13 @@ class _JobOptions(Schema):
         validate=Range(min=1, max=MAX_INT32),
         allow_none=True,
         metadata={"description": "Pin a registered version; default: the serving alias."},
+    )
+    faces = String(
+        validate=OneOf(FACE_POLICIES),
+        metadata={
+            "description": "all: classify every face; largest: the largest face only; none: the "
+            "whole image, no detection. Default EMOTIONS_FACES (all)."
+        },
     )
 
 
@@ -86,6 +94,9 @@ class JobOut(LifecycleOut):
     source = String(required=True)
     batch_size = Integer(required=True)
     model_version = Integer(allow_none=True, metadata={"description": "Pinned version or null."})
+    face_policy = String(
+        required=True, metadata={"enum": list(FACE_POLICIES), "description": "all, largest, none."}
+    )
     total = Integer(required=True)
     done = Integer(required=True)
     failed = Integer(required=True)
@@ -135,6 +146,37 @@ class ResultsQuery(PageQuery):
         metadata={"description": f"Only this predicted emotion ({', '.join(EMOTIONS)})."}
     )
     status = String(validate=OneOf(RESULT_STATUSES))
+    no_face = Boolean(
+        metadata={
+            "description": "true: only images where no face was found (classified whole); "
+            "false: only images with at least one face."
+        }
+    )
+
+
+class FaceOut(Schema):
+    index = Integer(required=True, metadata={"description": "0 is the largest face."})
+    box = List(
+        Integer(),
+        required=True,
+        metadata={
+            "description": "[x0, y0, x1, y1] in the original image's pixels (after EXIF "
+            "rotation); the whole image when whole_image is true."
+        },
+    )
+    score = Float(allow_none=True, metadata={"description": "Detector confidence."})
+    landmarks = List(
+        List(Float()),
+        allow_none=True,
+        metadata={"description": "Eyes, nose, mouth corners as [x, y]."},
+    )
+    whole_image = Boolean(
+        required=True, metadata={"description": "No face was found, or detection was off."}
+    )
+    predicted_class = Integer(required=True)
+    predicted_emotion = String(required=True, metadata={"enum": list(EMOTIONS)})
+    confidence = Float(required=True)
+    all_probabilities = Dict(keys=String(), values=Float(), required=True)
 
 
 class ResultOut(Schema):
@@ -145,6 +187,28 @@ class ResultOut(Schema):
     confidence = Float(allow_none=True)
     all_probabilities = Dict(keys=String(), values=Float(), allow_none=True)
     model_version = Integer(allow_none=True)
+    faces_found = Integer(
+        allow_none=True,
+        metadata={
+            "description": "Faces the detector found; 0: none (the whole image was "
+            "classified); null: detection did not run."
+        },
+    )
+    image_size = List(
+        Integer(),
+        allow_none=True,
+        metadata={
+            "description": "[width, height] of the image (after EXIF rotation): the "
+            "frame of the faces' boxes."
+        },
+    )
+    faces = List(
+        Nested(FaceOut),
+        metadata={
+            "description": "Every classified face, largest first; the image-level "
+            "fields describe the first."
+        },
+    )
     error = String(metadata={"description": "Only for failed images."})
     image_id = Integer(
         metadata={
@@ -163,10 +227,25 @@ class EmotionStats(Schema):
     mean_confidence = Float(required=True)
 
 
+class FaceStats(Schema):
+    faces = Integer(required=True, metadata={"description": "Faces found over all images."})
+    images_without_face = Integer(required=True)
+    images_with_several_faces = Integer(required=True)
+    not_searched = Integer(
+        required=True, metadata={"description": "Images classified without detection."}
+    )
+
+
 class SummaryOut(Schema):
     job_id = String(required=True, metadata={"format": "uuid"})
     status = String(required=True)
     total = Integer(required=True)
     done = Integer(required=True)
     failed = Integer(required=True)
-    emotions = Dict(keys=String(), values=Nested(EmotionStats), required=True)
+    emotions = Dict(
+        keys=String(),
+        values=Nested(EmotionStats),
+        required=True,
+        metadata={"description": "Per image (its largest face)."},
+    )
+    faces = Nested(FaceStats, required=True)

@@ -110,6 +110,15 @@
       );
     }
     chart.replaceChildren(list);
+    const faces = summary.faces;
+    const searched = summary.done - faces.not_searched;
+    document.getElementById("summary-faces").textContent = searched
+      ? faces.faces + " face(s) found in " + (searched - faces.images_without_face) +
+        " image(s) · " + faces.images_without_face + " image(s) without a face (classified " +
+        "whole) · " + faces.images_with_several_faces + " with several faces"
+      : faces.not_searched
+        ? "Face detection was off for this job: whole images were classified."
+        : "";
   }
 
   // -- results --------------------------------------------------------------------------------
@@ -138,6 +147,8 @@
     const order = document.getElementById("sort-order").value;
     let list = results;
     if (filter === "__errors__") list = list.filter((r) => r.status !== "succeeded");
+    else if (filter === "__noface__") list = list.filter((r) => r.faces_found === 0);
+    else if (filter === "__several__") list = list.filter((r) => r.faces_found > 1);
     else if (filter) list = list.filter((r) => r.predicted_emotion === filter);
     list = list.slice();
     if (order === "asc" || order === "desc") {
@@ -200,6 +211,7 @@
     if (result.image_id !== undefined && result.image_id !== null) {
       thumb.setAttribute("data-image-id", result.image_id);
       thumb.setAttribute("data-alt", name);
+      thumbResults.set(thumb, result);
     }
     return C.el(
       "li",
@@ -217,6 +229,7 @@
         " ",
         C.el("span", { class: "confidence" }, C.percent(result.confidence)),
       ),
+      C.el("p", { class: "result-faces" }, facesText(result)),
       probabilities,
       C.el(
         "p",
@@ -226,16 +239,61 @@
     );
   }
 
+  /** "3 faces: Happy, Sad, Fear" · "no face found: whole image" · "" (detection off). */
+  function facesText(result) {
+    const found = result.faces_found;
+    if (found === null || found === undefined) return "whole image (no face detection)";
+    if (found === 0) return "no face found: whole image classified";
+    const names = (result.faces || []).map((face) => face.predicted_emotion);
+    return found === 1 ? "1 face" : found + " faces: " + names.join(", ");
+  }
+
   // -- thumbnails: fetched with the token (an <img src> can't send it), shown as blob: URLs --
 
   const thumbnailUrls = new Map();
+  /** Each thumbnail box's result: its faces are drawn over the picture. */
+  const thumbResults = new WeakMap();
   const waiting = [];
   let running = 0;
   let observer = null;
 
   function showThumbnail(box, url) {
     const image = C.el("img", { src: url, alt: box.getAttribute("data-alt") || "" });
-    box.replaceChildren(image);
+    const result = thumbResults.get(box);
+    box.replaceChildren(result ? withFaces(image, result) : image);
+  }
+
+  /**
+   * The picture in a frame of the image's own aspect ratio, with each face's box and label on
+   * top (boxes are in the original image's pixels: placed as percentages of its size).
+   */
+  function withFaces(image, result) {
+    const faces = (result.faces || []).filter((face) => !face.whole_image);
+    if (!result.image_size || !faces.length) return image;
+    const [width, height] = result.image_size;
+    const frame = C.el("div", { class: "thumb-frame " + (width >= height ? "wide" : "tall") });
+    frame.style.aspectRatio = width + " / " + height;
+    frame.append(image);
+    for (const face of faces) {
+      const [x0, y0, x1, y1] = face.box;
+      const label = (faces.length > 1 ? face.index + 1 + " " : "") + face.predicted_emotion;
+      const mark = C.el(
+        "span",
+        {
+          class: "face-box" + (face.index === 0 ? " face-largest" : ""),
+          title: label + " " + C.percent(face.confidence) + " (detector " +
+            C.number(face.score, 2) + ")",
+          "data-emotion": face.predicted_emotion,
+        },
+        C.el("span", { class: "face-label" }, label),
+      );
+      mark.style.left = Math.max(0, (x0 / width) * 100) + "%";
+      mark.style.top = Math.max(0, (y0 / height) * 100) + "%";
+      mark.style.width = (Math.min(x1, width) - Math.max(x0, 0)) / width * 100 + "%";
+      mark.style.height = (Math.min(y1, height) - Math.max(y0, 0)) / height * 100 + "%";
+      frame.append(mark);
+    }
+    return frame;
   }
 
   function pump() {

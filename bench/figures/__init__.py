@@ -8,6 +8,8 @@ Figures (each a ratio of two things measured side by side, interleaved, medians)
   could at best do (ratio: limit / forward-only, the share of the loop the model takes);
 - ``pipeline`` (:mod:`.pipeline`): the same images as one REST folder job on one worker,
   submit to finished, over ``limit``;
+- ``detection`` (:mod:`.detection`): a job of 640x480 photos with face detection (every face
+  cropped and classified) vs the same job without, and the detector's share of the work;
 - ``micro_batching`` (:mod:`.micro_batching`): that job at the default batch size vs
   ``batch_size=1``;
 - ``scale_out`` (:mod:`.scale_out`): one vs two worker processes of one thread each;
@@ -41,6 +43,7 @@ from typing import Literal
 FIGURES: tuple[str, ...] = (
     "limit",
     "pipeline",
+    "detection",
     "micro_batching",
     "scale_out",
     "backends",
@@ -67,6 +70,7 @@ class Target:
 TARGETS: dict[str, Target | None] = {
     "limit": None,
     "pipeline": Target(0.95, text=">= 0.95 (1,000-image job, default batch size)"),
+    "detection": Target(0.5, text=">= 0.5 of the pipeline without detection (640x480 photos)"),
     "micro_batching": Target(3.0, text=">= 3x batch_size=1"),
     "scale_out": Target(1.8, text=">= 1.8x one worker"),
     "backends": Target(1e-4, "below", "max |Δp| < 1e-4 (fp32)"),
@@ -78,6 +82,7 @@ TARGETS: dict[str, Target | None] = {
 LABELS: dict[str, str] = {
     "limit": "limit",
     "pipeline": "pipeline/limit",
+    "detection": "pipeline with detection",
     "micro_batching": "micro-batching",
     "scale_out": "scale-out (2 vs 1 worker)",
     "backends": "backends",

@@ -79,10 +79,12 @@ class EmotionsClient:
         batch_size: int | None = None,
         model_version: int | None = None,
         idempotency_key: str | None = None,
+        faces: str | None = None,
     ) -> dict[str, Any]:
         """Upload images (or one .zip) as one job; a ``(path, name)`` pair uploads ``path`` as
-        ``name`` (a relative path such as ``Angry/0.jpg``, which the job keeps)."""
-        data = _options(batch_size, model_version)
+        ``name`` (a relative path such as ``Angry/0.jpg``, which the job keeps). ``faces``:
+        all, largest or none (default: the server's EMOTIONS_FACES)."""
+        data = _options(batch_size, model_version, faces)
         named = [item if isinstance(item, tuple) else (item, item.name) for item in files]
         with ExitStack() as stack:
             parts = [
@@ -107,9 +109,14 @@ class EmotionsClient:
         batch_size: int | None = None,
         model_version: int | None = None,
         idempotency_key: str | None = None,
+        faces: str | None = None,
     ) -> dict[str, Any]:
         """A folder on the server's shared storage, relative to its EMOTIONS_DATA_ROOT."""
-        body = {"folder": folder, "recursive": recursive, **_options(batch_size, model_version)}
+        body = {
+            "folder": folder,
+            "recursive": recursive,
+            **_options(batch_size, model_version, faces),
+        }
         return self._request(
             "POST", "/api/v1/jobs", json=body, headers=_idempotency(idempotency_key)
         ).json()
@@ -186,12 +193,16 @@ class EmotionsClient:
             time.sleep(poll_seconds)
 
 
-def _options(batch_size: int | None, model_version: int | None) -> dict[str, Any]:
+def _options(
+    batch_size: int | None, model_version: int | None, faces: str | None = None
+) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if batch_size is not None:
         options["batch_size"] = batch_size
     if model_version is not None:
         options["model_version"] = model_version
+    if faces is not None:
+        options["faces"] = faces
     return options
 
 

@@ -32,6 +32,13 @@ from face_emotions.cli.common import stderr_console
 )
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
+@click.option(
+    "--faces",
+    type=click.Choice(["all", "largest", "none"]),
+    default=None,
+    help="Classify every face (all), the largest, or the whole image without detection (none). "
+    "Default: EMOTIONS_FACES (all).",
+)
 @click.option("--quiet", is_flag=True, help="No configuration block, progress or summary.")
 def infer(
     model_source: str,
@@ -41,6 +48,7 @@ def infer(
     device: str,
     backend: str,
     recursive: bool,
+    faces: str | None,
     quiet: bool,
 ) -> None:
     """Classify images or folders PATHS locally and print the seed's JSON.
@@ -50,16 +58,20 @@ def infer(
     from rich.progress import Progress
 
     from face_emotions.data.images import iter_image_files
+    from face_emotions.faces.detection import DetectorUnavailable
+    from face_emotions.faces.detection import FaceDetector
     from face_emotions.modeling.bundle import BundleError
     from face_emotions.modeling.bundle import load_model_source
     from face_emotions.registry.mlflow_registry import RegistryError
     from face_emotions.serving.decode_ahead import iter_decoded_batches
+    from face_emotions.serving.face_regions import classify_regions
     from face_emotions.serving.predictor import Predictor
     from face_emotions.serving.predictor import resolve_device
     from face_emotions.serving.seed_format import configuration_block
+    from face_emotions.serving.seed_format import image_record
     from face_emotions.serving.seed_format import inference_document
-    from face_emotions.serving.seed_format import prediction_record
     from face_emotions.serving.seed_format import summary_table
+    from face_emotions.settings import get_settings
 
     files: list[Path] = []
     for path in paths:
@@ -71,19 +83,23 @@ def infer(
             raise UserError(f"{path}: no such file or directory")
     if not files:
         raise UserError(f"no image files found in {', '.join(map(str, paths))}")
+    settings = get_settings()
+    policy = faces or settings.faces
     try:
         torch_device = resolve_device(device)
         bundle = load_model_source(model_source)
         predictor = Predictor(bundle, device=torch_device, backend=backend)  # type: ignore[arg-type]
-    except (BundleError, RegistryError, RuntimeError) as exc:
+        detector = (
+            None if policy == "none" else FaceDetector.from_settings(settings, torch_device.type)
+        )
+    except (BundleError, RegistryError, DetectorUnavailable, RuntimeError) as exc:
         raise UserError(str(exc)) from exc
 
     images_path = ", ".join(str(p) for p in paths)
     if not quiet:
         from face_emotions.ops.redaction import redact_url
-        from face_emotions.settings import get_settings
 
-        registry = redact_url(get_settings().tracking_uri)
+        registry = redact_url(settings.tracking_uri)
         click.echo(
             configuration_block(
                 {
@@ -94,6 +110,9 @@ def infer(
                     "Accelerator": torch_device.type,
                     "Backend": backend,
                     "Batch size": batch_size,
+                    "Faces": f"{policy} (crop margin {predictor.spec.crop.margin})"
+                    if policy != "none"
+                    else "none (whole images)",
                 }
             ),
             err=True,
@@ -102,12 +121,18 @@ def infer(
     errors: list[dict[str, str]] = []
     with Progress(disable=quiet, transient=True, console=stderr_console()) as progress:
         task = progress.add_task("classifying", total=len(files))
-        for batch in iter_decoded_batches(files, batch_size):
+        detect_many = detector.detect_many if detector is not None else None
+        for batch in iter_decoded_batches(files, batch_size, detect_many=detect_many):
             if batch.images:
-                probabilities = predictor.predict_images(batch.images)
+                classified = classify_regions(
+                    batch.images,
+                    batch.faces,
+                    policy=policy,
+                    spec=predictor.spec.crop,
+                    predict=predictor.predict_images,
+                )
                 predictions += [
-                    prediction_record(str(p), row)
-                    for p, row in zip(batch.paths, probabilities, strict=True)
+                    image_record(str(p), c) for p, c in zip(batch.paths, classified, strict=True)
                 ]
             errors += [{"image_path": str(p), "error": reason} for p, reason in batch.errors]
             progress.advance(task, len(batch.paths) + len(batch.errors))

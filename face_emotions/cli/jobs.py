@@ -41,6 +41,12 @@ def api_options(command):
 @click.option("--batch-size", type=click.IntRange(1, 1024))
 @click.option("--model-version", type=click.IntRange(min=1), help="Pin a model version.")
 @click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option(
+    "--faces",
+    type=click.Choice(["all", "largest", "none"]),
+    help="Classify every face (all), the largest, or whole images (none). Default: the "
+    "server's EMOTIONS_FACES (all).",
+)
 @click.option("--wait/--no-wait", default=False, help="Follow the job and print its results.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", default="json", type=click.Choice(["json", "jsonl", "csv"]))
@@ -52,6 +58,7 @@ def submit(
     batch_size: int | None,
     model_version: int | None,
     idempotency_key: str | None,
+    faces: str | None,
     wait: bool,
     output: Path | None,
     fmt: str,
@@ -70,6 +77,7 @@ def submit(
                 batch_size=batch_size,
                 model_version=model_version,
                 idempotency_key=idempotency_key,
+                faces=faces,
             )
         else:
             job = client.submit_files(
@@ -77,6 +85,7 @@ def submit(
                 batch_size=batch_size,
                 model_version=model_version,
                 idempotency_key=idempotency_key,
+                faces=faces,
             )
         click.echo(f"job {job['id']}: {job['status']}, {job['total']} images", err=True)
         if job.get("warning"):
@@ -225,8 +234,13 @@ def emit_results(
 
 
 def _seed_record(item: dict) -> dict:
+    """The seed's record of a result (as ``infer`` prints it), with its faces."""
     keys = ("image_path", "predicted_class", "predicted_emotion", "confidence", "all_probabilities")
-    return {key: item[key] for key in keys}
+    record = {key: item[key] for key in keys}
+    for key in ("faces_found", "image_size", "faces"):
+        if key in item:
+            record[key] = item[key]
+    return record
 
 
 @click.command("jobs")

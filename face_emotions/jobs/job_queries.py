@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from typing import cast
 
+from sqlalchemy import ColumnElement
 from sqlalchemy import CursorResult
 from sqlalchemy import String
 from sqlalchemy import Table
@@ -47,6 +48,7 @@ def create_job(
     idempotency_key: str | None = None,
     model_version: int | None = None,
     job_id: uuid.UUID | None = None,
+    face_policy: str = "all",
 ) -> Job:
     """Insert the job and all its images (caller commits: one transaction for both)."""
     if not images:
@@ -61,6 +63,7 @@ def create_job(
         idempotency_key=idempotency_key,
         batch_size=batch_size,
         model_version=model_version,
+        face_policy=face_policy,
         total=len(images),
         done=0,
         failed=0,
@@ -164,30 +167,77 @@ def model_versions_used(session: Session, job_id: uuid.UUID) -> list[int]:
     return sorted(int(v) for v in rows if v is not None)  # the query already drops NULLs
 
 
-def results_query(job_id: uuid.UUID, *, emotion: str | None = None, status: str | None = None):
-    """(Image, Result) rows of a job in position order; images without a result are left out."""
-    query = (
+def _result_filters(
+    emotion: str | None, status: str | None, no_face: bool | None
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if emotion is not None:
+        conditions.append(Result.predicted_emotion == emotion)
+    if status is not None:
+        conditions.append(Result.status == status)
+    if no_face is True:
+        conditions.append(Result.faces_found == 0)
+    elif no_face is False:
+        conditions.append(Result.faces_found > 0)
+    return conditions
+
+
+def results_query(
+    job_id: uuid.UUID,
+    *,
+    emotion: str | None = None,
+    status: str | None = None,
+    no_face: bool | None = None,
+):
+    """(Image, Result) rows of a job in position order; images without a result are left out.
+
+    ``no_face`` True: only images where the detector found no face (classified whole); False:
+    only images with at least one face.
+    """
+    return (
         select(Image, Result)
         .join(Result, Result.image_id == Image.id)
-        .where(Image.job_id == job_id)
+        .where(Image.job_id == job_id, *_result_filters(emotion, status, no_face))
         .order_by(Image.position)
     )
-    if emotion is not None:
-        query = query.where(Result.predicted_emotion == emotion)
-    if status is not None:
-        query = query.where(Result.status == status)
-    return query
 
 
 def count_results(
-    session: Session, job_id: uuid.UUID, *, emotion: str | None = None, status: str | None = None
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    emotion: str | None = None,
+    status: str | None = None,
+    no_face: bool | None = None,
 ) -> int:
-    query = select(func.count()).select_from(Result).where(Result.job_id == job_id)
-    if emotion is not None:
-        query = query.where(Result.predicted_emotion == emotion)
-    if status is not None:
-        query = query.where(Result.status == status)
+    query = (
+        select(func.count())
+        .select_from(Result)
+        .where(Result.job_id == job_id, *_result_filters(emotion, status, no_face))
+    )
     return int(session.scalar(query) or 0)
+
+
+def face_summary(session: Session, job_id: uuid.UUID) -> dict[str, int]:
+    """Faces over a job's classified images: how many, and how many images had none or several.
+
+    ``not_searched`` counts classified images detection did not run on (policy ``none``).
+    """
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(Result.faces_found), 0),
+            func.count().filter(Result.faces_found == 0),
+            func.count().filter(Result.faces_found > 1),
+            func.count().filter(Result.faces_found.is_(None)),
+        ).where(Result.job_id == job_id, Result.status == "succeeded")
+    ).one()
+    faces, without, several, not_searched = (int(value or 0) for value in row)
+    return {
+        "faces": faces,
+        "images_without_face": without,
+        "images_with_several_faces": several,
+        "not_searched": not_searched,
+    }
 
 
 def emotion_summary(session: Session, job_id: uuid.UUID) -> dict[str, dict[str, float | int]]:

@@ -38,9 +38,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ResultRow:
+    """One image's result: the image-level probabilities (its largest face's, or the whole
+    image's), every face's record, and how many faces the detector found (None: not run)."""
+
     image_id: int
     probabilities: Sequence[float] | None = None
     error: str | None = None
+    faces: list[dict[str, Any]] | None = None
+    faces_found: int | None = None
+    image_size: tuple[int, int] | None = None
 
 
 def start_chunk(session: Session, job_id: uuid.UUID) -> Job | None:
@@ -113,6 +119,10 @@ def record_results(
             "confidence": None,
             "probabilities": None,
             "error": None,
+            "faces": None,
+            "faces_found": None,
+            "image_width": None,
+            "image_height": None,
         }
         if row.error is not None or row.probabilities is None:
             value.update(status="failed", error=row.error or "no prediction")
@@ -125,6 +135,10 @@ def record_results(
                 predicted_emotion=EMOTIONS[index],
                 confidence=probs[index],
                 probabilities={name: p for name, p in zip(EMOTIONS, probs, strict=True)},
+                faces=row.faces,
+                faces_found=row.faces_found,
+                image_width=row.image_size[0] if row.image_size else None,
+                image_height=row.image_size[1] if row.image_size else None,
             )
         values.append(value)
     insert = _insert_for(session)

@@ -94,6 +94,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     batch_size: Mapped[int] = mapped_column(Integer)
     model_version: Mapped[int | None] = mapped_column(Integer)  # pinned version, else alias
+    #: Which regions of each image are classified: all faces, the largest, or none (whole).
+    face_policy: Mapped[str] = mapped_column(String(8), default="all", server_default="all")
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -145,6 +147,16 @@ class Result(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     # Size of the forward pass that produced this prediction: shows micro-batching at work.
     forward_batch: Mapped[int | None] = mapped_column(Integer)
+    #: Every face classified in the image (box, score, landmarks, prediction), largest first;
+    #: the image-level fields above describe the first. One whole-image entry when there was
+    #: no face or no detection.
+    faces: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    #: Faces the detector found: 0 means none (the whole image was classified); NULL means
+    #: detection did not run (policy none, failed images, results from before detection).
+    faces_found: Mapped[int | None] = mapped_column(Integer)
+    #: The decoded image's size (after EXIF rotation): the frame the faces' boxes are in.
+    image_width: Mapped[int | None] = mapped_column(Integer)
+    image_height: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="result")

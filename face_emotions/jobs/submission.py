@@ -56,6 +56,8 @@ class JobOptions:
 
     batch_size: int
     model_version: int | None = None
+    #: all | largest | none (the caller fills in the deployment's default).
+    faces: str = "all"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Submission:
     images: list[NewImage]
     batch_size: int
     model_version: int | None
+    faces: str
     skipped: int | None = None
     skipped_files: list[str] = field(default_factory=list)
 
@@ -147,6 +150,7 @@ def submit_job(
             owner=owner,
             idempotency_key=idempotency_key,
             model_version=submission.model_version,
+            face_policy=submission.faces,
         )
         session.commit()
     except IntegrityError:
@@ -218,6 +222,7 @@ def _upload_submission(
             images=extraction.images,
             batch_size=options.batch_size,
             model_version=options.model_version,
+            faces=options.faces,
             skipped=extraction.skipped,
             skipped_files=extraction.skipped_examples,
         )
@@ -230,6 +235,7 @@ def _upload_submission(
         images=images,
         batch_size=options.batch_size,
         model_version=options.model_version,
+        faces=options.faces,
     )
 
 
@@ -250,6 +256,7 @@ def _folder_submission(
         images=images,
         batch_size=source.options.batch_size,
         model_version=source.options.model_version,
+        faces=source.options.faces,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from face_emotions.faces.crop import CropSpec
 from face_emotions.labels import EMOTIONS
 from face_emotions.modeling.zoo import DEFAULT_DROPOUT
 from face_emotions.modeling.zoo import create_model
@@ -44,6 +45,8 @@ class ModelSpec:
     classes: tuple[str, ...] = EMOTIONS
     dropout: float = DEFAULT_DROPOUT
     options: dict[str, Any] = field(default_factory=dict)
+    #: How the training images were cut from photos; serving crops faces the same way.
+    crop: CropSpec = field(default_factory=CropSpec)
 
     @classmethod
     def for_architecture(
@@ -53,6 +56,7 @@ class ModelSpec:
         *,
         dropout: float = DEFAULT_DROPOUT,
         options: dict[str, Any] | None = None,
+        crop: CropSpec | None = None,
     ) -> ModelSpec:
         arch = get_architecture(architecture)
         return cls(
@@ -62,6 +66,7 @@ class ModelSpec:
             std=arch.std,
             dropout=dropout,
             options=dict(options or {}),
+            crop=crop or CropSpec(),
         )
 
     @classmethod
@@ -75,6 +80,7 @@ class ModelSpec:
                 classes=tuple(data.get("classes", EMOTIONS)),
                 dropout=float(data.get("dropout", DEFAULT_DROPOUT)),
                 options=dict(data.get("options") or {}),
+                crop=CropSpec.from_dict(data.get("crop")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"invalid model spec {data!r}: {exc}") from exc
@@ -96,6 +102,7 @@ class ModelSpec:
             list(self.std),
             list(self.classes),
         )
+        data["crop"] = self.crop.to_dict()
         return data
 
     def build(self) -> nn.Module:

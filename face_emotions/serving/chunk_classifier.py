@@ -31,15 +31,19 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 
 import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
+from face_emotions.faces.detection import Face
+from face_emotions.faces.detection import FaceDetector
 from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.recovery import fail_chunk
 from face_emotions.jobs.recovery import gave_up_reason
@@ -58,6 +62,7 @@ from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.decode_ahead import DecodedBatch
 from face_emotions.serving.decode_ahead import iter_decoded_batches
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
+from face_emotions.serving.face_regions import classify_regions
 from face_emotions.serving.image_loading import ImageLoader
 from face_emotions.serving.image_loading import storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder
@@ -110,12 +115,16 @@ def classify_chunk(
     worker_name: str | None = None,
     load_image: ImageLoader | None = None,
     batcher: DynamicBatcher | None = None,
+    detector: FaceDetector | Callable[[], FaceDetector] | None = None,
 ) -> ChunkOutcome:
     """Classify the images of ``image_ids`` that have no result yet.
 
     ``load_image`` defaults to reading from storage as ``settings`` say
     (:func:`~face_emotions.serving.image_loading.storage_image_loader`); workers pass their
-    per-process one. ``batcher`` shares forward passes with concurrent chunks.
+    per-process one. ``batcher`` shares forward passes with concurrent chunks. ``detector``
+    (or a function that makes it, called only for a job that detects) finds the faces of each
+    micro-batch ahead of its forward pass; jobs with face policy ``none`` skip it, and without
+    a detector every image is classified whole.
 
     Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
     later and no image is marked failed for it, and the delivery is not counted).
@@ -185,6 +194,7 @@ def classify_chunk(
         max_pixels=settings.max_image_pixels,
         loader=load_image or storage_image_loader(settings),
         keys=ids,
+        detect_many=_detector(detector, job.face_policy),
     )
     status_checked = time.monotonic()
     first = True
@@ -201,7 +211,9 @@ def classify_chunk(
             version = None
             forward_batch = 0
         else:
-            rows, version, forward_batch = _predict(holder, batcher, job.model_version, batch)
+            rows, version, forward_batch = _predict(
+                holder, batcher, job.model_version, batch, job.face_policy
+            )
             if batch.images:
                 outcome.forward_batches.append(forward_batch)
                 # None: the pinned version vanished mid-chunk and nothing was predicted.
@@ -256,32 +268,57 @@ def _predict(
     batcher: DynamicBatcher | None,
     pinned: int | None,
     batch: DecodedBatch,
+    policy: str,
 ) -> tuple[list[ResultRow], int | None, int]:
-    """Rows of the decoded images, the model version and the images in the forward pass.
+    """Rows of the decoded images, the model version and the regions in the forward pass.
 
-    The model is asked for at every micro-batch (directly, or by the batcher for every shared
-    pass): that is where a hot reload lands.
+    Faces are cropped as the serving version was trained (its ``crop`` spec) and every region
+    of the micro-batch goes through one forward pass. The model is asked for at every
+    micro-batch (directly, or by the batcher for every shared pass): that is where a hot
+    reload lands.
     """
-    probabilities: np.ndarray | Sequence[Sequence[float]]
-    if batcher is not None and batch.images:
-        shared = batcher.predict(batch.images, pinned)
-        probabilities, version, forward_batch = (
-            shared.probabilities,
-            shared.version,
-            shared.forward_batch,
+    model = _model_for(holder, pinned)
+    if isinstance(model, str):  # the pinned version vanished since the chunk began
+        return [ResultRow(i, error=model) for i in batch.keys], None, 0
+    spec = model.predictor.spec.crop
+    served: dict[str, int] = {"version": model.version, "forward_batch": 0}
+
+    def predict(crops: list[PILImage.Image]) -> np.ndarray | Sequence[Sequence[float]]:
+        if batcher is not None:
+            shared = batcher.predict(crops, pinned)
+            served.update(version=shared.version, forward_batch=shared.forward_batch)
+            return shared.probabilities
+        started = time.perf_counter()
+        probabilities = model.predictor.predict_images(crops)
+        served["forward_batch"] = len(crops)
+        metrics.observe_forward(time.perf_counter() - started, len(crops))
+        return probabilities
+
+    if not batch.images:
+        return [], model.version, 0
+    classified = classify_regions(
+        batch.images, batch.faces, policy=policy, spec=spec, predict=predict
+    )
+    rows = [
+        ResultRow(
+            i,
+            probabilities=c.probabilities,
+            faces=c.faces,
+            faces_found=c.faces_found,
+            image_size=c.size,
         )
-    else:
-        model = _model_for(holder, pinned)
-        if isinstance(model, str):  # the pinned version vanished since the chunk began
-            return [ResultRow(i, error=model) for i in batch.keys], None, 0
-        version, forward_batch = model.version, len(batch.images)
-        probabilities = []
-        if batch.images:
-            started = time.perf_counter()
-            probabilities = model.predictor.predict_images(batch.images)
-            metrics.observe_forward(time.perf_counter() - started, forward_batch)
-    rows = [ResultRow(i, probabilities=p) for i, p in zip(batch.keys, probabilities, strict=True)]
-    return rows, version, forward_batch
+        for i, c in zip(batch.keys, classified, strict=True)
+    ]
+    return rows, served["version"], served["forward_batch"]
+
+
+def _detector(
+    detector: FaceDetector | Callable[[], FaceDetector] | None, policy: str
+) -> Callable[[list[PILImage.Image]], list[list[Face]]] | None:
+    if detector is None or policy == "none":
+        return None
+    made = detector if isinstance(detector, FaceDetector) else detector()
+    return made.detect_many
 
 
 def chunk_attempts(

@@ -5,6 +5,11 @@ The serving alias is checked every ``model_refresh_seconds`` and whenever a relo
 the old one keeps serving; callers pick up the swap at their next micro-batch, so no batch ever
 mixes versions and no task fails or repeats because of a swap. A failed load is logged and the
 old model stays.
+
+A requested reload is awaited: the next micro-batch after a promotion's broadcast waits (at most
+:data:`REQUESTED_RELOAD_WAIT_SECONDS`) for the new version instead of serving the old one, so a
+job submitted after ``promote`` returned is served by the new champion, as its user expects.
+Periodic checks never make a batch wait.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from face_emotions.serving.predictor import resolve_device
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long a micro-batch waits for the version a promotion asked for (a load takes seconds; a
+#: registry that hangs must not stall serving for longer).
+REQUESTED_RELOAD_WAIT_SECONDS = 120.0
 
 
 class ModelUnavailable(RuntimeError):
@@ -80,6 +89,8 @@ class ModelHolder:
         self._loader: threading.Thread | None = None
         self._next_check = 0.0
         self._refresh_requested = False
+        #: The load in flight was asked for (a promotion): micro-batches wait for it.
+        self._awaiting_request = False
         self._pinned: OrderedDict[int, ServingModel] = OrderedDict()
         self.device = resolve_device(settings.device)
         self.swaps = 0
@@ -92,6 +103,10 @@ class ModelHolder:
         if current is None:
             return self._load_first()
         self._maybe_start_refresh()
+        loader = self._loader
+        if self._awaiting_request and loader is not None and loader.is_alive():
+            loader.join(REQUESTED_RELOAD_WAIT_SECONDS)
+            current = self._swap_if_ready() or current
         return current
 
     def for_job(self, pinned_version: int | None) -> ServingModel:
@@ -216,6 +231,7 @@ class ModelHolder:
         with self._lock:
             if self._loader is not None and self._loader.is_alive():
                 return
+            self._awaiting_request = self._refresh_requested
             self._refresh_requested = False
             self._next_check = self._clock() + self.settings.model_refresh_seconds
             self._loader = threading.Thread(target=self._refresh, name="model-reload", daemon=True)

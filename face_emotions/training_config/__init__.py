@@ -34,6 +34,7 @@ OVERRIDE_PATTERN = re.compile(r"^[A-Za-z0-9_.+~/-]+=.*$")
 RESERVED_OVERRIDES: dict[str, str | None] = {
     "data.path": "data",
     "data.hash_cache": None,
+    "data.crop_cache": None,
     "promote": "promote",
     "output_dir": None,
     "hydra": None,
@@ -42,6 +43,13 @@ RESERVED_OVERRIDES: dict[str, str | None] = {
 #: sub-keys are allowed (``model.image_size=64`` is fine, ``model=resnet18`` goes through the
 #: validated field).
 RESERVED_GROUPS: dict[str, str] = {"data": "data", "model": "model"}
+#: Keys whose value is one of a few words, and keys with a range: the configs are not typed
+#: schemas, so ``data.faces=yes`` would compose and fail (or do nothing) only in the trainer.
+VALUE_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.faces": ("detect", "none"),
+    "data.no_face": ("keep", "skip"),
+}
+VALUE_RANGES: dict[str, tuple[float, float]] = {"data.crop_margin": (1.0, 3.0)}
 _ABSOLUTE_PATH = re.compile(r"(?:file://)?(?<![\w.])/[^\s'\"]+")
 
 
@@ -151,7 +159,25 @@ def check_run_config(
         raise OverrideError(_describe(exc)) from exc
     for override in overrides:
         _check_type(override, cfg, defaults)
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The keys of :data:`VALUE_CHOICES` and :data:`VALUE_RANGES` hold allowed values; raises
+    :class:`OverrideError` (a ``ValueError``: ``python -m training.train`` exits 2 on it)."""
+    from omegaconf import OmegaConf
+
+    for key, allowed in VALUE_CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(value) not in allowed:
+            raise OverrideError(f"{key}={value}: must be one of {', '.join(allowed)}")
+    for key, (low, high) in VALUE_RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+        ):
+            raise OverrideError(f"{key}={value}: must be a number from {low} to {high}")
 
 
 def _check_type(override: str, cfg: DictConfig, defaults: DictConfig) -> None:

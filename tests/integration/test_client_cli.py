@@ -46,7 +46,10 @@ def test_submit_wait_status_results(services, api_server: str, start_worker, tmp
     assert document["num_images"] == len(faces)
     assert document["num_errors"] == 1 and document["errors"][0]["image_path"] == "broken.png"
     assert {p["image_path"] for p in document["predictions"]} == {f.name for f in faces}
+    for prediction in document["predictions"]:  # the seed's record, with its faces
+        assert prediction["faces_found"] is not None and prediction["faces"]
     assert "Summary:" in submitted.stderr
+    assert "images without a face (classified whole)" in submitted.stderr
 
     job_id = document["job_id"]
     status = run_cli("status", job_id, env=env)
@@ -58,9 +61,13 @@ def test_submit_wait_status_results(services, api_server: str, start_worker, tmp
     assert lines[0].startswith("image_path,") and len(lines) == 1 + 6
 
     write_faces(services.data_root / "shared", 3, size=48)
-    folder = run_cli("submit", "shared", "--folder", "--wait", "--format", "jsonl", env=env)
+    folder = run_cli(
+        "submit", "shared", "--folder", "--wait", "--format", "jsonl", "--faces", "none", env=env
+    )
     assert folder.returncode == 0, folder.stderr
-    assert len(folder.stdout.strip().splitlines()) == 3
+    lines = [json.loads(line) for line in folder.stdout.strip().splitlines()]
+    assert len(lines) == 3
+    assert all(line["faces_found"] is None for line in lines)  # whole images, as asked
 
     # User errors exit with 2 and one clear line.
     missing = run_cli("status", "00000000-0000-0000-0000-000000000000", env=env)

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from face_emotions.labels import EMOTIONS
+from tests.contract import CSV_HEADER
 from tests.integration.conftest import ROOT
 from tests.integration.conftest import gunicorn
 from tests.integration.test_batch_jobs import write_faces
+from tests.real_photos import group_photo
+from tests.real_photos import skimage_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -158,20 +161,14 @@ def test_console_upload_follow_results_export(
     assert download.suggested_filename == f"{job_id}-results.csv"
     with open(download.path(), newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][:5] == [
-        "image_path",
-        "status",
-        "predicted_class",
-        "predicted_emotion",
-        "confidence",
-    ]
-    assert len(rows) == 1 + 3
+    assert rows[0] == CSV_HEADER
+    assert len(rows) == 1 + 3  # one face (or the whole image) each
     assert sorted(row[0] for row in rows[1:]) == sorted(face.name for face in faces)
 
     # Filter and sort run on the loaded results.
-    page.get_by_label("Emotion", exact=True).select_option(emotions[0])
+    page.get_by_label("Show", exact=True).select_option(emotions[0])
     expect(cards).to_have_count(emotions.count(emotions[0]))
-    page.get_by_label("Emotion", exact=True).select_option("")
+    page.get_by_label("Show", exact=True).select_option("")
     page.get_by_label("Sort", exact=True).select_option("asc")
     expect(cards).to_have_count(3)
     shown = [float(t.rstrip("%")) for t in cards.locator(".confidence").all_inner_texts()]
@@ -225,6 +222,75 @@ def test_console_upload_follow_results_export(
     page.get_by_label("Labelled folder (relative to the data root)").fill("../outside")
     page.get_by_role("button", name="Start training run").click()
     expect(page.get_by_role("alert")).to_contain_text("[")  # "message [code]"
+    assert problems == [], problems
+    context.close()
+
+
+@pytest.mark.parametrize("services", ["sqlite"], indirect=True)
+def test_console_draws_every_face_and_filters_images_without_one(
+    services, console_url: str, start_worker, browser
+) -> None:
+    """Real photos: a box and a label over each face of the thumbnails, where the detector put
+    it; the filters show the image without a face and the one with several."""
+    from playwright.sync_api import expect
+
+    start_worker()
+    photos = [group_photo(), skimage_photo("astronaut.png"), skimage_photo("coffee.png")]
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.goto(console_url + "/")
+    page.get_by_label("Choose images or a .zip").set_input_files([str(p) for p in photos])
+    page.get_by_role("button", name="Submit job").click()
+    job = page.locator("#jobs li.job-item").first
+    expect(job.locator(".badge")).to_have_text("succeeded")
+    job_id = job.get_attribute("data-job-id")
+    page.goto(f"{console_url}/jobs/{job_id}")
+
+    cards = page.locator("#results li.result-card")
+    expect(cards).to_have_count(3)
+    group_card = cards.filter(has_text=photos[0].name)
+    boxes = group_card.locator(".face-box")
+    expect(boxes).to_have_count(6)
+    expect(group_card.locator(".result-faces")).to_contain_text("6 faces")
+    expect(cards.filter(has_text="astronaut.png").locator(".face-box")).to_have_count(1)
+    coffee = cards.filter(has_text="coffee.png")
+    expect(coffee.locator(".face-box")).to_have_count(0)
+    expect(coffee.locator(".result-faces")).to_contain_text("no face found")
+    expect(page.locator("#summary-faces")).to_contain_text("7 face(s) found in 2 image(s)")
+
+    # Each box sits over its face: its place in the picture is the detector's box in the
+    # photo, scaled (the largest face first).
+    frame = group_card.locator(".thumb-frame").bounding_box()
+    largest = boxes.first.bounding_box()
+    assert frame and largest
+    item = next(
+        i
+        for i in page.evaluate(
+            f"fetch('/api/v1/jobs/{job_id}/results').then(r => r.json()).then(b => b.items)"
+        )
+        if i["image_path"] == photos[0].name
+    )
+    width, height = item["image_size"]
+    x0, y0, x1, y1 = item["faces"][0]["box"]
+    assert abs((largest["x"] - frame["x"]) / frame["width"] - x0 / width) < 0.02
+    assert abs((largest["y"] - frame["y"]) / frame["height"] - y0 / height) < 0.02
+    assert abs(largest["width"] / frame["width"] - (x1 - x0) / width) < 0.02
+    assert abs(largest["height"] / frame["height"] - (y1 - y0) / height) < 0.02
+    expect(boxes.first.locator(".face-label")).to_contain_text(
+        item["faces"][0]["predicted_emotion"]
+    )
+
+    page.get_by_label("Show", exact=True).select_option("__noface__")
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_contain_text("coffee.png")
+    page.get_by_label("Show", exact=True).select_option("__several__")
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_contain_text(photos[0].name)
+    page.get_by_label("Show", exact=True).select_option("")
+    screenshot(page, "console-job-faces.png")
     assert problems == [], problems
     context.close()
 

@@ -25,6 +25,8 @@ from api import create_app
 from api.extensions import services
 from api.jobs import BROKER_WARNING
 from face_emotions.data.storage import local_path
+from face_emotions.faces.crop import CropSpec
+from face_emotions.faces.detection import Face
 from face_emotions.jobs import job_queries
 from face_emotions.jobs import result_writes
 from face_emotions.jobs import worker_heartbeats
@@ -32,8 +34,10 @@ from face_emotions.jobs.schema import Image
 from face_emotions.jobs.schema import Job
 from face_emotions.labels import EMOTIONS
 from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.serving.face_regions import classify_regions
 from face_emotions.settings import Settings
 from tests.contract import CSV_HEADER
+from tests.contract import FACE_KEYS
 from tests.contract import SEED_KEYS
 from tests.fakes import ChunkOnlyBroker as FakeQueue
 
@@ -522,17 +526,42 @@ def test_broker_down_keeps_the_job(
 
 
 def simulate_worker(app, job_id: str) -> list[int]:
-    """Write results as a worker would: 4 images succeed (v3), the last one fails."""
+    """Write results as a worker would: 4 images succeed (v3), the last one fails.
+
+    img0 has one face, img1 two (Happy the larger, Sad), on img2 no face was found (classified
+    whole), img3 was classified without detection (policy none).
+    """
     images = job_images(app, job_id)
-    rows = []
-    probabilities = [
-        [0.1234567, 0.1, 0.5765433, 0.1, 0.1],  # Happy
-        [0.05, 0.05, 0.8, 0.05, 0.05],  # Happy
-        [0.7, 0.1, 0.1, 0.05, 0.05],  # Angry
-        [0.1, 0.1, 0.1, 0.1, 0.6],  # Surprised
+    probabilities = iter(
+        [
+            [0.1234567, 0.1, 0.5765433, 0.1, 0.1],  # img0's face: Happy
+            [0.05, 0.05, 0.8, 0.05, 0.05],  # img1's larger face: Happy
+            [0.05, 0.05, 0.1, 0.75, 0.05],  # img1's other face: Sad
+            [0.7, 0.1, 0.1, 0.05, 0.05],  # img2, whole: Angry
+            [0.1, 0.1, 0.1, 0.1, 0.6],  # img3, whole: Surprised
+        ]
+    )
+
+    def predict(crops):
+        return [next(probabilities) for _ in crops]
+
+    big = Face((40.0, 20.0, 100.0, 90.0), 0.999, ((55.0, 45.0), (85.0, 45.0)))
+    small = Face((130.0, 30.0, 160.0, 65.0), 0.97)
+    pictures = [PILImage.new("RGB", (200, 100), "gray") for _ in range(4)]
+    detected = classify_regions(
+        pictures[:3], [[big], [big, small], []], policy="all", spec=CropSpec(), predict=predict
+    )
+    whole = classify_regions(pictures[3:], [None], policy="none", spec=CropSpec(), predict=predict)
+    rows = [
+        result_writes.ResultRow(
+            image_id=image.id,
+            probabilities=c.probabilities,
+            faces=c.faces,
+            faces_found=c.faces_found,
+            image_size=c.size,
+        )
+        for image, c in zip(images[:4], [*detected, *whole], strict=True)
     ]
-    for image, probs in zip(images[:4], probabilities, strict=True):
-        rows.append(result_writes.ResultRow(image_id=image.id, probabilities=probs))
     rows.append(result_writes.ResultRow(image_id=images[4].id, error="not an image"))
     with app.app_context(), services().sessions() as session:
         result_writes.start_chunk(session, uuid.UUID(job_id))
@@ -568,7 +597,7 @@ def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None
     assert (first["page"], first["limit"], first["total"]) == (1, 2, 5)
     assert [item["image_path"] for item in first["items"]] == ["img0.png", "img1.png"]
     item = first["items"][0]
-    assert set(item) == SEED_KEYS | {"status", "model_version", "image_id"}
+    assert set(item) == SEED_KEYS | FACE_KEYS | {"status", "model_version", "image_id"}
     assert item["predicted_class"] == 2
     assert item["predicted_emotion"] == "Happy"
     assert item["confidence"] == 0.5765
@@ -581,11 +610,37 @@ def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None
     }
     assert list(item["all_probabilities"]) == list(EMOTIONS)
     assert (item["status"], item["model_version"]) == ("succeeded", 3)
+    assert (item["faces_found"], item["image_size"]) == (1, [200, 100])
+    [face] = item["faces"]
+    assert face == {
+        "index": 0,
+        "box": [40, 20, 100, 90],
+        "score": 0.999,
+        "landmarks": [[55.0, 45.0], [85.0, 45.0]],
+        "whole_image": False,
+        "predicted_class": 2,
+        "predicted_emotion": "Happy",
+        "confidence": 0.5765,
+        "all_probabilities": item["all_probabilities"],
+    }
+    two = first["items"][1]
+    assert two["faces_found"] == 2
+    assert [f["predicted_emotion"] for f in two["faces"]] == ["Happy", "Sad"]
+    assert [f["index"] for f in two["faces"]] == [0, 1]
+    assert two["predicted_emotion"] == "Happy" and two["confidence"] == 0.8  # the larger face
+
+    middle = client.get(f"{url}?page=2&limit=2").get_json()["items"]
+    no_face, not_searched = middle
+    assert no_face["faces_found"] == 0  # searched, none found: the whole image, and it says so
+    assert no_face["faces"][0]["whole_image"] and no_face["faces"][0]["box"] == [0, 0, 200, 100]
+    assert no_face["faces"][0]["score"] is None
+    assert not_searched["faces_found"] is None and not_searched["faces"][0]["whole_image"]
 
     last = client.get(f"{url}?page=3&limit=2").get_json()
     assert len(last["items"]) == 1
     failed = last["items"][0]
-    assert set(failed) == SEED_KEYS | {"status", "model_version", "error", "image_id"}
+    assert set(failed) == SEED_KEYS | FACE_KEYS | {"status", "model_version", "error", "image_id"}
+    assert (failed["faces"], failed["faces_found"]) == ([], None)
     assert failed["status"] == "failed"
     assert failed["error"] == "not an image"
     assert failed["predicted_emotion"] is None and failed["all_probabilities"] is None
@@ -603,6 +658,13 @@ def test_results_filters(client: FlaskClient, finished_job: str) -> None:
     assert [item["predicted_emotion"] for item in surprise["items"]] == ["Surprised"]
     failed = client.get(f"{url}?status=failed").get_json()
     assert [item["image_path"] for item in failed["items"]] == ["img4.png"]
+    no_face = client.get(f"{url}?no_face=true").get_json()
+    assert [item["image_path"] for item in no_face["items"]] == ["img2.png"]
+    assert no_face["total"] == 1
+    with_faces = client.get(f"{url}?no_face=false").get_json()
+    assert [item["image_path"] for item in with_faces["items"]] == ["img0.png", "img1.png"]
+    csv_body = client.get(f"{url}?format=csv&no_face=true").get_data(as_text=True)
+    assert len(csv_body.strip().splitlines()) == 2
 
     error = assert_error(client.get(f"{url}?emotion=bored"), 400, "invalid_emotion")
     assert all(name in error["message"] for name in EMOTIONS)
@@ -626,18 +688,51 @@ def test_results_export_jsonl_and_csv(client: FlaskClient, finished_job: str) ->
     assert ".csv" in response.headers["Content-Disposition"]
     rows = list(csv.reader(io.StringIO(response.get_data(as_text=True))))
     assert rows[0] == CSV_HEADER
-    assert len(rows) == 6
-    record = dict(zip(CSV_HEADER, rows[1], strict=True))
+    records = [dict(zip(CSV_HEADER, row, strict=True)) for row in rows[1:]]
+    # One row per face: img1 has two; images without a face or detection have their whole-image
+    # row; the failed image one row with its error.
+    assert [(r["image_path"], r["face_index"]) for r in records] == [
+        ("img0.png", "0"),
+        ("img1.png", "0"),
+        ("img1.png", "1"),
+        ("img2.png", "0"),
+        ("img3.png", "0"),
+        ("img4.png", ""),
+    ]
+    record = records[0]
     assert (record["image_path"], record["predicted_emotion"], record["Happy"]) == (
         "img0.png",
         "Happy",
         "0.5765",
     )
     assert (record["model_version"], record["error"]) == ("3", "")
-    assert dict(zip(CSV_HEADER, rows[5], strict=True))["error"] == "not an image"
+    assert [record[k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] == [
+        "40",
+        "20",
+        "100",
+        "90",
+    ]
+    assert (record["face_score"], record["whole_image"], record["faces_found"]) == (
+        "0.999",
+        "False",
+        "1",
+    )
+    second = records[2]
+    assert (second["predicted_emotion"], second["Sad"], second["faces_found"]) == (
+        "Sad",
+        "0.75",
+        "2",
+    )
+    assert (records[3]["whole_image"], records[3]["faces_found"], records[3]["face_score"]) == (
+        "True",
+        "0",
+        "",
+    )
+    assert records[4]["faces_found"] == ""  # detection did not run
+    assert records[5]["error"] == "not an image" and records[5]["box_x0"] == ""
 
     happy = client.get(f"{url}?format=csv&emotion=Happy").get_data(as_text=True)
-    assert len(happy.strip().splitlines()) == 3
+    assert len(happy.strip().splitlines()) == 4  # header, img0's face, img1's two faces
 
 
 def test_results_export_streams_across_batches(
@@ -659,6 +754,12 @@ def test_summary(client: FlaskClient, finished_job: str) -> None:
     assert body["emotions"]["Happy"]["count"] == 2
     assert body["emotions"]["Happy"]["mean_confidence"] == pytest.approx((0.5765433 + 0.8) / 2)
     assert body["emotions"]["Fear"] == {"count": 0, "mean_confidence": 0.0}
+    assert body["faces"] == {
+        "faces": 3,
+        "images_without_face": 1,
+        "images_with_several_faces": 1,
+        "not_searched": 1,
+    }
 
 
 def test_cancel(client: FlaskClient, finished_job: str) -> None:

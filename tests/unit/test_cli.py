@@ -14,6 +14,9 @@ from click.testing import Result
 from face_emotions.cli.main import main
 from face_emotions.data.images import decode_image
 from face_emotions.data.sample_faces import render_face
+from face_emotions.faces.crop import CropSpec
+from face_emotions.faces.crop import crop_face
+from face_emotions.faces.detection import Face
 from face_emotions.labels import EMOTIONS
 from face_emotions.modeling.bundle import SPEC_FILE
 from face_emotions.modeling.bundle import ModelSpec
@@ -23,6 +26,7 @@ from face_emotions.modeling.zoo import create_model
 from face_emotions.serving.predictor import Predictor
 
 RECORD_KEYS = ["image_path", "predicted_class", "predicted_emotion", "confidence"]
+FACE_KEYS = ["faces_found", "image_size", "faces"]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +100,27 @@ def test_infer_folder_with_a_corrupt_file(
     expected_paths = [images_dir / "a.png", images_dir / "b.jpg", images_dir / "nested" / "c.png"]
     assert [p["image_path"] for p in predictions] == [str(p) for p in expected_paths]
     predictor = Predictor(load_bundle(bundle_dir))
-    probs = predictor.predict_images([decode_image(p) for p in expected_paths])
-    for record, row in zip(predictions, probs, strict=True):
-        assert list(record) == [*RECORD_KEYS, "all_probabilities"]
+    for record, path in zip(predictions, expected_paths, strict=True):
+        # The seed's keys first and in order, then the faces (by default every face is found).
+        assert list(record) == [*RECORD_KEYS, "all_probabilities", *FACE_KEYS]
         assert list(record["all_probabilities"]) == list(EMOTIONS)
+        image = decode_image(path)
+        assert record["image_size"] == list(image.size)
+        assert record["faces_found"] is not None and len(record["faces"]) >= 1
+        largest = record["faces"][0]
+        if record["faces_found"] == 0:  # classified whole, and said so
+            assert largest["whole_image"] and largest["box"] == [0, 0, *image.size]
+            expected = predictor.predict_images([image])[0]
+        else:
+            assert not largest["whole_image"] and largest["score"] >= 0.95
+            face = Face(tuple(largest["box"]), largest["score"])
+            expected = predictor.predict_images([crop_face(image, face, CropSpec())])[0]
+        # The image-level fields are the largest face's.
         np.testing.assert_allclose(
-            [record["all_probabilities"][e] for e in EMOTIONS], row, atol=1e-4
+            [record["all_probabilities"][e] for e in EMOTIONS], expected, atol=2e-3
         )
-        assert record["predicted_class"] == int(np.argmax(row))
+        assert record["predicted_emotion"] == largest["predicted_emotion"]
+        assert record["predicted_class"] == int(np.argmax(expected))
         assert record["predicted_emotion"] == EMOTIONS[record["predicted_class"]]
 
 

@@ -54,7 +54,15 @@ def _imported(folders: tuple[str, ...]) -> set[str]:
 
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-RUNTIME = _declared(PYPROJECT["project"]["dependencies"])
+#: Installed with --no-deps by make setup and the image (their metadata pins are stale).
+NO_DEPS = _declared(
+    [
+        line.strip()
+        for line in (ROOT / "requirements-nodeps.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+)
+RUNTIME = _declared(PYPROJECT["project"]["dependencies"]) | NO_DEPS
 DEV = _declared(PYPROJECT["project"]["optional-dependencies"]["dev"])
 DISTRIBUTIONS = importlib.metadata.packages_distributions()
 

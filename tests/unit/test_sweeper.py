@@ -14,6 +14,7 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image as PILImage
@@ -22,6 +23,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
+from face_emotions.faces.crop import CropSpec
 from face_emotions.jobs import job_queries
 from face_emotions.jobs import recovery_queries
 from face_emotions.jobs import result_writes
@@ -278,6 +280,7 @@ def test_the_longest_stalled_jobs_go_first_and_the_rest_wait(sessions) -> None:
 
 class FakePredictor:
     backend = "torch"
+    spec = SimpleNamespace(crop=CropSpec())  # a whole-image model's default crop
 
     def predict_images(self, images):
         return [[0.1, 0.1, 0.6, 0.1, 0.1] for _ in images]

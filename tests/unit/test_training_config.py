@@ -4,6 +4,7 @@ outside the config folder)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ OWNED_BY_THE_SERVICE = {
     "promote=force": "set by the service",
     "hydra.run.dir=/tmp": "set by the service",
     "output_dir=/tmp": "set by the service",
+    "data.crop_cache=/etc": "set by the service",
     "model=resnet18": "'model' field",
     "training.lr=${oc.env:HOME}": "interpolations",
     "not an override": "key=value",
@@ -93,3 +95,25 @@ def test_what_the_service_owns_is_refused(override: str, fragment: str) -> None:
 )
 def test_paths_reach_hydra_literally(path: str) -> None:
     assert compose_config([f"data.path={hydra_quote(path)}"]).data.path == path
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.faces=yes", "data.faces=yes: must be one of detect, none"),
+        ("data.no_face=drop", "must be one of keep, skip"),
+        ("data.crop_margin=0.5", "must be a number from 1.0 to 3.0"),
+        ("data.crop_margin=9", "must be a number from 1.0 to 3.0"),
+    ],
+)
+def test_face_options_are_checked_at_submission(
+    tmp_path: Path, override: str, fragment: str
+) -> None:
+    with pytest.raises(OverrideError, match=re.escape(fragment)):
+        check_run_config([override], data_dir=tmp_path, output_dir=tmp_path / "out", promote="auto")
+
+
+def test_face_options_compose(tmp_path: Path) -> None:
+    overrides = ["data.faces=detect", "data.crop_margin=1.3", "data.crop_align=true"]
+    cfg = check_run_config(overrides, data_dir=tmp_path, output_dir=tmp_path / "o", promote="auto")
+    assert (cfg.data.faces, cfg.data.crop_margin, cfg.data.crop_align) == ("detect", 1.3, True)
