@@ -108,19 +108,13 @@ class Settings(BaseSettings):
         description="Face policy of jobs that name none: classify every face (all), only the "
         "largest, or the whole image without detection (none).",
     )
-    face_min_score: float = Field(
-        default=0.95, gt=0, le=1, description="Detector confidence below which a face is not one."
-    )
-    face_min_size: int = Field(
-        default=20, ge=8, le=1000, description="Smallest face side (px) detection looks for."
-    )
-    face_detect_max_side: int = Field(
-        default=320,
-        ge=64,
-        le=8192,
-        description="Detection runs on a copy at most this many pixels on its longer side "
-        "(faces from 1/16 of it at 320; larger finds smaller faces at a squared cost).",
-    )
+    #: Face detection (README "Faces"): a face is what MTCNN scores at least ``face_min_score``
+    #: and at least ``face_min_size`` pixels wide on a copy of the image at most
+    #: ``face_detect_max_side`` long (320: faces from 1/16 of the longer side; a larger copy
+    #: finds smaller faces at a squared cost).
+    face_min_score: float = Field(default=0.95, gt=0, le=1)
+    face_min_size: int = Field(default=20, ge=8, le=1000)
+    face_detect_max_side: int = Field(default=320, ge=64, le=8192)
     worker_max_memory_mb: int | None = Field(
         default=None,
         ge=64,

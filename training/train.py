@@ -18,9 +18,7 @@ import sys
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from typing import Any
-from typing import Literal
 
 import hydra
 from omegaconf import DictConfig
@@ -32,10 +30,11 @@ from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.registry.promotion import PromotionDecision
 from face_emotions.training_config import CONFIG_DIR
 from training.progress import RunHooks
-
-if TYPE_CHECKING:
-    # What ``lightning.Trainer(precision=...)`` accepts (Lightning has no public name for it).
-    from lightning.fabric.connector import _PRECISION_INPUT
+from training.run_environment import check_accelerator
+from training.run_environment import face_cropping
+from training.run_environment import one_handler_for_lightning
+from training.run_environment import refresh_rate
+from training.run_environment import resolve_precision
 
 log = logging.getLogger("training.train")
 
@@ -65,19 +64,6 @@ class TrainingResult:
         }
 
 
-def resolve_precision(
-    accelerator: str, precision: _PRECISION_INPUT | Literal["auto"]
-) -> _PRECISION_INPUT:
-    """Mixed precision only where it pays off: bf16 on GPUs that have it, fp16 on the others."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    if not _uses_gpu(accelerator):
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
 def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResult:
     """Split, train, evaluate, register and apply ``cfg.promote``.
 
@@ -96,8 +82,8 @@ def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResu
     from training.module import EmotionClassifier
 
     hooks = hooks or RunHooks()
-    _one_handler_for_lightning()
-    _check_accelerator(str(cfg.training.accelerator))
+    one_handler_for_lightning()
+    check_accelerator(str(cfg.training.accelerator))
     check_values(cfg)
     output_dir = Path(cfg.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +113,7 @@ def run_training(cfg: DictConfig, hooks: RunHooks | None = None) -> TrainingResu
         seed=cfg.data.split_seed,
         dedup_distance=cfg.data.dedup_distance,
         hash_cache=cfg.data.hash_cache,
-        faces=_face_cropping(cfg, crop, hooks),
+        faces=face_cropping(cfg, crop, hooks),
     )
     split = datamodule.prepare_split()
     class_weights = datamodule.class_weights() if cfg.training.class_weighting else None
@@ -220,7 +206,7 @@ def _fit_and_publish(
         LearningRateMonitor(logging_interval="epoch"),
     ]
     if cfg.training.progress_bar:
-        trainer_callbacks.append(TQDMProgressBar(refresh_rate=max(1, _refresh_rate())))
+        trainer_callbacks.append(TQDMProgressBar(refresh_rate=max(1, refresh_rate())))
     if hooks.report is not None:
         trainer_callbacks.append(ProgressCallback(hooks.report))
     loggers: list[Any] = [
@@ -351,69 +337,10 @@ def _fit_and_publish(
     return result
 
 
-def _face_cropping(cfg: DictConfig, crop: Any, hooks: RunHooks) -> Any:
-    """``data.faces=detect``: crop with the serving detector's settings (the crop cache and the
-    served crops then agree), on the training GPU when there is one; progress every 5 s."""
-    if crop.faces != "detect":
-        return None
-    import time
-
-    from face_emotions.faces.detection import FaceDetector
-    from face_emotions.settings import Settings
-    from training.face_crops import FaceCropping
-
-    settings = Settings()
-    device = "cuda" if _uses_gpu(str(cfg.training.accelerator)) else "cpu"
-    last = [float("-inf")]
-
-    def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last[0] >= 5.0:
-            last[0] = now
-            hooks.stage("detecting faces", images_done=done, images_total=total)
-
-    return FaceCropping(
-        spec=crop,
-        cache_dir=Path(cfg.data.crop_cache),
-        no_face=str(cfg.data.no_face),
-        detector_factory=lambda: FaceDetector.from_settings(settings, device),
-        on_progress=report,
-    )
-
-
-def _uses_gpu(accelerator: str) -> bool:
-    import torch
-
-    return accelerator in {"gpu", "cuda"} or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def _options(options: Any) -> dict[str, Any]:
     if options is None:
         return {}
     return dict(OmegaConf.to_container(options, resolve=True))  # type: ignore[arg-type]
-
-
-def _one_handler_for_lightning() -> None:
-    """``import lightning`` gives its logger a console handler of its own that also propagates
-    to the root logger: with the service's (or Celery's, or Hydra's) root handler, every
-    Lightning line came out twice. Where the root logger prints, Lightning's own handler goes."""
-    lightning_logger = logging.getLogger("lightning")
-    if not logging.getLogger().handlers:
-        return
-    for handler in list(lightning_logger.handlers):
-        if type(handler) is logging.StreamHandler:
-            lightning_logger.removeHandler(handler)
-
-
-def _check_accelerator(accelerator: str) -> None:
-    """Refuse a GPU run without a GPU in one sentence (Lightning's error is a traceback)."""
-    import torch
-
-    if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available():
-        raise ValueError(
-            f"training.accelerator={accelerator}, but no CUDA GPU is visible to this process: "
-            "use training.accelerator=cpu (or auto, which takes a GPU when there is one)"
-        )
 
 
 def _broadcast_reload() -> None:
@@ -422,11 +349,6 @@ def _broadcast_reload() -> None:
     from face_emotions.settings import get_settings
 
     BrokerClient.from_settings(get_settings()).announce_promotion()
-
-
-def _refresh_rate() -> int:
-    """Redraw often on a terminal, rarely in CI logs where each redraw is a new line."""
-    return 1 if sys.stderr.isatty() else 20
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

@@ -33,10 +33,6 @@ from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How long a micro-batch waits for the version a promotion asked for (a load takes seconds; a
-#: registry that hangs must not stall serving for longer).
-REQUESTED_RELOAD_WAIT_SECONDS = 120.0
-
 
 class ModelUnavailable(RuntimeError):
     """No model can be served yet (no champion, registry unreachable); retry later."""
@@ -64,6 +60,11 @@ def choose_backend(requested: str, device_type: str, bundle: Bundle) -> str:
         log.warning("backend onnx requested but this version has no ONNX artefact; using torch")
         return "torch"
     return requested
+
+
+#: How long a micro-batch waits for the version a promotion asked for (a load takes seconds; a
+#: registry that hangs must not stall serving for longer).
+REQUESTED_RELOAD_WAIT_SECONDS = 120.0
 
 
 class ModelHolder:

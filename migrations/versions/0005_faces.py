@@ -22,23 +22,28 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+#: The result's faces (a JSON list), how many the detector found, and the image's size.
+RESULT_COLUMNS = (
+    ("faces", sa.JSON),
+    ("faces_found", sa.Integer),
+    ("image_width", sa.Integer),
+    ("image_height", sa.Integer),
+)
+
+
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(
             sa.Column("face_policy", sa.String(length=8), nullable=False, server_default="all")
         )
     with op.batch_alter_table("results") as batch:
-        batch.add_column(sa.Column("faces", sa.JSON(), nullable=True))
-        batch.add_column(sa.Column("faces_found", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("image_width", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("image_height", sa.Integer(), nullable=True))
+        for name, column_type in RESULT_COLUMNS:
+            batch.add_column(sa.Column(name, column_type(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("results") as batch:
-        batch.drop_column("image_height")
-        batch.drop_column("image_width")
-        batch.drop_column("faces_found")
-        batch.drop_column("faces")
+        for name, _ in reversed(RESULT_COLUMNS):
+            batch.drop_column(name)
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("face_policy")
