@@ -42,6 +42,7 @@ def home() -> str:
         "home",
         max_batch_size=MAX_BATCH_SIZE,
         default_batch_size=min(services().settings.batch_size, MAX_BATCH_SIZE),
+        default_faces=services().settings.faces,
     )
 
 

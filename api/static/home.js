@@ -72,6 +72,7 @@
     C.clearError();
     const folder = form.elements.folder.value.trim();
     const size = batchSize(form);
+    const faces = form.elements.faces.value;
     if (size !== null && (!Number.isInteger(size) || size < 1)) {
       C.showError("Batch size must be a whole number of at least 1.");
       form.elements.batch_size.focus();
@@ -82,14 +83,16 @@
     try {
       if (chosenFiles.length) {
         const body = new FormData();
-        // Field names as the API documents them: files (repeated), batch_size.
+        // Field names as the API documents them: files (repeated), batch_size, faces.
         chosenFiles.forEach((file) => body.append("files", file, file.name));
         if (size !== null) body.append("batch_size", String(size));
+        if (faces) body.append("faces", faces);
         C.announce("Uploading " + chosenFiles.length + " file(s)…");
         job = await (await C.request("/api/v1/jobs", { method: "POST", body })).json();
       } else if (folder) {
         const body = { folder, recursive: form.elements.recursive.checked };
         if (size !== null) body.batch_size = size;
+        if (faces) body.faces = faces;
         C.announce("Submitting folder " + folder + "…");
         job = await C.sendJSON("POST", "/api/v1/jobs", body);
       } else {

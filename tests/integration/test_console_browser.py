@@ -35,6 +35,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 CONSOLE_GUNICORN = ("--workers", "1", "--threads", "8")
 DESKTOP = {"width": 1280, "height": 900}
+#: How long a browser assertion waits for a job to finish: a cold worker on a busy 2-core
+#: machine loads its model and detector first (playwright's expect waits only 5 s).
+JOB_SECONDS = 120
 PHONE = {"width": 390, "height": 844}
 
 
@@ -122,14 +125,14 @@ def test_console_upload_follow_results_export(
     assert job_id
     expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
     expect(job.locator(".progress-text")).to_contain_text("100% · 3 / 3")
-    expect(job.locator(".badge")).to_have_text("succeeded")
+    expect(job.locator(".badge")).to_have_text("succeeded", timeout=JOB_SECONDS * 1000)
     expect(job.get_by_role("button", name=f"Cancel job {job_id}")).to_have_count(0)
 
     # -- job page: progress, chart, three cards with five probabilities each ---------------
     job.get_by_role("link", name=f"Open job {job_id}").click()
     page.wait_for_url(f"**/jobs/{job_id}")
     expect(page.locator("#job-progress")).to_have_attribute("aria-valuenow", "100")
-    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_SECONDS * 1000)
     expect(page.locator("#summary-chart .bar-row")).to_have_count(len(EMOTIONS))
     cards = page.locator("#results li.result-card")
     expect(cards).to_have_count(3)
@@ -245,7 +248,7 @@ def test_console_draws_every_face_and_filters_images_without_one(
     page.get_by_label("Choose images or a .zip").set_input_files([str(p) for p in photos])
     page.get_by_role("button", name="Submit job").click()
     job = page.locator("#jobs li.job-item").first
-    expect(job.locator(".badge")).to_have_text("succeeded")
+    expect(job.locator(".badge")).to_have_text("succeeded", timeout=JOB_SECONDS * 1000)
     job_id = job.get_attribute("data-job-id")
     page.goto(f"{console_url}/jobs/{job_id}")
 
@@ -291,6 +294,18 @@ def test_console_draws_every_face_and_filters_images_without_one(
     expect(cards.first).to_contain_text(photos[0].name)
     page.get_by_label("Show", exact=True).select_option("")
     screenshot(page, "console-job-faces.png")
+
+    # The submit form sends the face policy the user picks.
+    page.goto(console_url + "/")
+    page.get_by_label("Choose images or a .zip").set_input_files([str(photos[0])])
+    page.get_by_label("Faces", exact=True).select_option("none")
+    page.get_by_role("button", name="Submit job").click()
+    expect(page.locator("#jobs li.job-item")).to_have_count(2)
+    whole = page.locator("#jobs li.job-item").first  # newest first
+    expect(whole.locator(".badge")).to_have_text("succeeded", timeout=JOB_SECONDS * 1000)
+    whole_id = whole.get_attribute("data-job-id")
+    job = page.evaluate(f"fetch('/api/v1/jobs/{whole_id}').then(r => r.json())")
+    assert job["face_policy"] == "none"
     assert problems == [], problems
     context.close()
 

@@ -100,7 +100,7 @@ def ids_of(html: str) -> set[str]:
 @pytest.mark.parametrize(
     ("url", "labels", "script"),
     [
-        ("/", {"api-token", "files", "folder", "recursive", "batch_size"}, "home.js"),
+        ("/", {"api-token", "files", "folder", "recursive", "batch_size", "faces"}, "home.js"),
         (
             f"/jobs/{uuid.UUID(int=7)}",
             {"api-token", "filter-emotion", "sort-order"},
