@@ -9,6 +9,8 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 PYTEST_ARGS ?=
+# Test processes for `make test` (pytest-xdist); TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup system-deps demo stop test test-fast lint format clean
 
@@ -34,7 +36,7 @@ system-deps:
 	@bash scripts/system_deps.sh
 
 test: setup system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)

@@ -26,6 +26,7 @@ from api import limits
 from api import metrics_route
 from api import models
 from api import openapi_docs
+from api import request_guards
 from api import security
 from api import thumbnails
 from api import training_runs
@@ -91,6 +92,7 @@ def create_app(
     errors.init_app(app)
     docs_assets.init_app(app)  # before security: the docs policy follows where UI files live
     security.init_app(app, settings)
+    request_guards.init_app(app)  # after security's body cap, before any route is added
     extensions.init_app(app, settings, broker=broker, registry_factory=registry_factory)
     metrics_route.init_app(app, settings)
     limits.init_app(app, settings, key=_rate_limit_key)

@@ -28,9 +28,11 @@ STATUS_CODES: dict[int, str] = {
     406: "not_acceptable",
     409: "conflict",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    431: "request_header_fields_too_large",
     500: "internal_error",
     503: "unavailable",
 }

@@ -1,5 +1,7 @@
 """Every result of a job as one streamed download: JSON Lines (one line per image, with its
-``faces``) or CSV (one row per face, with the face's index and box).
+``faces``) or CSV (one row per face, with the face's index and box). CSV cells that a
+spreadsheet would run as a formula (an image named ``=HYPERLINK(...).png``) start with ``'``
+(:mod:`face_emotions.ops.csv_cells`).
 
 A job may hold millions of results, so the body is a generator that Flask streams after the
 view has returned: it reads keyset pages with short-lived sessions of its own (the request's
@@ -8,7 +10,6 @@ session is closed by then) and never holds more than one page in memory.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import uuid
@@ -23,6 +24,7 @@ from api.serialize import result_dict
 from face_emotions.jobs import job_queries
 from face_emotions.jobs.schema import Image
 from face_emotions.labels import EMOTIONS
+from face_emotions.ops.csv_cells import csv_writer
 
 #: Rows per keyset page (and per short-lived session).
 EXPORT_BATCH = 1000
@@ -102,9 +104,10 @@ def jsonl_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
 
 
 def csv_lines(records: Iterator[dict[str, Any]]) -> Iterator[str]:
-    """The CSV body in pieces of :data:`CSV_FLUSH_ROWS` rows, header first."""
+    """The CSV body in pieces of :data:`CSV_FLUSH_ROWS` rows, header first; no cell of it can
+    run as a spreadsheet formula."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv_writer(buffer)
     writer.writerow(CSV_COLUMNS)
     count = 0
     for record in records:

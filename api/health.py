@@ -69,10 +69,13 @@ def consumer_warnings(state: Services) -> list[str]:
     """
     with state.sessions() as session:
         warnings = []
-        if not worker_heartbeats.live_workers(session, role=worker_heartbeats.INFERENCE):
+        stale_seconds = state.settings.worker_stale_seconds
+        if not worker_heartbeats.live_workers(
+            session, role=worker_heartbeats.INFERENCE, stale_seconds=stale_seconds
+        ):
             warnings.append(
-                "no inference worker has reported in the last minute: jobs stay queued until "
-                "one starts (celery -A worker.app worker -Q inference)"
+                f"no inference worker has reported in the last {stale_seconds:g} s: jobs stay "
+                "queued until one starts (celery -A worker.app worker -Q inference)"
             )
         trainers = trainer_problem(session, state.settings)
         if trainers is not None:

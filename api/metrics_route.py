@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 from apiflask import APIFlask
 from flask import Response
@@ -37,7 +38,6 @@ from prometheus_client.exposition import generate_latest
 
 from api.cluster_metrics import ClusterCollector
 from api.extensions import services
-from api.models import WORKER_LIVENESS
 from face_emotions.jobs.protocol import INFERENCE_QUEUE
 from face_emotions.ops.prometheus_multiprocess import ENV
 from face_emotions.ops.prometheus_multiprocess import multiprocess_registry
@@ -89,7 +89,7 @@ def init_app(app: APIFlask, settings: Settings) -> CollectorRegistry:
             lambda: services().sessions,
             broker_url=settings.broker_url,
             queues=[INFERENCE_QUEUE, settings.training_queue],
-            worker_liveness=WORKER_LIVENESS,
+            worker_liveness=timedelta(seconds=settings.worker_stale_seconds),
         )
     )
     app.extensions[_KEY] = registry

@@ -48,9 +48,6 @@ MISSING_VERSION_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 #: Registries number versions from 1 in a 32-bit integer; larger numbers exist nowhere.
 MAX_VERSION = 2**31 - 1
 
-#: Processes heartbeat every 15 s, idle or busy; one silent this long is gone (or stuck).
-WORKER_LIVENESS = timedelta(seconds=worker_heartbeats.LIVENESS_SECONDS)
-
 REGISTRY_UNREACHABLE: dict[int, str] = {503: "The model registry is unreachable"}
 
 
@@ -72,7 +69,9 @@ def list_models() -> dict[str, Any]:
         raise _registry_unavailable() from exc
     alias = state.settings.model_alias
     champion = next((v.version for v in versions if alias in v.aliases), None)
-    since = datetime.now(UTC) - WORKER_LIVENESS
+    # Processes heartbeat while idle too; one silent for the stale time is gone (or stuck).
+    stale_seconds = state.settings.worker_stale_seconds
+    since = datetime.now(UTC) - timedelta(seconds=stale_seconds)
     live = worker_heartbeats.live_workers(db_session(), since=since)
     return {
         "model": getattr(registry, "model_name", state.settings.model_name),
@@ -80,6 +79,7 @@ def list_models() -> dict[str, Any]:
         "versions": [_version_dict(v) for v in versions],
         "workers": [_worker_dict(w) for w in live if w.role == worker_heartbeats.INFERENCE],
         "trainers": [_worker_dict(w) for w in live if w.role == worker_heartbeats.TRAINING],
+        "worker_stale_seconds": stale_seconds,
     }
 
 
@@ -89,6 +89,7 @@ def _worker_dict(worker: WorkerState) -> dict[str, Any]:
         "model_version": worker.model_version,
         "device": worker.device,
         "backend": worker.backend,
+        "state": worker.state,
         "images_processed": worker.images_processed,
         "last_seen": aware(worker.last_seen),
     }

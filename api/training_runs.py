@@ -1,8 +1,9 @@
 """``/api/v1/training-runs``: ask the trainer service for a run, follow it (admin only).
 
 Submission mirrors jobs: validate, commit the run, then send its task. A broker outage after the
-commit leaves a queued run that was never dispatched; the next submission or the next trainer
-to start sends it, so the client still gets its run id and nothing is lost.
+commit leaves a queued run that was never dispatched; the workers' recovery sweeper (or the next
+submission, or the next trainer to start) sends it once the broker is back, so the client still
+gets its run id and nothing is lost.
 
 The request's fields become Hydra overrides (``model=...``, ``training.max_epochs=...``) stored
 with the run; the trainer adds what only it may choose (data path under its data root, output
@@ -50,8 +51,9 @@ log = logging.getLogger(__name__)
 bp = APIBlueprint("training_runs", __name__, url_prefix="/api/v1/training-runs", tag="training")
 
 BROKER_WARNING = (
-    "queued in the database; the broker is unreachable, the run will be dispatched by the next "
-    "submission or when a trainer starts"
+    "queued in the database but not sent to a trainer: the broker is unreachable; the recovery "
+    "sweeper sends it once the broker is back (within EMOTIONS_SWEEP_SECONDS), as do the next "
+    "submission and a starting trainer"
 )
 
 
@@ -193,7 +195,9 @@ def cancel_training_run(run_id: uuid.UUID) -> Any:
 def trainer_problem(session: Session, settings: Settings) -> str | None:
     """Why a queued run would not start now, or None: no live trainer, or trainers that read
     another data root than this API checks folders against."""
-    trainers = worker_heartbeats.live_workers(session, role=worker_heartbeats.TRAINING)
+    trainers = worker_heartbeats.live_workers(
+        session, role=worker_heartbeats.TRAINING, stale_seconds=settings.worker_stale_seconds
+    )
     if not trainers:
         return (
             f"no trainer is consuming queue '{settings.training_queue}': the run stays queued "

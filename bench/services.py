@@ -210,9 +210,9 @@ class Cluster:
     def start_api(self) -> None:
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        # --threads 8: the tiny-jobs figure submits from 16 client threads at once.
+        # As compose serves it: gevent workers take the tiny-jobs figure's 16 client threads.
         self.api = self.environment.launcher().api(
-            "--threads", "8", port=port, env={"EMOTIONS_API_URL": self.api_url}
+            port=port, env={"EMOTIONS_API_URL": self.api_url}
         )
 
     def start_worker(

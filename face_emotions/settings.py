@@ -189,10 +189,24 @@ class Settings(BaseSettings):
     sweep_seconds: float = Field(
         default=30.0, gt=0, description="How often the recovery sweeper looks for stalled jobs."
     )
+    orphan_upload_grace_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="The recovery sweeper removes stored uploads (<storage>/jobs/<id>/) that "
+        "belong to no job once nothing in them changed for this long (an API killed "
+        "mid-upload leaves them); it looks every min(this, 5 min), at least every sweep.",
+    )
     max_chunk_attempts: int = Field(
         default=5,
         ge=1,
         description="Deliveries of a chunk before its remaining images are marked failed.",
+    )
+    worker_stale_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        description="A worker or trainer that has not reported for this long (killed without a "
+        "goodbye, host down) is no longer listed as live; processes report every quarter of "
+        "it (15 s apart at most), idle or busy. Give the API and the workers the same value.",
     )
     migrate_on_start: bool = Field(
         default=True, description="The API applies pending migrations when it starts."
@@ -218,6 +232,12 @@ class Settings(BaseSettings):
         default=None,
         description="Directory where a worker's pool processes write their metric samples "
         "(emptied at start, one per worker); default a fresh temporary directory.",
+    )
+    thumbnail_max_pixels: int = Field(
+        default=16_000_000,
+        gt=0,
+        description="Most pixels the API decodes to make one thumbnail (after a JPEG's reduced "
+        "decoding); larger images answer 422 image_too_large instead of costing seconds of CPU.",
     )
 
     @field_validator("log_level", mode="before")

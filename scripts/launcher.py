@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-#: gunicorn as compose and Dockerfile.gpu run it. ``--preload`` imports the app once in the
-#: master; 300 s because large uploads outlast gunicorn's 30 s default. Options a caller adds
-#: come after these, and gunicorn takes the last value given, so ``--workers 1`` overrides.
-#: Compose's ``--access-logfile=-`` is left out: it is for ``docker logs``, and a line per
-#: request would cost the benchmark's polls and fill the demo's log.
-API_OPTIONS: tuple[str, ...] = ("--preload", "--workers", "2", "--timeout", "300")
+#: gunicorn as compose and Dockerfile.gpu run it: every serving option (gevent workers, header
+#: deadline, limits, redacted logs) lives in ``api/gunicorn_conf.py``. Options a caller adds
+#: come after these and win, so ``--workers 1`` overrides.
+API_OPTIONS: tuple[str, ...] = ("--config=python:api.gunicorn_conf",)
+#: Compose's access log on stdout is for ``docker logs``; here a line per request would cost
+#: the benchmark's polls and fill the demo's log, so it is off unless the environment sets it.
+API_ENV: dict[str, str] = {"EMOTIONS_API_ACCESS_LOG": ""}
 #: Every worker's options beside app, queue, pool and name: gossip and mingle are off (nothing
 #: here uses them, and they slow every start by seconds), INFO shows each task in the log.
 WORKER_OPTIONS: tuple[str, ...] = ("--without-gossip", "--without-mingle", "--loglevel", "INFO")
@@ -330,6 +331,7 @@ class Launcher:
         command = [sys.executable, "-m", "gunicorn", *API_OPTIONS, "--bind", bind, *options]
         command.append("api.wsgi:app")
         probe = http_ready(url + ready_path)
+        env = {**API_ENV, **{k: v for k, v in self.env.items() if k in API_ENV}, **(env or {})}
         return self.start(
             name, command, lambda _log, _offset: probe, env=env, log_path=log_path, url=url
         )

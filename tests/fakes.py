@@ -39,11 +39,13 @@ class FakeBroker(ChunkOnlyBroker):
     def __init__(self) -> None:
         super().__init__()
         self.training: list[str] = []
+        self.dispatches: list[str | None] = []  # each sending's dispatch stamp, as sent
         self.broadcasts = 0
 
-    def send_training_run(self, run_id: str) -> None:
+    def send_training_run(self, run_id: str, dispatch: str | None = None) -> None:
         self._check()
         self.training.append(run_id)
+        self.dispatches.append(dispatch)
 
     def broadcast_reload(self) -> None:
         self._check()

@@ -63,12 +63,15 @@ def run_config(run: TrainingRun, settings: Settings) -> DictConfig:
         raise RunConfigError(f"invalid training configuration: {exc}") from exc
 
 
-def start_run(sessions: sessionmaker[Session], run_id: uuid.UUID) -> TrainingRun | None:
-    """Move the run to ``running``; None when there is nothing to do (finished, cancelled)."""
+def start_run(
+    sessions: sessionmaker[Session], run_id: uuid.UUID, *, dispatch: str | None = None
+) -> TrainingRun | None:
+    """Move the run to ``running``; None when there is nothing to do (finished, cancelled, or
+    ``dispatch`` is a stale copy's: see :func:`~face_emotions.jobs.training_runs.mark_running`)."""
 
     def write() -> TrainingRun | None:
         with sessions() as session:
-            run = db_runs.mark_running(session, run_id)
+            run = db_runs.mark_running(session, run_id, dispatch=dispatch)
             session.commit()
             return run
 

@@ -5,7 +5,8 @@ time per trainer: a run uses every core (or the GPU) it can get, and two would o
 other down. The reliability settings are the inference worker's (``acks_late``,
 ``reject_on_worker_lost``, prefetch 1), so a trainer that dies mid-run gets its run back from
 the broker and restarts it; the run's row (not the broker) says whether there is anything left
-to do, so a redelivered task for a finished run does nothing.
+to do, so a redelivered task for a finished run does nothing, and a stale copy of a run that
+was sent twice (its message carries an older dispatch stamp) starts nothing.
 
 Runs last hours, not seconds, so this app's Redis visibility timeout is at least 6 h, and it
 keeps its unacknowledged tasks under keys of its own: kombu's Redis transport restores *every*
@@ -46,6 +47,7 @@ from face_emotions.jobs.protocol import RELOAD_COMMAND
 from face_emotions.jobs.protocol import TRAIN_TASK
 from face_emotions.jobs.worker_heartbeats import TRAINING
 from face_emotions.jobs.worker_heartbeats import Heartbeat
+from face_emotions.jobs.worker_heartbeats import heartbeat_period
 from face_emotions.ops.log_format import apply_format
 from face_emotions.ops.malloc_tuning import tune_glibc_malloc
 from face_emotions.ops.redaction import install_log_redaction
@@ -100,9 +102,10 @@ broker = BrokerClient.from_settings(settings)
 
 
 @app.task(name=TRAIN_TASK)
-def train(run_id: str) -> str | None:
-    """Execute training run ``run_id``; returns its final status (None: nothing to do)."""
-    return supervise(uuid.UUID(run_id), settings=settings, sessions=_sessions())
+def train(run_id: str, dispatch: str | None = None) -> str | None:
+    """Execute training run ``run_id``; returns its final status (None: nothing to do).
+    ``dispatch``: which sending of the run this message is (a stale copy starts nothing)."""
+    return supervise(uuid.UUID(run_id), settings=settings, sessions=_sessions(), dispatch=dispatch)
 
 
 @lru_cache(maxsize=1)
@@ -137,7 +140,13 @@ def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
     except ValueError:  # an object-store root: runs will fail, and say why
         data_root = str(settings.data_root)
     engine = create_db_engine(settings.resolved_database_url)
-    heartbeat = Heartbeat(session_factory(engine), name, role=TRAINING, data_root=data_root)
+    heartbeat = Heartbeat(
+        session_factory(engine),
+        name,
+        role=TRAINING,
+        data_root=data_root,
+        period=heartbeat_period(settings.worker_stale_seconds),
+    )
     heartbeat.start()
     HEARTBEAT.append(heartbeat)
 

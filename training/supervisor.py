@@ -117,11 +117,20 @@ def supervise(
     sessions: sessionmaker[Session],
     launch: Launch = ChildProcess,
     poll_seconds: float = POLL_SECONDS,
+    dispatch: str | None = None,
 ) -> str | None:
-    """Run ``run_id`` to its end; returns its final status (None: nothing to do)."""
-    run = start_run(sessions, run_id)
+    """Run ``run_id`` to its end; returns its final status (None: nothing to do).
+
+    ``dispatch`` is the message's dispatch stamp: a second copy of a run that was sent twice
+    finds it is not the current one and does nothing, so the run trains once.
+    """
+    run = start_run(sessions, run_id, dispatch=dispatch)
     if run is None:
-        log.info("training run %s is finished, cancelled or gone; nothing to do", run_id)
+        log.info(
+            "training run %s is finished, cancelled, gone or started by another copy of its "
+            "task; nothing to do",
+            run_id,
+        )
         return None
     log.info("training run %s: attempt %d", run_id, run.attempts)
     try:

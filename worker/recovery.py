@@ -13,6 +13,10 @@ still missing then is lost, or stuck in a worker), and ``EMOTIONS_VISIBILITY_TIM
 longest a chunk may take, after which Redis itself would redeliver) while it is not, so a job
 behind a long backlog is neither sent again and again nor starved for ever.
 
+Each sweep also sends the training runs the broker never had (accepted during an outage), and
+every few minutes removes uploads that belong to no job (an API killed mid-upload) once they
+are ``EMOTIONS_ORPHAN_UPLOAD_GRACE_SECONDS`` old.
+
 The thread lives in the main process, not in a pool process: it must keep sweeping while every
 pool process is busy with a long chunk, and the main process is never killed for a task. It has
 its own database engine, which pool processes forked later must not use (see
@@ -22,6 +26,7 @@ its own database engine, which pool processes forked later must not use (see
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import threading
@@ -32,17 +37,23 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
+from face_emotions.data.storage import Storage
 from face_emotions.jobs.broker import BrokerClient
 from face_emotions.jobs.database import create_db_engine
 from face_emotions.jobs.database import session_factory
+from face_emotions.jobs.orphan_uploads import remove_orphan_uploads
 from face_emotions.jobs.protocol import INFERENCE_QUEUE
 from face_emotions.jobs.recovery import SweepReport
+from face_emotions.jobs.recovery import dispatch_stranded_runs
 from face_emotions.jobs.recovery import sweep
 from face_emotions.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "face-emotions:recovery-sweeper"
+#: Uploads are checked for a job at most this often (listing a bucket costs requests), and at
+#: least every ``EMOTIONS_ORPHAN_UPLOAD_GRACE_SECONDS`` when that is shorter.
+ORPHAN_CHECK_SECONDS = 300.0
 
 
 class RecoverySweeper:
@@ -56,6 +67,8 @@ class RecoverySweeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        # Sweeps since uploads were last checked for a job; the first sweep checks.
+        self._sweeps_since_orphans = 1 << 30
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -109,9 +122,32 @@ class RecoverySweeper:
             stall_seconds=stall,
             max_attempts=self.settings.max_chunk_attempts,
         )
+        report.training_runs_sent, error = dispatch_stranded_runs(
+            self.sessions(), self.broker.send_training_run
+        )
+        report.enqueue_error = report.enqueue_error or error
+        report.orphan_uploads_removed = self._remove_orphan_uploads()
         if not report.idle:
             log.info("recovery sweep (%d tasks waiting): %s", waiting, report.as_dict())
         return report
+
+    def _remove_orphan_uploads(self) -> list[str]:
+        """Every ``min(grace, 5 min)`` (at least every sweep): uploads without a job."""
+        grace = self.settings.orphan_upload_grace_seconds
+        every = max(1, math.ceil(min(grace, ORPHAN_CHECK_SECONDS) / self.settings.sweep_seconds))
+        self._sweeps_since_orphans += 1
+        if self._sweeps_since_orphans < every:
+            return []
+        self._sweeps_since_orphans = 0
+        try:
+            storage = Storage.from_url(
+                self.settings.resolved_storage_url, s3_endpoint_url=self.settings.s3_endpoint_url
+            )
+            report = remove_orphan_uploads(self.sessions(), storage, grace_seconds=grace)
+        except Exception as exc:  # storage or database away: the next check tries again
+            log.warning("could not check for orphaned uploads: %s", exc)
+            return []
+        return report.removed
 
     def sessions(self) -> sessionmaker[Session]:
         if self._sessions is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from functools import wraps
 from typing import TypeVar
@@ -21,9 +23,12 @@ from sqlalchemy.orm import sessionmaker
 from face_emotions.faces.detection import FaceDetector
 from face_emotions.jobs.database import create_db_engine
 from face_emotions.jobs.database import session_factory
+from face_emotions.jobs.worker_heartbeats import BUSY
+from face_emotions.jobs.worker_heartbeats import IDLE
 from face_emotions.jobs.worker_heartbeats import INFERENCE
 from face_emotions.jobs.worker_heartbeats import Beat
 from face_emotions.jobs.worker_heartbeats import Heartbeat
+from face_emotions.jobs.worker_heartbeats import heartbeat_period
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.chunk_classifier import default_worker_name
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
@@ -100,18 +105,52 @@ def holder() -> ModelHolder:
 #: model is a task's job, not a heartbeat's).
 _BUILT: list[ModelHolder] = []
 _HEARTBEATS: list[Heartbeat] = []
+#: Tasks this process is running now (several with ``--pool threads``).
+_RUNNING = [0]
+_RUNNING_LOCK = threading.Lock()
 
 
 def _serving() -> Beat:
+    """What the heartbeat says: idle or busy, and the version loaded. A prefork pool process
+    loads its model with its first task, so an idle one that never worked reports none."""
+    state = BUSY if _RUNNING[0] else IDLE
     if not _BUILT:
-        return Beat()
+        return Beat(state=state)
     described = _BUILT[0].describe()
-    return Beat(described["version"], described["device"], described["backend"])
+    return Beat(described["version"], described["device"], described["backend"], state)
+
+
+@contextmanager
+def busy() -> Iterator[None]:
+    """Around a task: the process reports ``busy`` while one runs, ``idle`` again after.
+
+    The heartbeat thread writes the change (not the task: a stream of short tasks must not pay
+    a database round trip each), once it has lasted a moment.
+    """
+    with _RUNNING_LOCK:
+        _RUNNING[0] += 1
+        changed = _RUNNING[0] == 1
+    if changed:
+        _state_changed()
+    try:
+        yield
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING[0] -= 1
+            changed = _RUNNING[0] == 0
+        if changed:
+            _state_changed()
 
 
 def start_heartbeat() -> None:
     """Report this pool process alive, busy or idle, until :func:`stop_heartbeat`."""
-    heartbeat = Heartbeat(sessions(), default_worker_name(), role=INFERENCE, state=_serving)
+    heartbeat = Heartbeat(
+        sessions(),
+        default_worker_name(),
+        role=INFERENCE,
+        state=_serving,
+        period=heartbeat_period(get_settings().worker_stale_seconds),
+    )
     heartbeat.start()
     _HEARTBEATS.append(heartbeat)
 
@@ -124,6 +163,11 @@ def stop_heartbeat() -> None:
 def _beat_now() -> None:
     for heartbeat in _HEARTBEATS:
         heartbeat.beat()
+
+
+def _state_changed() -> None:
+    for heartbeat in _HEARTBEATS:
+        heartbeat.changed()
 
 
 @_once

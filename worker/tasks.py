@@ -31,6 +31,7 @@ from face_emotions.serving.model_holder import ModelUnavailable
 from worker.app import app
 from worker.app import settings
 from worker.runtime import batcher
+from worker.runtime import busy
 from worker.runtime import detector
 from worker.runtime import holder
 from worker.runtime import image_loader
@@ -56,6 +57,11 @@ REASON_MAX_CHARS = 300
     max_retries=MODEL_RETRIES,
 )
 def classify_chunk_task(self: Task, job_id: str, image_ids: list[int]) -> dict:
+    with busy():  # the heartbeat says "busy" while this runs
+        return _classify(self, job_id, image_ids)
+
+
+def _classify(task: Task, job_id: str, image_ids: list[int]) -> dict:
     try:
         outcome = classify_chunk(
             sessions(),
@@ -71,9 +77,9 @@ def classify_chunk_task(self: Task, job_id: str, image_ids: list[int]) -> dict:
         log.warning(
             "job %s: no model to serve yet (%s); retrying", job_id, exc, extra=job_context(job_id)
         )
-        raise self.retry(exc=exc, countdown=MODEL_RETRY_SECONDS) from exc
+        raise task.retry(exc=exc, countdown=MODEL_RETRY_SECONDS) from exc
     except Exception as exc:
-        return _after_failure(self, job_id, image_ids, exc)
+        return _after_failure(task, job_id, image_ids, exc)
     log.info(
         "job %s chunk: %d ok, %d failed, batches %s, versions %s, %.2fs, delivery %d%s",
         job_id,

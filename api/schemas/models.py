@@ -26,10 +26,24 @@ class ModelVersionOut(Schema):
 
 
 class WorkerOut(Schema):
-    name = String(required=True)
-    model_version = Integer(allow_none=True)
+    name = String(
+        required=True, metadata={"description": "host:pid of the process (one row per process)."}
+    )
+    model_version = Integer(
+        allow_none=True,
+        metadata={
+            "description": "Version the process has loaded; null while it has loaded none "
+            "(a worker process loads its model with its first task)."
+        },
+    )
     device = String(allow_none=True)
     backend = String(allow_none=True)
+    state = String(
+        allow_none=True,
+        metadata={
+            "description": "idle or busy (inference processes, as of last_seen); null for trainers."
+        },
+    )
     images_processed = Integer(required=True)
     last_seen = DateTime(required=True)
 
@@ -41,12 +55,22 @@ class ModelsOut(Schema):
     workers = List(
         Nested(WorkerOut),
         required=True,
-        metadata={"description": "Inference processes seen in the last minute, idle or busy."},
+        metadata={
+            "description": "Inference processes, idle or busy, that reported within "
+            "worker_stale_seconds (they report every quarter of it, 15 s apart at most)."
+        },
     )
     trainers = List(
         Nested(WorkerOut),
         required=True,
         metadata={"description": "Trainers consuming the training queue (none: runs wait)."},
+    )
+    worker_stale_seconds = Float(
+        required=True,
+        metadata={
+            "description": "EMOTIONS_WORKER_STALE_SECONDS (default 60): a process silent this "
+            "long (killed, host down) is no longer listed."
+        },
     )
 
 

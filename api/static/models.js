@@ -46,14 +46,18 @@
   }
 
   function workerRow(worker) {
+    // A worker process loads its model with its first task: an idle one may have none yet.
     const version =
-      worker.model_version === null
-        ? "loading"
-        : "v" + worker.model_version + (worker.model_version === champion ? " (champion)" : "");
+      worker.model_version !== null
+        ? "v" + worker.model_version + (worker.model_version === champion ? " (champion)" : "")
+        : worker.state === "busy"
+          ? "loading"
+          : "none loaded yet";
     return C.el(
       "tr",
       {},
       C.el("th", { scope: "row", class: "mono" }, worker.name),
+      cell(worker.state || "–"),
       cell(version),
       cell(worker.device || "–"),
       cell(worker.backend || "–"),
@@ -68,7 +72,9 @@
     document.getElementById("model-name").textContent = body.model;
     document.querySelector("#versions tbody").replaceChildren(...body.versions.map(versionRow));
     document.querySelector("#workers tbody").replaceChildren(...body.workers.map(workerRow));
-    document.getElementById("workers-empty").hidden = body.workers.length > 0;
+    const empty = document.getElementById("workers-empty");
+    empty.textContent = "No worker has reported in the last " + body.worker_stale_seconds + " s.";
+    empty.hidden = body.workers.length > 0;
     await loadWarnings();
 
     const select = document.getElementById("matrix-version");

@@ -4,7 +4,9 @@ Folder jobs and training runs both take a folder relative to ``EMOTIONS_DATA_ROO
 untrusted request. The same checks apply to both, before anything is read: no NUL byte, no
 absolute path or drive letter, no ``..``; and on disk the resolved folder (symlinks followed)
 must still lie inside the resolved root, so a link planted in a shared data tree can't point a
-job or a run at ``/etc`` or at another tenant's files.
+job or a run at ``/etc`` or at another tenant's files. That check is at submission; a link
+swapped in afterwards is refused when a job's image is read, by
+:mod:`face_emotions.data.confined_files`.
 """
 
 from __future__ import annotations

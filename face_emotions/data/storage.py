@@ -26,6 +26,7 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import IO
@@ -216,6 +217,23 @@ class StorageReader:
         return read_location(location, s3_endpoint_url=self.s3_endpoint_url, max_bytes=max_bytes)
 
 
+@dataclass(frozen=True)
+class PrefixUsage:
+    """What a prefix holds (:meth:`Storage.usage`); ``newest`` is a POSIX time or None."""
+
+    files: int
+    bytes: int
+    newest: float | None
+
+
+def _modified(info: dict) -> float | None:
+    """When an fsspec entry last changed: ``mtime`` (local), ``LastModified`` (S3)."""
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value) if isinstance(value, int | float) else None
+
+
 class Storage:
     """Objects below one root URL, addressed by relative keys (``jobs/<id>/a.png``).
 
@@ -331,6 +349,32 @@ class Storage:
         prefix = self.root.path.rstrip("/") + "/"
         keys = [name[len(prefix) :] for name in found if name.startswith(prefix)]
         return sorted(keys, key=lambda name: name.split("/"))
+
+    def list_names(self, key: str) -> list[str]:
+        """Names of the files and folders directly below ``key``, sorted; [] when none."""
+        base = self._path(key)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
+        return sorted(name for name in names if name)
+
+    def usage(self, key: str) -> PrefixUsage:
+        """What ``key`` holds: its files, their bytes, and when anything below it last changed.
+
+        On a local disk the folders' own times count too (a file being created or removed
+        moves its folder's), so an empty folder left behind still has an age; S3 has no
+        folders, only objects.
+        """
+        try:
+            found = self.fs.find(self._path(key), withdirs=True, detail=True)
+        except FileNotFoundError:
+            return PrefixUsage(0, 0, None)
+        files = [info for info in found.values() if info.get("type") != "directory"]
+        times = [t for t in map(_modified, found.values()) if t is not None]
+        size = sum(int(info.get("size") or 0) for info in files)
+        return PrefixUsage(files=len(files), bytes=size, newest=max(times, default=None))
 
     def delete(self, url_or_key: str) -> None:
         """Remove one object; a missing one is not an error."""

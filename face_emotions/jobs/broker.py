@@ -55,8 +55,9 @@ class TrainingSender(Protocol):
     serves every job route; the training routes check for it.
     """
 
-    def send_training_run(self, run_id: str) -> None:
-        """Send one training run to the trainer's queue; raise if not taken."""
+    def send_training_run(self, run_id: str, dispatch: str | None = None) -> None:
+        """Send one training run to the trainer's queue; raise if not taken. ``dispatch``: the
+        run's dispatch stamp, which the trainer checks (a stale copy starts nothing)."""
 
     def broadcast_reload(self) -> None:
         """Ask every inference worker to re-check the serving alias now; raise if not sent."""
@@ -96,8 +97,8 @@ class BrokerClient:
     def send_chunk(self, job_id: str, image_ids: list[int]) -> None:
         self._send(classify_chunk_message(job_id, image_ids), INFERENCE_QUEUE)
 
-    def send_training_run(self, run_id: str) -> None:
-        self._send(train_message(run_id), self.training_queue)
+    def send_training_run(self, run_id: str, dispatch: str | None = None) -> None:
+        self._send(train_message(run_id, dispatch), self.training_queue)
 
     def broadcast_reload(self) -> None:
         """Fire and forget: workers that miss it still see the alias at their next poll."""

@@ -19,6 +19,7 @@ from face_emotions.data.storage import is_remote
 from face_emotions.data.storage import local_path
 from face_emotions.jobs.intake import IntakeError
 from face_emotions.jobs.intake import has_image_extension
+from face_emotions.jobs.intake import image_name
 from face_emotions.jobs.job_queries import NewImage
 
 
@@ -37,7 +38,8 @@ def resolve_folder(
     is looked up. Locally, the folder and every image are resolved (symlinks followed) and must
     stay inside the resolved data root: a symlink planted in the shared data tree must not let
     a client read ``/etc`` or another tenant's files. ``location`` is the resolved path, so the
-    worker reads exactly the file that was checked here; for S3 it is the object's URL.
+    worker reads exactly the file that was checked here; for S3 it is the object's URL. ``path``
+    drops bidi controls (:func:`~face_emotions.jobs.intake.image_name`); ``location`` keeps them.
     """
     try:
         relative = relative_folder(folder)
@@ -63,7 +65,7 @@ def resolve_folder(
         shown = path.relative_to(candidate).as_posix()
         if not real.is_relative_to(root):
             raise IntakeError("invalid_path", f"{shown!r} links outside the data root")
-        images.append(NewImage(path=shown, location=str(real)))
+        images.append(NewImage(path=image_name(shown), location=str(real)))
     return images
 
 
@@ -101,7 +103,7 @@ def _resolve_remote_folder(
             location = storage.url_for(base + shown)
         except ValueError as exc:  # a key such as "a//b.png" that no path could name
             raise IntakeError("invalid_path", f"{shown!r} is not a usable object key") from exc
-        images.append(NewImage(path=shown, location=location))
+        images.append(NewImage(path=image_name(shown), location=location))
     return images
 
 

@@ -2,8 +2,9 @@
 
 Every input here comes from an untrusted client, so each entry point is written against the
 classic attacks on file intake: path traversal in names (``../x``, ``/etc/x``, ``C:\\x``),
-symlinks that lead out of an allowed tree, zip bombs (a few KiB that inflate to gigabytes) and
-archives with more entries than anyone would upload on purpose. A refusal is one typed
+symlinks that lead out of an allowed tree, zip bombs (a few KiB that inflate to gigabytes),
+archives with more entries than anyone would upload on purpose, and names whose bidi controls
+make them show as another file (:func:`image_name`). A refusal is one typed
 :class:`IntakeError` whose ``code`` the API returns as is, so clients can branch on it.
 
 The module is part of the core library (no Flask): the CLI and tests use it directly, and the
@@ -34,6 +35,15 @@ MAX_NAME_CHARS: Final[int] = 150
 #: Folders an uploaded name may keep (``a/b/c/x.png``); deeper ones keep their last folders.
 MAX_DEPTH: Final[int] = 8
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+#: Unicode's bidirectional controls (embeddings, overrides, isolates, marks): invisible, they
+#: reorder how the rest of a name is shown, so ``"\u202egnp.exe.png"`` reads like another file.
+BIDI_CONTROLS: Final[str] = (
+    "\u061c"  # Arabic letter mark
+    "\u200e\u200f"  # left-to-right and right-to-left marks
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings, pop, overrides
+    "\u2066\u2067\u2068\u2069"  # isolates
+)
+_DROP_BIDI: Final[dict[int, None]] = dict.fromkeys(map(ord, BIDI_CONTROLS))
 _WINDOWS_DEVICE_NAMES: Final[frozenset[str]] = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}
@@ -97,6 +107,16 @@ def _clean(part: str) -> str:
     return _UNSAFE_NAME_CHARS.sub("", "_".join(part.split())).strip("._")
 
 
+def image_name(name: str) -> str:
+    """The name an image is stored and shown under: the client's, without bidi controls.
+
+    Every intake (uploads, zip entries, folder jobs' relative paths) passes its image names
+    through here, so no result, export or console card shows a name spoofed by reordering.
+    The name is only shown: where the file really is (``location``) never depends on it.
+    """
+    return name.translate(_DROP_BIDI)
+
+
 def has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -150,7 +170,7 @@ def store_uploads(
             # so an object that existed before (local exclusive create) is never deleted.
             storage.write_stream(key, stream)
             written.append(key)
-            images.append(NewImage(path=name, location=storage.url_for(key)))
+            images.append(NewImage(path=image_name(name), location=storage.url_for(key)))
         return images
     except BaseException:
         remove_all(storage, written)

@@ -22,7 +22,7 @@ from typing import Final
 
 #: One chunk of a job: ``kwargs={"job_id": str, "image_ids": [int, ...]}``.
 CLASSIFY_TASK: Final = "emotions.classify_chunk"
-#: One training run: ``kwargs={"run_id": str}``.
+#: One training run: ``kwargs={"run_id": str, "dispatch": str}`` (``dispatch`` may be absent).
 TRAIN_TASK: Final = "emotions.train"
 #: Queue the inference workers consume (the trainer's queue is ``EMOTIONS_TRAINING_QUEUE``).
 INFERENCE_QUEUE: Final = "inference"
@@ -89,5 +89,10 @@ def classify_chunk_message(job_id: str, image_ids: list[int]) -> TaskMessage:
     return TaskMessage.create(CLASSIFY_TASK, job_id=str(job_id), image_ids=list(image_ids))
 
 
-def train_message(run_id: str) -> TaskMessage:
-    return TaskMessage.create(TRAIN_TASK, run_id=str(run_id))
+def train_message(run_id: str, dispatch: str | None = None) -> TaskMessage:
+    """``dispatch`` names this sending of the run (see
+    :func:`face_emotions.jobs.training_runs.dispatch_pending`): a trainer starts a run only for
+    the message of its current dispatch, so a run sent twice is still trained once."""
+    if dispatch is None:
+        return TaskMessage.create(TRAIN_TASK, run_id=str(run_id))
+    return TaskMessage.create(TRAIN_TASK, run_id=str(run_id), dispatch=dispatch)

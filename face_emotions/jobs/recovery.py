@@ -1,4 +1,5 @@
-"""Recovery sweeper: re-enqueue the chunks of jobs that stopped making progress.
+"""Recovery sweeper: re-enqueue the chunks of jobs that stopped making progress, and send the
+training runs the broker never had.
 
 Redelivery by the broker covers a worker process that dies (``acks_late`` +
 ``reject_on_worker_lost``), but not a task the broker itself lost: a Redis restart without
@@ -10,7 +11,10 @@ knows what is missing (images without a result), so the sweeper looks there:
   *stalled*; each chunk with images still without a result is sent again through ``enqueue``;
 - a chunk whose pending images were already delivered ``max_attempts`` times (workers count
   each delivery, see :mod:`face_emotions.serving.chunk_classifier`) is not sent again: its images
-  are failed with the reason, so a chunk that keeps killing workers still lets the job finish.
+  are failed with the reason, so a chunk that keeps killing workers still lets the job finish;
+- a training run accepted while the broker was down (queued, never sent) is sent
+  (:func:`dispatch_stranded_runs`), as chunks are: the trainer starts it once however often it
+  was sent (see :func:`face_emotions.jobs.training_runs.mark_running`).
 
 Re-sending is always safe: a chunk only classifies images without a result and a result's
 primary key is its image, so a chunk that was only slow, not lost, costs a skipped task. Each
@@ -37,6 +41,7 @@ from sqlalchemy.orm import sessionmaker
 
 from face_emotions.jobs import recovery_queries
 from face_emotions.jobs import result_writes
+from face_emotions.jobs import training_runs
 from face_emotions.jobs.database import with_db_retry
 from face_emotions.jobs.schema import utcnow
 
@@ -51,6 +56,9 @@ SWEEPER_NAME = "recovery-sweeper"
 #: Jobs handled per sweep, so that one sweep stays short after a long outage; the rest are
 #: still stalled at the next sweep.
 DEFAULT_JOB_LIMIT = 200
+#: A queued, unsent training run younger than this is left to the API request that created
+#: it: that request sends it right after its commit.
+TRAINING_DISPATCH_MIN_AGE_SECONDS = 10.0
 
 
 def gave_up_reason(deliveries: int) -> str:
@@ -69,10 +77,18 @@ class SweepReport:
     images_failed: int = 0
     skipped: int = 0  # stalled jobs another sweeper (or new progress) took first
     enqueue_error: str | None = None  # set when the broker refused; the sweep stopped there
+    training_runs_sent: list[str] = field(default_factory=list)  # runs the broker never had
+    orphan_uploads_removed: list[str] = field(default_factory=list)  # jobs/<id> without a job
 
     @property
     def idle(self) -> bool:
-        return not self.jobs and not self.skipped and self.enqueue_error is None
+        return (
+            not self.jobs
+            and not self.skipped
+            and self.enqueue_error is None
+            and not self.training_runs_sent
+            and not self.orphan_uploads_removed
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -83,6 +99,8 @@ class SweepReport:
             "images_failed": self.images_failed,
             "skipped": self.skipped,
             "enqueue_error": self.enqueue_error,
+            "training_runs_sent": list(self.training_runs_sent),
+            "orphan_uploads_removed": list(self.orphan_uploads_removed),
         }
 
 
@@ -162,7 +180,7 @@ def _recover_job(
         try:
             enqueue(str(job_id), list(chunk.image_ids))
         except Exception as exc:
-            report.enqueue_error = f"{type(exc).__name__}: {exc}"
+            report.enqueue_error = _describe(exc)
             log.warning("job %s: could not re-enqueue chunk %d: %s", job_id, number, exc)
             if sent == 0:
                 _release(sessions, job_id, now, previous)
@@ -180,6 +198,38 @@ def _recover_job(
     else:  # pragma: no cover - counters and results are written in one transaction
         log.warning("job %s is unfinished but every image has a result", job_id)
     return True
+
+
+def dispatch_stranded_runs(
+    sessions: sessionmaker[Session],
+    send: training_runs.SendRun,
+    *,
+    now: datetime | None = None,
+    min_age_seconds: float = TRAINING_DISPATCH_MIN_AGE_SECONDS,
+) -> tuple[list[str], str | None]:
+    """Send the queued training runs that never reached the broker; the runs sent and, when
+    the broker refused, why (the rest wait for the next sweep).
+
+    Runs younger than ``min_age_seconds`` are left to the request that created them, which
+    sends them itself right after its commit (and says in its answer when it could not).
+    """
+    now = now or utcnow()
+    sent, error = training_runs.dispatch_pending(
+        sessions, send, created_before=now - timedelta(seconds=min_age_seconds)
+    )
+    if sent:
+        log.info(
+            "sent %d training run(s) the broker never had: %s",
+            len(sent),
+            ", ".join(map(str, sent)),
+        )
+    if error is not None:
+        log.warning("training runs still not sent, the broker refused: %s", error)
+    return [str(run_id) for run_id in sent], None if error is None else _describe(error)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def fail_chunk(

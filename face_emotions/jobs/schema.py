@@ -178,6 +178,8 @@ class WorkerState(Base):
     role: Mapped[str] = mapped_column(String(16), default="inference", server_default="inference")
     #: The data root the process reads folders from (trainers), to notice a mismatch.
     data_root: Mapped[str | None] = mapped_column(Text)
+    #: ``idle`` or ``busy`` (inference processes; trainers leave it empty).
+    state: Mapped[str | None] = mapped_column(String(8))
 
 
 class TrainingRunStatus(StrEnum):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from collections.abc import Sequence
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from typing import cast
 
+from sqlalchemy import ColumnElement
 from sqlalchemy import CursorResult
 from sqlalchemy import func
 from sqlalchemy import select
@@ -93,14 +96,18 @@ def _move_run(session: Session, run_id: uuid.UUID, *conditions: Any, **values: A
     return bool(cast(CursorResult[Any], session.execute(statement)).rowcount)
 
 
-def claim_dispatch(session: Session, run_id: uuid.UUID) -> bool:
-    """Mark a queued, never-sent run as being sent; False if someone else sent it already.
+def claim_dispatch(session: Session, run_id: uuid.UUID) -> datetime | None:
+    """Mark a queued, never-sent run as being sent; its dispatch stamp, or None if someone else
+    sent it already.
 
     The conditional update is the lock: of two processes dispatching pending runs at once,
-    only one sends each run, so a broker outage never turns into duplicate trainings.
+    only one sends each run, so a broker outage never turns into duplicate trainings. The stamp
+    goes with the message (:func:`dispatch_token`): a trainer starts the run only for the
+    message of its current stamp.
     """
+    stamp = utcnow()
     queued, unsent = TrainingRun.status == _QUEUED, TrainingRun.dispatched_at.is_(None)
-    return _move_run(session, run_id, queued, unsent, dispatched_at=utcnow())
+    return stamp if _move_run(session, run_id, queued, unsent, dispatched_at=stamp) else None
 
 
 def release_dispatch(session: Session, run_id: uuid.UUID) -> None:
@@ -108,24 +115,63 @@ def release_dispatch(session: Session, run_id: uuid.UUID) -> None:
     _move_run(session, run_id, TrainingRun.status == _QUEUED, dispatched_at=None)
 
 
+def dispatch_token(stamp: datetime) -> str:
+    """The text form of a dispatch stamp that travels in the task message."""
+    return _as_utc(stamp).isoformat()
+
+
+def is_current_dispatch(run: TrainingRun, token: str | None) -> bool:
+    """Whether a delivery carrying ``token`` is the run's current sending.
+
+    A message without a token (sent by an older release) is taken as current. One whose token
+    differs from ``dispatched_at`` is a stale copy: the send that put it on the broker raised
+    (a timeout after the broker took it, say), the run was sent again, and that later message
+    is the one that starts it.
+    """
+    if token is None:
+        return True
+    if run.dispatched_at is None:
+        return False
+    try:
+        sent = datetime.fromisoformat(token)
+    except ValueError:
+        return False
+    return _as_utc(run.dispatched_at) == _as_utc(sent)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back naive (they are UTC); PostgreSQL aware."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+#: ``send(run_id, dispatch_token)``: publish one run's task; raise if the broker refused it.
+SendRun = Callable[[str, str], None]
+
+
 def dispatch_pending(
-    sessions: sessionmaker[Session], send: Callable[[str], None], *, limit: int = 100
+    sessions: sessionmaker[Session],
+    send: SendRun,
+    *,
+    limit: int = 100,
+    created_before: datetime | None = None,
 ) -> tuple[list[uuid.UUID], Exception | None]:
     """Send every queued run that never reached the broker, oldest first.
 
     ``send`` raises when the broker refuses; dispatching stops there (the broker is down, the
     rest would fail too) and the run is released for the next attempt. Returns the runs sent
-    and the error that stopped it, if any. Called after each submission and when a trainer
-    starts, which is how runs accepted during a broker outage still get trained.
+    and the error that stopped it, if any. Called after each submission, when a trainer starts
+    and by the recovery sweeper (with ``created_before`` a few seconds ago, so that it does not
+    take a run from the API request that is about to send it), which is how runs accepted
+    during a broker outage still get trained.
     """
+    conditions = [TrainingRun.status == _QUEUED, TrainingRun.dispatched_at.is_(None)]
+    if created_before is not None:
+        conditions.append(TrainingRun.created_at < created_before)
     with sessions() as session:
         pending = list(
             session.scalars(
                 select(TrainingRun.id)
-                .where(
-                    TrainingRun.status == TrainingRunStatus.QUEUED,
-                    TrainingRun.dispatched_at.is_(None),
-                )
+                .where(*conditions)
                 .order_by(TrainingRun.created_at, TrainingRun.id)
                 .limit(limit)
             )
@@ -133,12 +179,13 @@ def dispatch_pending(
     sent: list[uuid.UUID] = []
     for run_id in pending:
         with sessions() as session:
-            if not claim_dispatch(session, run_id):
+            stamp = claim_dispatch(session, run_id)
+            if stamp is None:
                 session.rollback()
                 continue
             session.commit()
             try:
-                send(str(run_id))
+                send(str(run_id), dispatch_token(stamp))
             except Exception as exc:
                 release_dispatch(session, run_id)
                 session.commit()
@@ -150,19 +197,28 @@ def dispatch_pending(
 # -- progress (the trainer) -------------------------------------------------------------------
 
 
-def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
+def mark_running(
+    session: Session, run_id: uuid.UUID, *, dispatch: str | None = None
+) -> TrainingRun | None:
     """Start (or restart) a run; ``None`` tells the task to do nothing.
 
-    A run already ``running`` is restarted: with ``acks_late`` the broker only delivers its
-    task again when the trainer that had it died, so nobody else is working on it. A finished
-    run stays finished.
+    A run already ``running`` is restarted: with ``acks_late`` the broker only delivers the same
+    message again when the trainer that had it died, so nobody else is working on it. A
+    delivery whose ``dispatch`` token is not the run's current one is a second copy of the run
+    (see :func:`is_current_dispatch`) and starts nothing, so a run sent twice is never trained
+    twice at once. A finished run stays finished.
     """
+    current = get_run(session, run_id)
+    if current is None or not is_current_dispatch(current, dispatch):
+        return None
+    # A trainer that died while stopping a cancelled run: nothing to restart.
+    conditions: list[ColumnElement[bool]] = [TrainingRun.status.in_(_ACTIVE), _NOT_CANCELLED]
+    if dispatch is not None:  # checked again in the update: the run may be re-sent meanwhile
+        conditions.append(TrainingRun.dispatched_at == current.dispatched_at)
     moved = _move_run(
         session,
         run_id,
-        TrainingRun.status.in_(_ACTIVE),
-        # A trainer that died while stopping a cancelled run: nothing to restart.
-        _NOT_CANCELLED,
+        *conditions,
         status=TrainingRunStatus.RUNNING,
         started_at=utcnow(),
         attempts=TrainingRun.attempts + 1,
@@ -170,7 +226,8 @@ def mark_running(session: Session, run_id: uuid.UUID) -> TrainingRun | None:
         progress=None,
     )
     if not moved:
-        mark_cancelled(session, run_id, "cancelled while its trainer was stopping")
+        if cancel_requested(session, run_id):  # a finished run is left as it is
+            mark_cancelled(session, run_id, "cancelled while its trainer was stopping")
         return None
     return get_run(session, run_id)
 

@@ -1,16 +1,20 @@
 """A zip archive of images, extracted into storage without trusting anything it declares.
 
 Zip members can name paths outside the job (``../x``, ``/etc/x``, ``C:\\x``), be symlinks or
-encrypted, and inflate a few KiB into gigabytes. Members are vetted from the central directory
-first (names, kinds, declared sizes and ratios, counts), then streamed into storage.
+encrypted, inflate a few KiB into gigabytes, share their bytes with other members (a "better zip
+bomb") or lie about their sizes. Members are vetted from the central directory first (names,
+kinds, counts, declared sizes and ratios, overlaps), then streamed into storage while every
+inflated byte is counted.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -24,9 +28,11 @@ from face_emotions.jobs.intake import COPY_BUFFER
 from face_emotions.jobs.intake import RATIO_CHECK_MIN_BYTES
 from face_emotions.jobs.intake import IntakeError
 from face_emotions.jobs.intake import has_image_extension
+from face_emotions.jobs.intake import image_name
 from face_emotions.jobs.intake import job_key
 from face_emotions.jobs.intake import remove_all
 from face_emotions.jobs.job_queries import NewImage
+from face_emotions.jobs.zip_layout import refuse_overlapping_entries
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,10 @@ def extract_zip(
     """Extract the images of a zip archive below ``prefix``; ``path`` is the name in the zip.
 
     The whole central directory is vetted before anything is written (hostile names, symlinks,
-    encryption, entry count, declared sizes, per-entry compression ratio), then every byte is
-    counted while inflating, because declared sizes are attacker-controlled. Files are stored
+    encryption, entry count, overlapping entries, declared sizes, per-entry compression ratio),
+    then every byte is counted while inflating, because declared sizes are attacker-controlled:
+    an entry that inflates past its declared size is refused. A refusal removes whatever was
+    already written. ``path`` drops bidi controls (:func:`~.intake.image_name`). Files are stored
     as ``000000.png``, ``000001.jpg``... rather than under their archive names, so duplicate
     names, case collisions or names the filesystem can't hold can't break the job.
     """
@@ -101,6 +109,7 @@ def extract_zip(
         with archive:
             members, skipped, examples = _vet_members(
                 archive,
+                seekable,
                 max_images=max_images,
                 max_total_bytes=max_total_bytes,
                 max_ratio=max_ratio,
@@ -112,6 +121,7 @@ def extract_zip(
 
 def _vet_members(
     archive: zipfile.ZipFile,
+    stream: IO[bytes],
     *,
     max_images: int,
     max_total_bytes: int,
@@ -123,6 +133,7 @@ def _vet_members(
         raise IntakeError(
             "unsafe_zip", f"the archive has {len(infos)} entries; at most {max_entries} allowed"
         )
+    refuse_overlapping_entries(archive, stream)
     members: list[zipfile.ZipInfo] = []
     skipped: list[str] = []
     declared = 0
@@ -137,7 +148,7 @@ def _vet_members(
                 "unsafe_zip", f"zip entry {info.filename!r} is encrypted; upload it unencrypted"
             )
         if _skip_reason(info) is not None:
-            skipped.append(info.filename)
+            skipped.append(image_name(info.filename))
             continue
         if info.file_size >= RATIO_CHECK_MIN_BYTES and info.file_size > max_ratio * max(
             info.compress_size, 1
@@ -181,7 +192,7 @@ def _extract_members(
             # the entry's own declared size or what is left of the archive's budget.
             remaining = max_total_bytes - total
             try:
-                with archive.open(info) as source:
+                with archive.open(_read_to_the_end(info)) as source:
                     total += storage.write_stream(
                         key, source, max_bytes=min(info.file_size, remaining)
                     )
@@ -190,13 +201,14 @@ def _extract_members(
                 if info.file_size <= remaining:
                     raise IntakeError(
                         "unsafe_zip",
-                        f"zip entry {info.filename!r} inflates past its declared size",
+                        f"zip entry {info.filename!r} inflates past its declared size of "
+                        f"{info.file_size} bytes (zip bomb?)",
                     ) from exc
                 raise IntakeError(
                     "too_large",
                     f"the archive's images are over {max_total_bytes} bytes uncompressed",
                 ) from exc
-            images.append(NewImage(path=info.filename, location=storage.url_for(key)))
+            images.append(NewImage(path=image_name(info.filename), location=storage.url_for(key)))
         return images
     except (zipfile.BadZipFile, EOFError, NotImplementedError, zipfile.LargeZipFile) as exc:
         remove_all(storage, written)
@@ -207,6 +219,19 @@ def _extract_members(
     except BaseException:
         remove_all(storage, written)
         raise
+
+
+def _read_to_the_end(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """``info`` for reading the member's data to its real end, not its declared size.
+
+    ``zipfile`` stops a member at the size the central directory declares, so a member that
+    inflates further would be cut short silently (its CRC set to match the cut) instead of
+    refused. With no such stop, the storage's ``max_bytes`` (the declared size, or what is left
+    of the archive's budget) is the one limit, and it counts the bytes really written.
+    """
+    unbounded = copy.copy(info)
+    unbounded.file_size = sys.maxsize
+    return unbounded
 
 
 class _seekable:

@@ -1,7 +1,8 @@
 """One redaction of secrets for every service's logs and every message shown to a user.
 
 Secrets leak through logs in a few predictable shapes: a URL with a password in it (database,
-broker, S3 endpoint) inside an exception message, a bearer header, an API token. The API, the
+broker, S3 endpoint) inside an exception message, a bearer header, an API token, a
+``token=``/``password=`` parameter in a query string (gunicorn's access log). The API, the
 workers, the trainer and the CLI all filter their records (and the error texts they store or
 print) through :data:`redactor`, so a rule added here holds everywhere.
 """
@@ -9,6 +10,7 @@ print) through :data:`redactor`, so a rule added here holds everywhere.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import traceback
@@ -24,6 +26,20 @@ REDACTED = "***"
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
 _API_TOKEN = re.compile(r"fe_[A-Za-z0-9_-]{16,}")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+#: ``name=value`` where the name says secret: query strings (``?token=...`` in an access log,
+#: S3's ``X-Amz-Signature``), DSNs (``password=...``), form bodies quoted in errors.
+_SECRET_PARAMETER = re.compile(
+    r"(?i)(?P<name>\b[\w.-]*?(?:token|password|passwd|pwd|secret|api[_-]?key|apikey|signature"
+    r"|credential|sessionid|session_id)=)[^&\s\"',;#]+"
+)
+#: Environment variables whose values are secrets wherever they are set (S3, MLflow).
+SECRET_ENVIRONMENT = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "EMOTIONS_ADMIN_TOKEN",
+)
 
 
 class SecretRedactor(logging.Filter):
@@ -49,6 +65,7 @@ class SecretRedactor(logging.Filter):
             text = text.replace(secret, REDACTED)
         text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
         text = _API_TOKEN.sub(REDACTED, text)
+        text = _SECRET_PARAMETER.sub(lambda m: m["name"] + REDACTED, text)
         return redact_url(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -86,6 +103,8 @@ def install_log_redaction(settings: Settings, logger_names: Iterable[str] = ()) 
     every record that propagates to the root, whichever module logged it.
     """
     redactor.add_secret(settings.admin_token)
+    for name in SECRET_ENVIRONMENT:
+        redactor.add_secret(os.environ.get(name))
     for url in (settings.resolved_database_url, settings.broker_url):
         redactor.add_secret(_url_password(url))
     for name in logger_names:

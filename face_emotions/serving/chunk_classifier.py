@@ -56,6 +56,7 @@ from face_emotions.jobs.result_writes import start_chunk
 from face_emotions.jobs.schema import TERMINAL_STATUSES
 from face_emotions.jobs.schema import Job
 from face_emotions.jobs.schema import JobStatus
+from face_emotions.jobs.worker_heartbeats import BUSY
 from face_emotions.jobs.worker_heartbeats import touch_worker
 from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
@@ -392,6 +393,7 @@ def _heartbeat(
                 device=described["device"],
                 backend=described["backend"],
                 processed=processed,
+                state=BUSY,
             )
             session.commit()
     except Exception as exc:

@@ -15,11 +15,14 @@ config search path.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -38,6 +41,8 @@ RESERVED_OVERRIDES: dict[str, str | None] = {
     "promote": "promote",
     "output_dir": None,
     "hydra": None,
+    # Hydra reads a defaults list from the config files only; as a key it would only mislead.
+    "defaults": None,
 }
 #: Config groups chosen by a request field: selecting them in ``overrides`` is refused, their
 #: sub-keys are allowed (``model.image_size=64`` is fine, ``model=resnet18`` goes through the
@@ -111,6 +116,11 @@ def check_override(override: str, *, from_fields: bool = False) -> None:
     """One requested override on its own: ``key=value``, a key the request may set, a config
     group chosen by one of its names, no interpolation. Raises :class:`OverrideError`.
 
+    The override is read with Hydra's own parser, so what is checked is what Hydra will do:
+    an escaped ``$\\{oc.env:X\\}`` is refused like ``${oc.env:X}`` (Hydra unescapes it into an
+    interpolation), and so are a package (``logging@_global_=...``), a deletion (``~key=``),
+    a nested group path (``hydra/launcher=``, ``+logging/x=../..``) and a sweep.
+
     ``from_fields``: the override was made from a request's own field (``model=...``), which
     may choose a group the free-form overrides may not.
     """
@@ -131,11 +141,48 @@ def check_override(override: str, *, from_fields: bool = False) -> None:
         )
     if "${" in override:
         raise OverrideError(f"{override!r}: interpolations (${{...}}) are not allowed")
+    parsed = _parse(override)
+    if "/" in parsed.key_or_group or parsed.package is not None:
+        raise OverrideError(
+            f"{override!r}: a config group is chosen as group=name (no '/' or '@' in the key)"
+        )
+    if parsed.is_delete():
+        raise OverrideError(f"{override!r}: removing a key or group (~) is not allowed")
+    if parsed.is_sweep_override():
+        raise OverrideError(f"{override!r}: sweeps (choice, range, glob, ...) are not allowed")
+    if any("${" in text for text in _strings(parsed.value())):
+        raise OverrideError(f"{override!r}: interpolations (${{...}}) are not allowed")
     choices = group_choices()
-    if key in choices:
-        value = override.split("=", 1)[1].strip()
-        if value not in choices[key]:
-            raise OverrideError(f"{override!r}: {key} must be one of {', '.join(choices[key])}")
+    if key in choices and (
+        parsed.is_add() or parsed.is_force_add() or parsed.value() not in choices[key]
+    ):
+        raise OverrideError(
+            f"{override!r}: {key} must be one of {', '.join(choices[key])}, chosen as "
+            f"{key}=NAME (a name, not a path; no '+')"
+        )
+
+
+def _parse(override: str) -> Override:
+    """Hydra's reading of ``override``; its grammar errors without the input echoed twice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override)
+    except Exception as exc:  # OverrideParseException, or the lexer's own
+        raise OverrideError(f"{override!r} is not a valid Hydra override") from exc
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string of a parsed override value (lists and dicts included, keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def check_run_config(

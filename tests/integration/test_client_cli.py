@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture
 def api_server(services, tmp_path: Path):
-    with gunicorn(services.env(), tmp_path / "api.log", "--workers", "2", "--preload") as url:
+    with gunicorn(services.env(), tmp_path / "api.log", "--workers", "2") as url:
         yield url
 
 

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
-CONSOLE_GUNICORN = ("--workers", "1", "--threads", "8")
+CONSOLE_GUNICORN = ("--workers", "1")
 DESKTOP = {"width": 1280, "height": 900}
 #: How long a browser assertion waits for a job to finish: a cold worker on a busy 2-core
 #: machine loads its model and detector first (playwright's expect waits only 5 s).

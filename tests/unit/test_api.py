@@ -840,10 +840,12 @@ def test_models(app, client: FlaskClient) -> None:
             "model_version": 2,
             "device": "cpu",
             "backend": "onnx",
+            "state": None,
             "images_processed": 7,
             "last_seen": body["workers"][0]["last_seen"],
         }
     ]
+    assert body["worker_stale_seconds"] == 60
 
 
 def test_models_registry_down_is_503(client: FlaskClient, registry: FakeRegistry) -> None:

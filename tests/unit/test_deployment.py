@@ -42,8 +42,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 APP_SERVICES = {"api", "worker", "trainer", "migrate", "flower", "mlflow"}
 ONE_SHOT = {"migrate", "minio-init"}
 GPU_SERVICES = {"worker", "trainer"}
-# EMOTIONS_* names compose uses that are not Settings fields. EMOTIONS_API_WORKERS only fills
-# gunicorn's --workers in the api command (gunicorn, not the app, reads it).
+# EMOTIONS_* names compose uses that are not Settings fields. EMOTIONS_API_WORKERS is read by
+# api/gunicorn_conf.py (gunicorn's config, not the app).
 NOT_SETTINGS = {"EMOTIONS_API_WORKERS"}
 MALLOC = {
     "MALLOC_MMAP_MAX_": "0",
@@ -279,10 +279,8 @@ def test_queues_match_the_code() -> None:
 def test_api_runs_the_wsgi_app_without_migrating() -> None:
     api = SERVICES["api"]
     cmd = command(api)
-    assert cmd[:2] == ["gunicorn", "--preload"]
-    assert option(cmd, "--bind", "-b") == "0.0.0.0:8000"
-    assert resolve(option(cmd, "--workers", "-w") or "") == "2"
-    assert cmd[-1] == "api.wsgi:app"
+    assert cmd == ["gunicorn", "--config=python:api.gunicorn_conf", "api.wsgi:app"]
+    assert resolve(environment(api)["EMOTIONS_API_WORKERS"]) == "2"
     assert environment(api)["EMOTIONS_MIGRATE_ON_START"] == "false"
     assert re.fullmatch(
         r"\$\{EMOTIONS_ADMIN_TOKEN:\?.+\}", environment(api)["EMOTIONS_ADMIN_TOKEN"]
@@ -600,8 +598,36 @@ def test_dockerfile_environment() -> None:
     instructions = dict(dockerfile_instructions())
     assert instructions["EXPOSE"] == "8000"
     assert instructions["ENTRYPOINT"] == "[]"
-    assert "api.wsgi:app" in instructions["CMD"]
+    assert json.loads(instructions["CMD"]) == command(SERVICES["api"]), "served as compose does"
     assert "HEALTHCHECK" not in instructions
+
+
+def test_demo_and_tests_serve_the_api_with_composes_config() -> None:
+    from scripts.launcher import API_OPTIONS
+
+    assert list(API_OPTIONS) == command(SERVICES["api"])[1:-1]
+
+
+def test_gunicorn_config_serves_with_gevent_workers_and_bounded_requests() -> None:
+    """The settings that keep slow clients from starving the API (tests/integration/
+    test_slow_clients.py measures them on the real server)."""
+    from gunicorn.config import Config
+
+    config = Config()
+    module = importlib.import_module("api.gunicorn_conf")
+    for name in ("bind", "workers", "worker_class", "worker_connections", "timeout", "keepalive"):
+        config.set(name, getattr(module, name))
+    assert config.worker_class_str == "api.server.ApiWorker"
+    from gunicorn.workers.ggevent import GeventWorker
+
+    from api.server import ApiWorker
+
+    assert issubclass(config.worker_class, GeventWorker)
+    assert config.bind == ["0.0.0.0:8000"] and config.workers == 2
+    assert config.worker_connections >= 1000
+    assert 1 <= config.keepalive <= 10, "the deadline for a request's headers"
+    assert module.logger_class == "api.server.RedactingLogger"
+    assert ApiWorker is config.worker_class
 
 
 def test_base_image_matches_torchs_cuda() -> None:

@@ -1,9 +1,11 @@
 """Who is alive and what it serves: heartbeats of idle and busy processes, swaps reported at once
 (issues: an idle worker looked dead; a promoted version showed only after the next task; a
-stopped worker stayed listed for five minutes)."""
+stopped worker stayed listed for five minutes; issue 14: idle/busy state, a stale time that is
+a setting)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +14,18 @@ import pytest
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker
 
+from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.schema import WorkerState
 from face_emotions.jobs.schema import utcnow
+from face_emotions.jobs.worker_heartbeats import BUSY
+from face_emotions.jobs.worker_heartbeats import HEARTBEAT_SECONDS
+from face_emotions.jobs.worker_heartbeats import IDLE
 from face_emotions.jobs.worker_heartbeats import INFERENCE
 from face_emotions.jobs.worker_heartbeats import LIVENESS_SECONDS
 from face_emotions.jobs.worker_heartbeats import TRAINING
 from face_emotions.jobs.worker_heartbeats import Beat
 from face_emotions.jobs.worker_heartbeats import Heartbeat
+from face_emotions.jobs.worker_heartbeats import heartbeat_period
 from face_emotions.jobs.worker_heartbeats import live_workers
 from face_emotions.jobs.worker_heartbeats import touch_worker
 from face_emotions.serving.model_holder import ModelHolder
@@ -88,3 +95,77 @@ def test_an_idle_holder_swaps_to_a_loaded_version_and_says_so(tmp_path: Path) ->
     holder.poll()
     assert holder.serving_version == 2 and swapped == [2]
     assert holder.current().version == 2 and swapped == [2], "a swap is reported once"
+
+
+def wait_for_row(sessions: sessionmaker[Session], name: str, **expected: object) -> WorkerState:
+    """The row once it says ``expected`` (a heartbeat thread writes it), failing after 5 s."""
+    for _ in range(100):
+        row = rows(sessions).get(name)
+        if row is not None and all(getattr(row, k) == v for k, v in expected.items()):
+            return row
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{name} never said {expected}: {rows(sessions).get(name)}")
+
+
+def test_the_beat_period_follows_the_stale_time() -> None:
+    """Issue 14: EMOTIONS_WORKER_STALE_SECONDS sets when a silent process drops out; every
+    process must beat well within it, or a live idle one would flicker out of the list."""
+    assert Settings().worker_stale_seconds == LIVENESS_SECONDS == 60
+    assert heartbeat_period() == HEARTBEAT_SECONDS == 15
+    assert heartbeat_period(3) == 0.75
+    assert heartbeat_period(600) == HEARTBEAT_SECONDS
+    with pytest.raises(ValueError):
+        Settings(worker_stale_seconds=0)
+
+
+def test_stale_time_decides_who_is_live(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        touch_worker(session, "host:1", model_version=None, device=None, backend=None)
+        session.query(WorkerState).update({"last_seen": utcnow() - timedelta(seconds=10)})
+        session.commit()
+        assert [w.name for w in live_workers(session)] == ["host:1"]
+        assert live_workers(session, stale_seconds=5) == []
+
+
+def test_an_idle_process_says_idle_and_a_busy_one_busy_at_once(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: the row says whether the process works, without waiting for the next period
+    (60 s here) once a change has lasted SETTLE_SECONDS."""
+    monkeypatch.setattr(worker_heartbeats, "SETTLE_SECONDS", 0.05)
+    state = {"now": IDLE}
+    heartbeat = Heartbeat(
+        sessions, "host:1", role=INFERENCE, state=lambda: Beat(state=state["now"]), period=60
+    )
+    heartbeat.start()
+    try:
+        row = wait_for_row(sessions, "host:1", state=IDLE)
+        assert row.model_version is None, "an idle process that loaded nothing says so"
+        state["now"] = BUSY
+        heartbeat.changed()
+        wait_for_row(sessions, "host:1", state=BUSY)
+        state["now"] = IDLE
+        heartbeat.changed()
+        wait_for_row(sessions, "host:1", state=IDLE)
+    finally:
+        heartbeat.stop()
+
+
+def test_a_pool_process_reports_busy_while_a_task_runs(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import runtime
+
+    monkeypatch.setattr(worker_heartbeats, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(runtime, "_BUILT", [])
+    monkeypatch.setattr(runtime, "_HEARTBEATS", [])
+    heartbeat = Heartbeat(sessions, "host:2", role=INFERENCE, state=runtime._serving, period=60)
+    runtime._HEARTBEATS.append(heartbeat)
+    heartbeat.start()
+    try:
+        wait_for_row(sessions, "host:2", state=IDLE, model_version=None)
+        with runtime.busy():
+            wait_for_row(sessions, "host:2", state=BUSY)
+        wait_for_row(sessions, "host:2", state=IDLE)
+    finally:
+        heartbeat.stop()

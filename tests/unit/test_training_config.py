@@ -70,6 +70,38 @@ def test_a_group_is_chosen_by_one_of_its_names_never_by_a_path(override: str) ->
     assert "config search path" not in str(refused.value).lower()
 
 
+#: Forms that reach past a group's names or into the environment (issue 14): Hydra unescapes
+#: ``$\\{..\\}`` into an interpolation, adds a group given with ``+``, deletes one with ``~``,
+#: and reads ``group@package`` and ``group/sub`` as other groups.
+BEYOND_THE_GROUPS = {
+    r"+training.note=$\{oc.env:SECRET_FOR_TEST\}": "interpolations",
+    r"training.optimizer=[a,{b: $\{oc.env:SECRET_FOR_TEST\}}]": "interpolations",
+    "~logging=mlflow": "removing a key or group",
+    "~training.lr=0.001": "removing a key or group",
+    "+logging=tensorboard": "logging must be one of mlflow, tensorboard, chosen as logging=NAME",
+    "++training=fast": "training must be one of default, fast, chosen as training=NAME",
+    "logging@_global_=mlflow": "key=value",
+    "+logging/x=../../../../tmp/x/y": "no '/' or '@' in the key",
+    "+zz/a=../../../../tmp/x/y": "no '/' or '@' in the key",
+    "hydra/launcher=basic": "set by the service",
+    "logging=mlflow,tensorboard": "sweeps",
+    "+defaults=[{logging: ../../../../tmp/x/y}]": "defaults is set by the service",
+}
+
+
+@pytest.mark.parametrize(("override", "fragment"), BEYOND_THE_GROUPS.items())
+def test_no_form_reaches_past_a_groups_names_or_into_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str, fragment: str
+) -> None:
+    monkeypatch.setenv("SECRET_FOR_TEST", "s3cr3t-value")
+    for check in (check_override, lambda o: run_config(tmp_path, o)):  # the API's, the trainer's
+        with pytest.raises(OverrideError, match=re.escape(fragment)) as refused:
+            check(override)
+        message = str(refused.value)
+        assert "s3cr3t-value" not in message and "search path" not in message.lower()
+        assert str(CONFIG_DIR) not in message and str(tmp_path) not in message
+
+
 #: A refused override -> a fragment of the reason it is given.
 OWNED_BY_THE_SERVICE = {
     "data.path=/etc": "set by the service",

@@ -4,6 +4,7 @@ and the trainer's task logic (``training.service.execute_run``) on the same data
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -481,7 +482,7 @@ def trainer(app, settings: Settings, client: FlaskClient):
     with app.app_context():
         sessions = services().sessions
 
-    def run(run_id: str, train=None, launch=None) -> str | None:
+    def run(run_id: str, train=None, launch=None, dispatch: str | None = None) -> str | None:
         def fake_train(cfg, hooks):
             """Promotes, as ``run_training`` with ``promote=force`` would: through ``announce``."""
             calls["configs"].append(cfg)
@@ -504,6 +505,7 @@ def trainer(app, settings: Settings, client: FlaskClient):
             sessions=sessions,
             launch=launch or in_process,
             poll_seconds=0,
+            dispatch=dispatch,
         )
 
     run.calls = calls  # type: ignore[attr-defined]
@@ -559,6 +561,81 @@ def test_task_restarts_a_run_whose_trainer_died(client: FlaskClient, app, traine
         session.commit()
     assert trainer(run_id) == "succeeded"
     assert client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["attempts"] == 2
+
+
+def test_a_run_sent_twice_trains_once(
+    client: FlaskClient, app, settings: Settings, queue: FakeQueue, trainer
+) -> None:
+    """Issue 14: runs the broker never had are sent again (by the sweeper, the next submission,
+    a starting trainer). A send that raised after the broker took the message leaves two
+    copies of the run in the queue; only the copy of its latest sending starts it, so two
+    trainers never train it at once."""
+    from training.run_record import train_and_record
+
+    run_id = submit(client).get_json()["id"]
+    # The first send raised after the broker took it: released, then sent again.
+    with app.app_context(), services().sessions() as session:
+        db_runs.release_dispatch(session, uuid.UUID(run_id))
+        session.commit()
+    sent, error = db_runs.dispatch_pending(trainer.sessions, queue.send_training_run)
+    assert sent == [uuid.UUID(run_id)] and error is None
+    assert queue.training == [run_id, run_id]
+    stale, current = queue.dispatches
+    assert stale and current and stale != current
+
+    assert trainer(run_id, dispatch=stale) is None  # the stale copy comes first: nothing
+    assert rows(app)[0].status == "queued" and rows(app)[0].attempts == 0
+
+    launches: list[uuid.UUID] = []
+    copies: list[str | None] = []
+
+    def launch(rid: uuid.UUID) -> FinishedProcess:
+        launches.append(rid)
+        if len(launches) == 1:  # while it trains, another trainer gets the stale copy
+            copies.append(trainer(run_id, dispatch=stale))
+        status = train_and_record(
+            rid,
+            settings=settings,
+            sessions=trainer.sessions,
+            train=lambda cfg, hooks: FakeResult(promote=False),
+        )
+        return FinishedProcess(0 if status == "succeeded" else 1)
+
+    assert trainer(run_id, launch=launch, dispatch=current) == "succeeded"
+    assert launches == [uuid.UUID(run_id)] and copies == [None]
+    body = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()
+    assert body["status"] == "succeeded" and body["attempts"] == 1
+    # The current copy delivered again (a lost ack) finds the run finished.
+    assert trainer(run_id, dispatch=current) is None
+
+
+def test_the_sweeper_sends_runs_the_broker_never_had(
+    client: FlaskClient, app, queue: FakeQueue, trainer
+) -> None:
+    """A run younger than a few seconds is its request's to send; an older unsent one is the
+    sweeper's, with its dispatch stamp."""
+    from datetime import timedelta
+
+    from face_emotions.jobs.recovery import dispatch_stranded_runs
+    from face_emotions.jobs.schema import utcnow
+
+    queue.up = False
+    run_id = submit(client).get_json()["id"]
+    assert queue.training == [] and rows(app)[0].dispatched_at is None
+    queue.up = True
+    assert dispatch_stranded_runs(trainer.sessions, queue.send_training_run) == ([], None)
+    later = utcnow() + timedelta(seconds=30)
+    assert dispatch_stranded_runs(trainer.sessions, queue.send_training_run, now=later) == (
+        [run_id],
+        None,
+    )
+    [row] = rows(app)
+    assert queue.training == [run_id]
+    assert queue.dispatches == [db_runs.dispatch_token(row.dispatched_at)]
+    assert dispatch_stranded_runs(trainer.sessions, queue.send_training_run, now=later) == (
+        [],
+        None,
+    )
 
 
 def test_bad_override_fails_the_run_with_hydras_message(client: FlaskClient, app, trainer) -> None:
@@ -620,7 +697,9 @@ def test_a_starting_trainer_sends_runs_the_broker_missed(
     run_id = submit(client).get_json()["id"]
     sent: list[str] = []
     monkeypatch.setattr(service, "settings", settings)
-    monkeypatch.setattr(service.broker, "send_training_run", sent.append)
+    monkeypatch.setattr(
+        service.broker, "send_training_run", lambda run_id, dispatch: sent.append(run_id)
+    )
     service._dispatch_pending(sender=SimpleNamespace(app=service.app))
     assert sent == [run_id]
     service._dispatch_pending(sender=SimpleNamespace(app=service.app))
@@ -711,6 +790,44 @@ def test_overrides_the_trainer_would_refuse_are_refused_at_submission(
         assert override.split("=")[0] in message and "/tmp" not in message.replace(override, "")
     assert queue.training == []
     assert submit(client, overrides=["training=fast", "data.split_seed=7"]).status_code == 202
+
+
+def test_no_override_reaches_past_the_config_folder_or_into_the_environment(
+    client: FlaskClient, app, queue: FakeQueue, trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: Hydra unescapes ``$\\{..\\}`` into an interpolation the old check missed (it
+    read the trainer's environment into the run's config), and a group is a name, never a path
+    or a deletion. The 400 names the choices and no path of the server; the trainer checks the
+    stored overrides again before composing, so a row written past the API fails too."""
+    monkeypatch.setenv("SECRET_FOR_TEST", "s3cr3t-value")
+    refused = {
+        r"+training.note=$\{oc.env:SECRET_FOR_TEST\}": "interpolations",
+        "logging=../../../../tmp/x/y": "logging must be one of mlflow, tensorboard",
+        "+logging/x=../../../../tmp/x/y": "no '/' or '@' in the key",
+        "~logging=mlflow": "removing a key or group",
+    }
+    for override, reason in refused.items():
+        response = submit(client, overrides=[override])
+        message = assert_error(response, 400, "validation_error")
+        assert reason in message, message
+        assert "s3cr3t-value" not in message and "search path" not in message.lower()
+        assert not re.search(r"(?<![.\w])/(?!tmp/x/y)[\w.-]+/", message), message
+    assert rows(app) == [] and queue.training == []
+
+    with app.app_context(), services().sessions() as session:
+        run = db_runs.create_run(
+            session,
+            data_path="faces",
+            overrides=[r"+training.note=$\{oc.env:SECRET_FOR_TEST\}"],
+            promote="auto",
+            requested_by="admin",
+        )
+        session.commit()
+        run_id = str(run.id)
+    assert trainer(run_id) == "failed"
+    assert trainer.calls["configs"] == []  # never composed into a config, never trained
+    error = client.get(f"{RUNS}/{run_id}", headers=AUTH).get_json()["error"]
+    assert "interpolations" in error and "s3cr3t-value" not in error
 
 
 def test_the_mlflow_run_of_a_failed_run_is_recorded(client: FlaskClient, trainer) -> None:
