@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-#: gunicorn as compose and Dockerfile.gpu run it: every serving option (gevent workers, header
-#: deadline, limits, redacted logs) lives in ``api/gunicorn_conf.py``. Options a caller adds
-#: come after these and win, so ``--workers 1`` overrides.
+#: gunicorn as compose and Dockerfile.gpu run it (every option is in ``api/gunicorn_conf.py``);
+#: options a caller adds come after these and win, so ``--workers 1`` overrides.
 API_OPTIONS: tuple[str, ...] = ("--config=python:api.gunicorn_conf",)
+APP = "api.wsgi:app"
 #: Compose's access log on stdout is for ``docker logs``; here a line per request would cost
 #: the benchmark's polls and fill the demo's log, so it is off unless the environment sets it.
 API_ENV: dict[str, str] = {"EMOTIONS_API_ACCESS_LOG": ""}
@@ -323,13 +323,12 @@ class Launcher:
         log_path: Path | None = None,
     ) -> ServiceProcess:
         """gunicorn serving ``api.wsgi:app`` with compose's options plus ``options`` (e.g.
-        ``--threads 8``), on ``port`` (a free one by default); ready when ``ready_path``
+        ``--workers 1``), on ``port`` (a free one by default); ready when ``ready_path``
         answers (``/readyz``, or ``/healthz`` where the registry may be absent)."""
         port = port or free_port(host)
         url = f"http://{host}:{port}"
         bind = f"{host}:{port}"
-        command = [sys.executable, "-m", "gunicorn", *API_OPTIONS, "--bind", bind, *options]
-        command.append("api.wsgi:app")
+        command = [sys.executable, "-m", "gunicorn", *API_OPTIONS, "--bind", bind, *options, APP]
         probe = http_ready(url + ready_path)
         env = {**API_ENV, **{k: v for k, v in self.env.items() if k in API_ENV}, **(env or {})}
         return self.start(

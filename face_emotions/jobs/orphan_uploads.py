@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 from functools import partial
@@ -51,12 +52,7 @@ class OrphanReport:
     too_recent: int = 0  # orphans still inside the grace period (perhaps an upload running)
 
     def as_dict(self) -> dict:
-        return {
-            "removed": list(self.removed),
-            "files": self.files,
-            "bytes": self.bytes,
-            "too_recent": self.too_recent,
-        }
+        return asdict(self)
 
 
 def remove_orphan_uploads(

@@ -22,7 +22,7 @@ def test_small_benchmark_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTIONS_")}
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--images", "64", "--out", str(out)],
+        [sys.executable, "-m", "bench.run", "--images", "32", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -15,6 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image as PILImage
 from PIL import ImageFile
+from werkzeug.test import TestResponse
 
 from api import create_app
 from face_emotions.settings import Settings
@@ -87,12 +88,20 @@ def folder_job(client: FlaskClient, settings: Settings, files: dict[str, bytes])
     return [f"/api/v1/jobs/{job_id}/images/{image.id}/thumbnail" for image in images]
 
 
+def first_thumbnail(
+    client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch, name: str, size: tuple
+) -> tuple[str, DecodeSpy, TestResponse]:
+    """A one-image folder job's thumbnail URL, the decode spy, and the first response."""
+    fmt = "PNG" if name.endswith(".png") else "JPEG"
+    [url] = folder_job(client, settings, {name: encoded(size, fmt)})
+    spy = DecodeSpy(monkeypatch)
+    return url, spy, client.get(url)
+
+
 def test_second_request_is_served_without_decoding(
     client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [url] = folder_job(client, settings, {"wide.png": encoded((600, 300), "PNG")})
-    spy = DecodeSpy(monkeypatch)
-    first = client.get(url)
+    url, spy, first = first_thumbnail(client, settings, monkeypatch, "wide.png", (600, 300))
     assert first.status_code == 200 and first.mimetype == "image/jpeg"
     assert spy.opened == 1 and spy.loaded == [(600, 300)]
 
@@ -114,9 +123,7 @@ def test_second_request_is_served_without_decoding(
 def test_large_jpeg_is_decoded_at_reduced_scale(
     client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [url] = folder_job(client, settings, {"huge.jpg": encoded((6000, 6000), "JPEG")})
-    spy = DecodeSpy(monkeypatch)
-    response = client.get(url)
+    _, spy, response = first_thumbnail(client, settings, monkeypatch, "huge.jpg", (6000, 6000))
     assert response.status_code == 200, response.get_data()[:200]
     assert spy.loaded == [(750, 750)]  # 1/8 scale: 36 M pixels never decoded
     with PILImage.open(io.BytesIO(response.get_data())) as thumb:
