@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Test processes for `make test` (pytest-xdist); TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup system-deps demo stop test test-fast lint format clean
+.PHONY: setup system-deps demo stop test test-fast test-compose lint format clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ system-deps:
 
 test: setup system-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist load $(PYTEST_ARGS)
+
+# The real compose stack (root, or a running Docker engine): builds the images, starts
+# docker-compose.yml with the CPU override, trains, scales, kills a worker, adds a worker host.
+test-compose: setup
+	PY=$(PY) bash scripts/compose_stack/run.sh $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)

@@ -70,7 +70,15 @@ def error_response(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 class ApiWorker(GeventWorker):
-    """gunicorn's gevent worker, answering the requests gunicorn refuses in JSON."""
+    """gunicorn's gevent worker, answering the requests gunicorn refuses in JSON, with fsspec's
+    S3 calls made cooperative (see :mod:`api.gevent_fsspec`)."""
+
+    def patch(self) -> None:
+        from api import gevent_fsspec
+
+        gevent_fsspec.start_io_thread()  # a real thread: before gevent patches `threading`
+        super().patch()
+        gevent_fsspec.install()
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         started = datetime.now()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 from typing import Literal
 
 from pydantic import Field
@@ -20,6 +21,9 @@ from face_emotions.data.storage import is_remote
 from face_emotions.data.storage import local_path
 from face_emotions.data.storage import normalise_url
 from face_emotions.data.storage import parse_location
+
+#: What ``EMOTIONS_DEVICE`` may say (face_emotions.serving.device_assignment reads it).
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 def default_var_dir() -> Path:
@@ -55,8 +59,20 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(
         default=None, description="Where downloaded model versions are kept (var/model-cache)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Inference device: auto uses CUDA when present."
+    device: str = Field(
+        default="auto",
+        pattern=DEVICE_PATTERN,
+        description="Inference device: auto uses CUDA when present, else the CPU; cuda requires "
+        "it; with either, a worker's pool processes take the visible GPUs round-robin (process i "
+        "on GPU i % n). cuda:N puts every process on GPU N; cpu every one on the CPU.",
+    )
+    worker_processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default="auto",
+        description="Pool processes of an inference worker (Celery's worker_concurrency) when "
+        "its command line gives no --concurrency: auto = one per visible CUDA device, each "
+        "pinned to its own GPU, when the device is auto or cuda and there is a GPU; 1 on the "
+        "CPU or with cuda:N. auto sizes the prefork pool only (--pool threads keeps Celery's "
+        "default; its threads share one device).",
     )
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="Decompression-bomb guard, pixels per image."

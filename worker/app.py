@@ -1,6 +1,11 @@
 """Celery application of the inference worker.
 
-Start with ``celery -A worker.app worker -Q inference --concurrency 1``. Reliability settings:
+Start with ``celery -A worker.app worker -Q inference``. The worker sizes its own prefork pool
+(``EMOTIONS_WORKER_PROCESSES``, default ``auto``): one pool process per visible GPU, each pinned
+to its own device round-robin (pool process ``i`` on GPU ``i % n``, see
+face_emotions.serving.device_assignment), and one process on a CPU-only host or with
+``EMOTIONS_DEVICE=cuda:N``; an explicit ``--concurrency N`` still wins. With ``--pool threads``
+every thread of the one process shares one device. Reliability settings:
 a task is acknowledged only after it finished (``acks_late``), redelivered if its process
 dies (``reject_on_worker_lost``), and each process reserves one task at a time (prefetch 1) so
 a crash strands at most one chunk. Redis redelivers unacknowledged tasks after
@@ -20,6 +25,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger
 from celery.signals import after_setup_task_logger
+from celery.signals import celeryd_init
 from celery.signals import import_modules
 from celery.signals import worker_process_init
 from celery.signals import worker_process_shutdown
@@ -70,6 +76,48 @@ app.conf.update(
 SWEEPER = RecoverySweeper(BrokerClient.from_settings(settings), settings)
 
 
+@celeryd_init.connect
+def _size_the_pool(conf: Any = None, options: dict[str, Any] | None = None, **_kwargs) -> None:
+    """Set ``worker_concurrency`` from EMOTIONS_WORKER_PROCESSES (``auto``: one prefork pool
+    process per visible GPU).
+
+    ``celeryd_init`` comes in the worker's main process after the command line is parsed and
+    before the worker reads ``worker_concurrency``; a ``--concurrency`` given there was handed
+    to the worker as an option, which Celery prefers to the configuration, so it still wins.
+    The GPUs are counted through NVML: CUDA is not initialised before the pool forks.
+    """
+    if conf is None:
+        return
+    options = options or {}
+    # As WorkController.setup_defaults picks the pool: --pool (a class), else worker_pool.
+    pool = options.get("pool") or options.get("pool_cls") or conf.worker_pool
+    processes = pool_processes(pool)
+    if processes is not None:  # the start-up banner shows the size the worker runs with
+        conf.worker_concurrency = processes
+
+
+def pool_processes(pool: Any) -> int | None:
+    """The pool size EMOTIONS_WORKER_PROCESSES asks for with this pool class (or alias);
+    ``None`` leaves Celery's default (``auto`` with a pool that is not prefork)."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    from face_emotions.serving.device_assignment import assign_device
+    from face_emotions.serving.device_assignment import cuda_device_count
+    from face_emotions.serving.device_assignment import worker_processes
+
+    pool_cls = get_implementation(pool)
+    prefork = isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool)
+    if settings.worker_processes == "auto" and not prefork:
+        return None
+    count = cuda_device_count()
+    try:
+        assign_device(settings.device, 0, count)
+    except (ValueError, RuntimeError) as exc:  # say it once here, not only in every task
+        log.error("EMOTIONS_DEVICE cannot be served on this host, tasks will fail: %s", exc)
+    return worker_processes(settings.worker_processes, settings.device, count)
+
+
 @worker_ready.connect
 def _start_sweeper(**_kwargs) -> None:
     """Only the main process gets ``worker_ready``: one sweeper thread per worker."""
@@ -115,8 +163,10 @@ def _heartbeat_without_pool_processes(sender: Any = None, **_kwargs: Any) -> Non
     pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
     if isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool):
         return
+    from worker.runtime import assign_process_device
     from worker.runtime import start_heartbeat
 
+    assign_process_device(0)  # every thread of this one process shares its device
     start_heartbeat()
 
 
@@ -155,13 +205,25 @@ def _init_pool_process(**_kwargs) -> None:
     """Cheap per-process set-up only: Celery kills a child that takes over 4 s here.
 
     The model itself is loaded by the first task (see worker.runtime), never in the parent:
-    CUDA can't survive a fork and a loaded model would be copied into every child.
+    CUDA can't survive a fork and a loaded model would be copied into every child. The device
+    is only chosen here: pool process ``i`` (billiard's index, kept by the process that replaces
+    it, the ``%i`` of log file names) takes GPU ``i % n``.
     """
     # The task modules' imports, not ours (prometheus-client must see its directory first).
+    from worker.runtime import assign_process_device
     from worker.runtime import configure_torch_threads
     from worker.runtime import start_heartbeat
 
     # A pool process forked after the sweeper started inherits its engine: let it go unused.
     SWEEPER.forget_after_fork()
     configure_torch_threads(settings)
+    assign_process_device(pool_process_index())
     start_heartbeat()  # a thread: this process is alive even before its first task
+
+
+def pool_process_index() -> int:
+    """This pool process's index (0 to concurrency - 1); 0 in a worker's main process."""
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", None)
+    return index if isinstance(index, int) else 0

@@ -29,15 +29,17 @@ from face_emotions.jobs.worker_heartbeats import INFERENCE
 from face_emotions.jobs.worker_heartbeats import Beat
 from face_emotions.jobs.worker_heartbeats import Heartbeat
 from face_emotions.jobs.worker_heartbeats import heartbeat_period
+from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.serving.chunk_classifier import default_worker_name
+from face_emotions.serving.device_assignment import assign_device
+from face_emotions.serving.device_assignment import cuda_device_count
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
 from face_emotions.serving.image_loading import ImageLoader
 from face_emotions.serving.image_loading import storage_image_loader
 from face_emotions.serving.model_holder import ModelHolder
 from face_emotions.serving.model_holder import ModelUnavailable
 from face_emotions.serving.model_holder import ServingModel
-from face_emotions.serving.predictor import resolve_device
 from face_emotions.settings import Settings
 from face_emotions.settings import get_settings
 from worker.reload_signal import reload_generation
@@ -85,6 +87,39 @@ def image_loader() -> ImageLoader:
     return storage_image_loader(get_settings())
 
 
+#: This process's device once assigned (``cpu`` or ``cuda:N``); see :func:`assign_process_device`.
+_DEVICE: list[str] = []
+
+
+def assign_process_device(process_index: int) -> str | None:
+    """Pin this process to its device: GPU ``process_index % n`` round-robin, or what
+    EMOTIONS_DEVICE forces (cuda:N, cpu). Cheap (NVML counts the GPUs; CUDA itself is first
+    touched when the model loads), so it runs in ``worker_process_init``.
+
+    A device this machine cannot serve (cuda:3 on two GPUs, cuda without one) is logged and
+    left unassigned: the model load of each task then fails with the same reason.
+    """
+    settings = get_settings()
+    try:
+        device = assign_device(settings.device, process_index, cuda_device_count())
+    except (ValueError, RuntimeError) as exc:
+        log.error("process %d has no device: %s", process_index, exc)
+        _DEVICE.clear()
+        return None
+    _DEVICE[:] = [device]
+    metrics.set_worker_device(default_worker_name(), device)
+    log.info("process %d runs its model on %s", process_index, device)
+    return device
+
+
+def process_device() -> str:
+    """This process's device: the one assigned, else (a threads or solo pool's only process,
+    the CLI, tests) the one of process 0. Raises when EMOTIONS_DEVICE can't be served here."""
+    if _DEVICE:
+        return _DEVICE[0]
+    return assign_device(get_settings().device, 0, cuda_device_count())
+
+
 @_once
 def holder() -> ModelHolder:
     settings = get_settings()
@@ -92,6 +127,7 @@ def holder() -> ModelHolder:
     configure_torch_threads(settings)
     model_holder = ModelHolder(
         settings,
+        device=process_device(),
         reload_generation=reload_generation,
         # An idle worker that swapped to a new champion says so now, not at its next task.
         on_swap=lambda _version: _beat_now(),
@@ -114,8 +150,9 @@ def _serving() -> Beat:
     """What the heartbeat says: idle or busy, and the version loaded. A prefork pool process
     loads its model with its first task, so an idle one that never worked reports none."""
     state = BUSY if _RUNNING[0] else IDLE
+    device = _DEVICE[0] if _DEVICE else None  # known before the model is loaded
     if not _BUILT:
-        return Beat(state=state)
+        return Beat(device=device, state=state)
     described = _BUILT[0].describe()
     return Beat(described["version"], described["device"], described["backend"], state)
 
@@ -172,13 +209,14 @@ def _state_changed() -> None:
 
 @_once
 def detector() -> FaceDetector:
-    """The process's face detector, on the inference device (a GPU worker detects on its GPU).
+    """The process's face detector, on the process's device (a GPU worker detects on its GPU,
+    a pool process pinned to cuda:1 on cuda:1).
 
     Built on first use, in the pool process: a detector that cannot load (its package missing)
     fails the task with the reason, which retries and in the end fails the images saying why.
     """
     settings = get_settings()
-    return FaceDetector.from_settings(settings, resolve_device(settings.device).type)
+    return FaceDetector.from_settings(settings, process_device())
 
 
 @_once

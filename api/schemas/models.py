@@ -36,7 +36,15 @@ class WorkerOut(Schema):
             "(a worker process loads its model with its first task)."
         },
     )
-    device = String(allow_none=True)
+    device = String(
+        allow_none=True,
+        metadata={
+            "description": "Device the process runs its model on: cpu, or cuda:N (a worker with "
+            "several GPUs runs one pool process per GPU, round-robin), known as soon as the "
+            "process reports; null for trainers and for a process that cannot have the "
+            "device EMOTIONS_DEVICE asks for."
+        },
+    )
     backend = String(allow_none=True)
     state = String(
         allow_none=True,

@@ -18,6 +18,8 @@ What the numbers mean:
   decoded, as the caller documents).
 - ``emotions_model_version{worker}``: the version a worker process serves (champion); the
   series of a process goes away when the process does (``livemax``).
+- ``emotions_worker_device_info{worker, device}``: 1 for the device (``cpu``, ``cuda:N``) each
+  worker process runs its model on, set when the process starts; gone with the process too.
 
 The helpers never raise: a metrics problem must not fail a chunk.
 """
@@ -74,6 +76,14 @@ MODEL_VERSION = Gauge(
     multiprocess_mode="livemax",
 )
 
+DEVICE_INFO = Gauge(
+    "emotions_worker_device_info",
+    "Device a worker process runs its model on (cpu or cuda:N, one GPU per pool process); "
+    "the value is always 1.",
+    ["worker", "device"],
+    multiprocess_mode="livemax",
+)
+
 
 def _never_raises(function: Callable[P, None]) -> Callable[P, None]:
     warned = False
@@ -121,6 +131,12 @@ def set_model_version(worker: str, version: int | None) -> None:
     nothing: a holder keeps its model once it has one, and a multiprocess gauge can't be unset."""
     if version is not None:
         MODEL_VERSION.labels(worker=worker).set(version)
+
+
+@_never_raises
+def set_worker_device(worker: str, device: str) -> None:
+    """``worker`` (this process) runs its model on ``device``: once, when it is assigned."""
+    DEVICE_INFO.labels(worker=worker, device=device).set(1)
 
 
 def record_batch(

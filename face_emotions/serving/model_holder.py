@@ -49,7 +49,8 @@ class ServingModel:
 
     @property
     def device(self) -> str:
-        return self.predictor.device.type
+        """``cpu`` or ``cuda:N``."""
+        return str(self.predictor.device)
 
 
 def choose_backend(requested: str, device_type: str, bundle: Bundle) -> str:
@@ -76,7 +77,11 @@ class ModelHolder:
         clock: Callable[[], float] = time.monotonic,
         reload_generation: Callable[[], int] | None = None,
         on_swap: Callable[[int], None] | None = None,
+        device: str | None = None,
     ) -> None:
+        """``device``: where this process runs its models (a worker's pool process passes the
+        GPU it was assigned, see :mod:`face_emotions.serving.device_assignment`); default
+        ``settings.device`` resolved as process 0."""
         self.settings = settings
         self._registry_factory = registry_factory or (lambda: Registry(settings))
         self._registry: Registry | None = None
@@ -93,7 +98,7 @@ class ModelHolder:
         #: The load in flight was asked for (a promotion): micro-batches wait for it.
         self._awaiting_request = False
         self._pinned: OrderedDict[int, ServingModel] = OrderedDict()
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(device or settings.device)
         self.swaps = 0
 
     # -- public --------------------------------------------------------------------------
@@ -256,7 +261,7 @@ class ModelHolder:
         return {
             "version": current.version if current else None,
             "backend": current.backend if current else None,
-            "device": self.device.type,
+            "device": str(self.device),
             "pinned": list(self._pinned),
             "swaps": self.swaps,
         }

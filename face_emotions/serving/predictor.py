@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from contextlib import nullcontext
 from typing import Literal
 from typing import cast
 
@@ -18,19 +20,22 @@ from torch import nn
 
 from face_emotions.data.images import load_batch_array
 from face_emotions.modeling.bundle import Bundle
+from face_emotions.serving.device_assignment import assign_device
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["torch", "onnx"]
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
-    return torch.device(requested)
+def resolve_device(requested: str = "auto", process_index: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a fallback.
+
+    ``auto`` and ``cuda`` on several GPUs give process ``process_index`` GPU
+    ``process_index % n``; ``cuda:N`` beyond the visible devices, or a device that is none of
+    auto, cpu, cuda, cuda:N, is an error (see :mod:`face_emotions.serving.device_assignment`).
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(assign_device(requested, process_index, count))
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -72,22 +77,37 @@ class Predictor:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.backend: Backend = backend
         self.channels_last = channels_last
-        self.autocast_dtype = resolve_precision(precision, self.device)
         self._mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(self.spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._session = None
-        if backend == "onnx":
-            self._session = _onnx_session(bundle)
-        else:
-            self.model = bundle.model.to(self.device).eval()
-            if channels_last:
-                self.model = self.model.to(memory_format=torch.channels_last)
-            if compile_model:
-                # Typed as returning a plain callable; given a Module it returns an
-                # OptimizedModule, which is one.
-                self.model = cast(nn.Module, torch.compile(self.model, dynamic=True))
-            self._mean = self._mean.to(self.device)
-            self._std = self._std.to(self.device)
+        # The model's GPU is the current one while it is set up (bf16 support, compilation),
+        # not GPU 0: a process pinned to cuda:1 must not create a CUDA context on cuda:0.
+        with self._on_device():
+            self.autocast_dtype = resolve_precision(precision, self.device)
+            if backend == "onnx":
+                self._session = _onnx_session(bundle)
+            else:
+                self.model = bundle.model.to(self.device).eval()
+                if channels_last:
+                    self.model = self.model.to(memory_format=torch.channels_last)
+                if compile_model:
+                    # Typed as returning a plain callable; given a Module it returns an
+                    # OptimizedModule, which is one.
+                    self.model = cast(nn.Module, torch.compile(self.model, dynamic=True))
+                self._mean = self._mean.to(self.device)
+                self._std = self._std.to(self.device)
+
+    def _on_device(self) -> AbstractContextManager[object]:
+        """Make the model's GPU the calling thread's current CUDA device for a while.
+
+        The current device is per thread and defaults to cuda:0; pinned host memory, autocast
+        and compiled kernels use it. Tensors on an explicit device don't need it, but every
+        thread that runs this predictor (task threads of ``--pool threads``, the dynamic
+        batcher's) must use this process's GPU for everything else too.
+        """
+        if self.device.type == "cuda" and self.device.index is not None:
+            return torch.cuda.device(self.device)
+        return nullcontext()
 
     @property
     def image_size(self) -> int:
@@ -114,9 +134,13 @@ class Predictor:
             return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
         return self.predict_array(self.batch_array(images))
 
-    @torch.inference_mode()
     def predict_array(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) as float32 for a uint8 NHWC batch."""
+        with self._on_device():
+            return self._predict_array(batch)
+
+    @torch.inference_mode()
+    def _predict_array(self, batch: np.ndarray) -> np.ndarray:
         x = self.normalise(batch)
         if self._session is not None:
             logits = self._session.run(None, {"images": x.contiguous().numpy()})[0]

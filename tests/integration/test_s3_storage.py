@@ -8,16 +8,27 @@ on another host. Folder jobs read an ``s3://`` data root the same way.
 from __future__ import annotations
 
 import io
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import requests
 
+from face_emotions.jobs.migrate import upgrade
 from face_emotions.settings import Settings
+from scripts.launcher import Launcher
+from scripts.launcher import free_port
+from scripts.launcher import http_ready
+from tests.integration.conftest import ROOT
+from tests.integration.conftest import ModelStore
 from tests.integration.conftest import Services
 from tests.integration.conftest import wait_for_job
 from tests.integration.test_batch_jobs import all_results
 from tests.integration.test_batch_jobs import assert_seed_shape
 from tests.integration.test_batch_jobs import face_png
+from tests.integration.test_server_hardening import compose_api_command
 from tests.s3_fixtures import MotoServer
 from tests.zip_archives import make_zip
 
@@ -91,3 +102,67 @@ def test_uploads_and_folder_jobs_through_s3(
     assert items["broken.png"]["status"] == "failed"
     assert "not an image" in items["broken.png"]["error"]
     assert_seed_shape([item for path, item in items.items() if path != "broken.png"])
+
+
+def test_the_api_served_as_compose_serves_it_stores_uploads_in_s3(
+    tmp_path: Path, redis_url: str, model_store: ModelStore, moto_server: MotoServer
+) -> None:
+    """gunicorn's gevent workers (compose's command) with s3:// storage, as compose runs it.
+
+    s3fs runs its calls on an asyncio loop; under gevent's patching that loop used to live in
+    a greenlet of the worker's thread and every upload answered 400 ("Calling sync() from
+    within a running loop"). Concurrent uploads must all be stored while health checks answer.
+    """
+    uploads = moto_server.create_bucket(f"uploads-{uuid.uuid4().hex[:8]}")
+    database_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(database_url)
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTIONS_")}
+    env.update(moto_server.env())
+    env.update(
+        {
+            # By name, as compose's http://minio:9000: a DNS lookup on s3fs's event loop.
+            "EMOTIONS_S3_ENDPOINT_URL": moto_server.endpoint_url.replace("127.0.0.1", "localhost"),
+            "EMOTIONS_API_BIND": f"127.0.0.1:{port}",
+            "EMOTIONS_DATABASE_URL": database_url,
+            "EMOTIONS_BROKER_URL": redis_url,
+            "EMOTIONS_VAR_DIR": str(model_store.var_dir),
+            "EMOTIONS_DATA_ROOT": str(tmp_path / "data"),
+            "EMOTIONS_MLFLOW_TRACKING_URI": model_store.tracking_uri,
+            "EMOTIONS_STORAGE_URL": f"s3://{uploads}/shared",
+            "EMOTIONS_AUTH": "disabled",
+        }
+    )
+    launcher = Launcher(env, tmp_path, cwd=ROOT, append_logs=False)
+    process = launcher.start(
+        "api",
+        compose_api_command(),
+        lambda *_: http_ready(url + "/healthz"),
+        log_path=tmp_path / "api.log",
+    )
+    try:
+        process.wait_ready(60)
+
+        def submit(n: int) -> requests.Response:
+            archive = make_zip([(f"z_{i}.png", face_png(n * 100 + i)) for i in range(12)])
+            return requests.post(
+                f"{url}/api/v1/jobs", files={"files": ("faces.zip", archive)}, timeout=60
+            )
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(submit, range(4)))
+            health = requests.get(f"{url}/healthz", timeout=10)
+        assert health.status_code == 200
+        for answer in answers:
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            keys = moto_server.keys(uploads, f"shared/jobs/{job_id}/")
+            assert len(keys) == 12, keys
+        files = [("files", (f"f_{i}.png", face_png(900 + i))) for i in range(3)]
+        answer = requests.post(f"{url}/api/v1/jobs", files=files, timeout=60)
+        assert answer.status_code == 202, answer.text
+        assert len(moto_server.keys(uploads, f"shared/jobs/{answer.json()['id']}/")) == 3
+    finally:
+        process.stop(15)

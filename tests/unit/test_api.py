@@ -848,6 +848,24 @@ def test_models(app, client: FlaskClient) -> None:
     assert body["worker_stale_seconds"] == 60
 
 
+def test_models_lists_the_gpu_of_each_pool_process(app, client: FlaskClient) -> None:
+    """Issue 15: one worker on two GPUs is two processes, each on its own device."""
+    with app.app_context(), services().sessions() as session:
+        for pid, device in ((11, "cuda:0"), (12, "cuda:1")):
+            worker_heartbeats.touch_worker(
+                session, f"gpu-host:{pid}", model_version=None, device=device, backend=None,
+                state=worker_heartbeats.IDLE,
+            )  # fmt: skip
+        session.commit()
+    workers = client.get("/api/v1/models").get_json()["workers"]
+    assert [(w["name"], w["device"]) for w in workers] == [
+        ("gpu-host:11", "cuda:0"),
+        ("gpu-host:12", "cuda:1"),
+    ]
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["WorkerOut"]
+    assert "cuda:N" in schema["properties"]["device"]["description"]
+
+
 def test_models_registry_down_is_503(client: FlaskClient, registry: FakeRegistry) -> None:
     registry.up = False
     assert_error(client.get("/api/v1/models"), 503, "registry_unavailable")

@@ -272,8 +272,9 @@ def test_queues_match_the_code() -> None:
     assert option(command(SERVICES["worker"]), "-Q", "--queues") == INFERENCE_QUEUE
     training_queue = Settings.model_fields["training_queue"].default
     assert option(command(SERVICES["trainer"]), "-Q", "--queues") == training_queue
-    for name in GPU_SERVICES:
-        assert option(command(SERVICES[name]), "--concurrency", "-c") == "1", name
+    # One training run at a time; a worker sizes its pool itself (one process per GPU).
+    assert option(command(SERVICES["trainer"]), "--concurrency", "-c") == "1"
+    assert option(command(SERVICES["worker"]), "--concurrency", "-c") is None
 
 
 def test_api_runs_the_wsgi_app_without_migrating() -> None:
@@ -311,10 +312,11 @@ def test_worker_is_scalable() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(GPU_SERVICES))
-def test_gpu_services_reserve_one_gpu(name: str) -> None:
+def test_gpu_services_reserve_their_gpus(name: str) -> None:
+    """The trainer takes one GPU; a worker every GPU of its host (a pool process per GPU)."""
     (device,) = gpu_devices(SERVICES[name])
     assert device["driver"] == "nvidia"
-    assert device["count"] == 1
+    assert device["count"] == ("all" if name == "worker" else 1)
     assert "gpu" in device["capabilities"]
     assert environment(SERVICES[name])["EMOTIONS_DEVICE"] == "cuda"
 
@@ -547,11 +549,13 @@ def test_dockerfile_pins_torch_like_pyproject() -> None:
 
 def test_dockerfile_pins_every_pip_install() -> None:
     installs = [
-        segment.split()[2:]
+        segment.removeprefix("with-extra-ca ").split()[2:]
         for keyword, rest in dockerfile_instructions()
         if keyword == "RUN"
-        for segment in (part.strip() for part in rest.split("&&"))
-        if segment.startswith("pip install")
+        for segment in (
+            part.strip() for part in re.sub(r"^(--mount=\S+\s+)+", "", rest).split("&&")
+        )
+        if segment.removeprefix("with-extra-ca ").startswith("pip install")
     ]
     assert installs
     for args in installs:
@@ -580,7 +584,7 @@ def test_dockerfile_caches_dependencies_before_the_source() -> None:
     copies = [
         (index, rest) for index, (keyword, rest) in enumerate(instructions) if keyword == "COPY"
     ]
-    first_source = next(index for index, rest in copies if rest.split()[0] != "pyproject.toml")
+    first_source = next(index for index, rest in copies if rest.split()[0] == ".")
     pyproject = next(index for index, rest in copies if rest.split()[0] == "pyproject.toml")
     assert pyproject < first_source
     runs = [(index, rest) for index, (keyword, rest) in enumerate(instructions) if keyword == "RUN"]
@@ -632,7 +636,8 @@ def test_gunicorn_config_serves_with_gevent_workers_and_bounded_requests() -> No
 
 def test_base_image_matches_torchs_cuda() -> None:
     base = re.search(
-        r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu22\.04", DOCKERFILE.read_text()
+        r"ARG BASE_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu\d\d\.04",
+        DOCKERFILE.read_text(),
     )
     assert base, "the base is a CUDA runtime image"
     spec = importlib.util.find_spec("torch")
@@ -817,3 +822,52 @@ def test_make_test_installs_the_system_packages_the_tests_need() -> None:
     assert "make test" in ci and "apt-get" not in ci, (
         "CI installs nothing the README's command doesn't"
     )
+
+
+# --- Worker hosts (docker-compose.worker-host.yml) ------------------------------------------
+
+WORKER_HOST = load(ROOT / "docker-compose.worker-host.yml")["services"]
+
+
+@pytest.mark.parametrize("name", ["worker", "trainer"])
+def test_worker_host_runs_the_same_roles_as_the_first_host(name: str) -> None:
+    remote, local = WORKER_HOST[name], SERVICES[name]
+    assert command(remote) == command(local)
+    assert remote["image"] == local["image"]
+    assert remote["healthcheck"]["test"] == local["healthcheck"]["test"]
+    assert gpu_devices(remote) == gpu_devices(local)
+    # Every setting the first host gives the role, the worker host gives too (as URLs).
+    assert set(environment(local)) <= set(environment(remote)), name
+
+
+def test_worker_host_reaches_only_published_ports_of_the_first_host() -> None:
+    """Each URL points at CORE_HOST through a port the first host publishes on
+    ADMIN_BIND_ADDRESS under the same variable name."""
+    env = environment(WORKER_HOST["worker"])
+    published = {
+        "postgres": "POSTGRES_PORT",
+        "redis": "REDIS_PORT",
+        "mlflow": "MLFLOW_PORT",
+        "minio": "MINIO_PORT",
+    }
+    for service, port in published.items():
+        mappings = SERVICES[service]["ports"]
+        assert any(m.startswith("${ADMIN_BIND_ADDRESS:-127.0.0.1}:${" + port) for m in mappings)
+    for key, port in (
+        ("EMOTIONS_DATABASE_URL", "POSTGRES_PORT"),
+        ("EMOTIONS_BROKER_URL", "REDIS_PORT"),
+        ("EMOTIONS_MLFLOW_TRACKING_URI", "MLFLOW_PORT"),
+        ("EMOTIONS_S3_ENDPOINT_URL", "MINIO_PORT"),
+    ):
+        assert "CORE_HOST" in env[key] and port in env[key], key
+    core = {"CORE_HOST": "10.0.0.5"}
+    assert resolve_nested(env["EMOTIONS_BROKER_URL"], core) == "redis://10.0.0.5:6379/0"
+    assert resolve_nested(env["EMOTIONS_DATABASE_URL"], core).endswith("@10.0.0.5:5432/emotions")
+
+
+def resolve_nested(value: str, env: dict[str, str]) -> str:
+    """Compose's interpolation with defaults that hold variables: innermost first."""
+    innermost = re.compile(r"\$\{[^${}]*\}")
+    while innermost.search(value):
+        value = innermost.sub(lambda match: resolve(match[0], env), value)
+    return value

@@ -169,3 +169,25 @@ def test_a_pool_process_reports_busy_while_a_task_runs(
         wait_for_row(sessions, "host:2", state=IDLE)
     finally:
         heartbeat.stop()
+
+
+def test_a_pool_process_reports_its_gpu_before_it_loads_a_model(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: each pool process of a several-GPU worker says which GPU it was pinned to as
+    soon as it is alive, not only once its first task loaded the model."""
+    from worker import runtime
+
+    monkeypatch.setattr(runtime, "_BUILT", [])
+    monkeypatch.setattr(runtime, "_DEVICE", ["cuda:1"])
+    heartbeat = Heartbeat(sessions, "host:3", role=INFERENCE, state=runtime._serving, period=60)
+    heartbeat.beat()
+    row = rows(sessions)["host:3"]
+    assert (row.device, row.model_version, row.state) == ("cuda:1", None, IDLE)
+    loaded = SimpleNamespace(
+        describe=lambda: {"version": 4, "device": "cuda:1", "backend": "torch"}
+    )
+    monkeypatch.setattr(runtime, "_BUILT", [loaded])
+    heartbeat.beat()
+    row = rows(sessions)["host:3"]
+    assert (row.device, row.model_version, row.backend) == ("cuda:1", 4, "torch")

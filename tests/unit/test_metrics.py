@@ -220,15 +220,16 @@ metrics.record_batch(processed=3, failed=1, model_version=2, forward_images=4,
 metrics.observe_decode(0.01)
 metrics.count_images(processed=2, failed=0, model_version=3)
 metrics.set_model_version(sys.argv[1], 3)
+metrics.set_worker_device(sys.argv[1], sys.argv[2])
 print("written", flush=True)
 sys.stdin.readline()  # stay alive until the test has read the live gauge
 """
 
 
-def pool_process(directory: Path, worker: str) -> subprocess.Popen:
+def pool_process(directory: Path, worker: str, device: str = "cpu") -> subprocess.Popen:
     env = {**os.environ, ENV: str(directory)}
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, worker],
+        [sys.executable, "-c", CHILD, worker, device],
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,
@@ -252,8 +253,8 @@ def collected(directory: Path) -> str:
 
 
 def test_worker_helpers_add_up_across_pool_processes(tmp_path: Path) -> None:
-    first = pool_process(tmp_path, "host:1")
-    second = pool_process(tmp_path, "host:2")
+    first = pool_process(tmp_path, "host:1", "cuda:0")
+    second = pool_process(tmp_path, "host:2", "cuda:1")
     text = collected(tmp_path)
     assert value(text, "emotions_images_processed_total", model_version="2") == 6
     assert value(text, "emotions_images_processed_total", model_version="3") == 4
@@ -265,10 +266,15 @@ def test_worker_helpers_add_up_across_pool_processes(tmp_path: Path) -> None:
     assert value(text, "emotions_decode_seconds_count") == 4
     assert value(text, "emotions_model_version", worker="host:1") == 3
     assert value(text, "emotions_model_version", worker="host:2") == 3
+    # Issue 15: which GPU each pool process runs on.
+    assert value(text, "emotions_worker_device_info", worker="host:1", device="cuda:0") == 1
+    assert value(text, "emotions_worker_device_info", worker="host:2", device="cuda:1") == 1
 
     finish(first)  # exits without saying goodbye: the scrape notices
     text = collected(tmp_path)
     assert value(text, "emotions_model_version", worker="host:1") is None
+    assert value(text, "emotions_worker_device_info", worker="host:1", device="cuda:0") is None
+    assert value(text, "emotions_worker_device_info", worker="host:2", device="cuda:1") == 1
     assert value(text, "emotions_model_version", worker="host:2") == 3
     assert value(text, "emotions_images_failed_total") == 2  # counters outlive processes
     finish(second)
