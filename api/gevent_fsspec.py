@@ -102,4 +102,4 @@ def install() -> None:
     for name in ("s3fs.core",):
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "sync"):
-            module.sync = cooperative_sync
+            module.sync = cooperative_sync  # type: ignore[attr-defined]
