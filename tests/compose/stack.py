@@ -10,6 +10,8 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -102,6 +104,18 @@ class ComposeProject:
     def down(self) -> None:
         if self.started:
             self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+
+    @contextmanager
+    def until_down(self, what: str) -> Iterator[None]:
+        """Run the block, print the project's logs if it fails, and always ``down -v``."""
+        try:
+            yield
+        except BaseException:
+            say(f"{what} logs:\n" + self.logs())
+            raise
+        finally:
+            self.down()
+            say(f"{what} {self.name}: down -v")
 
 
 def docker(*args: str, env: dict[str, str]) -> str:

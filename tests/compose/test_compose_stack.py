@@ -149,19 +149,13 @@ def stack(
         f"project {project.name}: up (CPU override, stand-in images), "
         f"API on port {ports['API_PORT']}"
     )
-    try:
+    with project.until_down("project"):
         project.up()
         api = Api(f"http://127.0.0.1:{ports['API_PORT']}", token)
         wait_for("API healthy", lambda: project.health("api") == ["healthy"], timeout=300)
         ready = wait_for("readyz", lambda: api.get("/readyz"), timeout=120)
         say(f"API ready: {ready}")
         yield project, api, env
-    except BaseException:
-        say("stack logs:\n" + project.logs())
-        raise
-    finally:
-        project.down()
-        say(f"project {project.name}: down -v")
 
 
 def results_by_worker(env: dict[str, str], job_id: str) -> tuple[int, int, Counter[str]]:
@@ -246,7 +240,7 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_adds_a_worker_
         **{k: env[k] for k in ("POSTGRES_PORT", "REDIS_PORT", "MLFLOW_PORT", "MINIO_PORT")},
     }
     remote = ComposeProject(f"{project.name}-host2", WORKER_HOST_FILES, remote_env)
-    try:
+    with remote.until_down("worker host project"):
         remote.up()
         remote_workers = remote.hostnames("worker")
         say(f"worker host project {remote.name}: {sorted(remote_workers.values())}")
@@ -277,12 +271,6 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_adds_a_worker_
         assert done["status"] == "succeeded", done
         assert rows == images == JOB_IMAGES
         assert done["done"] == JOB_IMAGES and done["failed"] == 0
-    except BaseException:
-        say("worker host logs:\n" + remote.logs())
-        raise
-    finally:
-        remote.down()
-        say(f"worker host project {remote.name}: down -v")
 
 
 def _finished_run(api: Api, location: str) -> dict | None:
