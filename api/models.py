@@ -4,17 +4,25 @@ Versions come from the MLflow registry; workers from their heartbeat rows in the
 database, so the page shows what is actually live (a promotion is visible here as workers
 move to the new version) and not only what the alias says. ``POST .../<v>/promote`` (admin)
 moves the serving alias and broadcasts a reload so workers swap at their next micro-batch.
+``POST /api/v1/models`` (admin) imports an ONNX model made elsewhere;
+``GET .../<v>/artifact`` gives any version back as a zip of ``model.onnx`` and ``spec.yaml``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import tempfile
+import zipfile
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from apiflask import APIBlueprint
+from flask import Response
+from flask import request
 
 from api.auth import ADMIN
 from api.auth import SUBMIT
@@ -24,6 +32,7 @@ from api.extensions import db_session
 from api.extensions import services
 from api.openapi_docs import error_responses
 from api.schemas.models import EvaluationOut
+from api.schemas.models import ImportOut
 from api.schemas.models import ModelsOut
 from api.schemas.models import PromoteOut
 from api.serialize import aware
@@ -37,6 +46,8 @@ from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.registry.mlflow_registry import VersionInfo
 from face_emotions.registry.promotion import PromoteMode
 from face_emotions.registry.promotion import promote
+from face_emotions.serving.model_export import export_version
+from face_emotions.serving.model_import import import_model
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +166,132 @@ def promote_model(version: int) -> dict[str, Any]:
     except Exception as exc:
         raise _registry_error(exc, version) from exc
     return {"version": version, "previous": decision.previous, "alias": state.settings.model_alias}
+
+
+@bp.post("")
+@require_role(ADMIN)
+@bp.output(ImportOut, status_code=201, description="The model was registered as a version")
+@bp.doc(
+    responses=error_responses(
+        {400: "The model or its spec was refused (one line says why)", **REGISTRY_UNREACHABLE},
+        auth=True,
+    )
+)
+def import_onnx_model() -> dict[str, Any]:
+    """Import an ONNX expression model trained elsewhere as a new version
+
+    multipart/form-data: `model` (the .onnx file), `spec` (the YAML spec, as a file or a text
+    field), optional `eval_folder` (a labelled folder under EMOTIONS_DATA_ROOT to evaluate it
+    on) and `promote` (`auto`, the default: only when it beats the champion on `eval_folder`;
+    `never`; `force`). Checks run before anything is registered: the file loads in ONNX
+    Runtime, is at most EMOTIONS_MAX_IMPORT_MB, its input and output shapes agree with the
+    spec, a probe batch gives finite outputs, the labels cover the five classes. Admin only.
+    """
+    from face_emotions.modeling.import_spec import ImportRefused
+    from face_emotions.modeling.import_spec import load_spec_text
+
+    state = services()
+    upload = request.files.get("model")
+    if upload is None or not upload.filename:
+        raise ApiError(400, "no_model", "upload the ONNX file in field 'model'")
+    spec_file = request.files.get("spec")
+    spec_text = spec_file.read() if spec_file is not None else request.form.get("spec")
+    if not spec_text:
+        raise ApiError(400, "no_spec", "send the YAML spec in field 'spec' (file or text)")
+    mode = request.form.get("promote", "auto")
+    if mode not in {m.value for m in PromoteMode}:
+        raise ApiError(400, "bad_request", "promote must be auto, never or force")
+    limit = state.settings.max_import_mb * 2**20
+    try:
+        spec = load_spec_text(spec_text)
+        eval_folder = _eval_folder(request.form.get("eval_folder"))
+        with tempfile.TemporaryDirectory(prefix="api-import-") as staging:
+            path = Path(staging) / "model.onnx"
+            with path.open("wb") as out:
+                # One byte past the limit is enough for the check to refuse it by size.
+                copied = 0
+                while copied <= limit and (block := upload.stream.read(1 << 20)):
+                    out.write(block)
+                    copied += len(block)
+            outcome = import_model(
+                state.registry(),
+                path,
+                spec,
+                eval_folder=eval_folder,
+                promote_mode=mode,
+                announce=_announce,
+                max_import_mb=state.settings.max_import_mb,
+            )
+    except ImportRefused as exc:
+        raise ApiError(400, "import_refused", str(exc)) from exc
+    except ApiError:
+        raise
+    except Exception as exc:
+        log.warning("model import failed: %s", exc)
+        raise _registry_unavailable() from exc
+    return {
+        "version": outcome.version.version,
+        "source": "imported",
+        "label_mapping": outcome.mapping.to_dict(),
+        "onnx_sha256": outcome.version.tags.get("onnx_sha256", ""),
+        "evaluation": outcome.report.to_dict() if outcome.report is not None else None,
+        "promoted": outcome.decision.promote,
+        "promotion": outcome.decision.summary(),
+    }
+
+
+def _eval_folder(folder: str | None) -> Path | None:
+    """A folder under EMOTIONS_DATA_ROOT (local data roots only), confined to it."""
+    from face_emotions.data.data_root import FolderError
+    from face_emotions.data.data_root import resolve_local_folder
+    from face_emotions.data.storage import is_remote
+    from face_emotions.data.storage import local_path
+
+    if not folder:
+        return None
+    data_root = services().settings.data_root
+    if not data_root or is_remote(data_root):
+        raise ApiError(400, "bad_request", "eval_folder needs a local EMOTIONS_DATA_ROOT")
+    try:
+        _, candidate = resolve_local_folder(Path(local_path(data_root) or data_root), folder)
+    except FolderError as exc:
+        raise ApiError(400, exc.code, exc.message) from exc
+    return candidate
+
+
+@bp.get("/<int:version>/artifact")
+@require_role(ADMIN)
+@bp.doc(
+    responses={
+        200: {
+            "description": "A zip of model.onnx and spec.yaml",
+            "content": {"application/zip": {}},
+        },
+        **error_responses({404: "No such version", **REGISTRY_UNREACHABLE}, auth=True),
+    }
+)
+def model_artifact(version: int) -> Response:
+    """Download a version as its ONNX file plus the spec that feeds it
+
+    A zip with `model.onnx` and `spec.yaml` (the format `POST /api/v1/models` and
+    `face-emotions models import` take), for trained and imported versions alike. Admin only.
+    """
+    if version < 1 or version > MAX_VERSION:
+        raise ApiError(404, "not_found", f"model has no version {version}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="api-export-") as staging:
+            exported = export_version(services().registry(), version, Path(staging))
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.write(exported.onnx_path, "model.onnx")
+                archive.write(exported.spec_path, "spec.yaml")
+    except Exception as exc:
+        raise _registry_error(exc, version) from exc
+    return Response(
+        buffer.getvalue(),
+        mimetype="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="face-emotion-v{version}.zip"'},
+    )
 
 
 def _registry_error(exc: Exception, version: int) -> ApiError:

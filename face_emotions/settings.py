@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         "longest chunk.",
     )
     max_upload_mb: int = Field(default=512, gt=0, description="Largest request body, MiB.")
+    max_import_mb: int = Field(
+        default=256,
+        gt=0,
+        description="Largest ONNX file `face-emotions models import` and POST /api/v1/models "
+        "accept, MiB.",
+    )
     max_images_per_job: int = Field(default=100_000, gt=0, description="Images per job.")
     max_page_size: int = Field(default=1000, gt=0, description="Largest results page.")
     storage_url: str | None = Field(

@@ -108,6 +108,21 @@ class FakeRegistry:
         self._check(version)
         return self._version(version)
 
+    def resolve(self, reference: str | int | None = None) -> VersionInfo:
+        """A version number or an alias name, as ``Registry.resolve``."""
+        text = str(reference or "champion").lstrip("@")
+        if text.isdigit():
+            return self.get_version(int(text))
+        found = self.alias_version(text)
+        if found is None:
+            raise RegistryError(f"no version with alias {text!r}")
+        return found
+
+    def download(self, version: VersionInfo) -> Any:
+        """The fake's versions have no artefacts: as MLflow answers for a missing one."""
+        self._check(version.version)
+        raise RegistryError(f"version {version.version} has no artefacts") from MissingVersion()
+
     def set_alias(self, version: int, alias: str | None = None) -> None:
         self._check(version)
         self.aliases[alias or "champion"] = version

@@ -21,23 +21,7 @@ from face_emotions.modeling.bundle import Bundle
 from face_emotions.modeling.bundle import load_model_source
 from face_emotions.modeling.evaluation import EvaluationReport
 from face_emotions.modeling.evaluation import evaluate_predictions
-from face_emotions.serving.decode_ahead import iter_decoded_batches
-from face_emotions.serving.predictor import Predictor
-
-
-def predict_items(
-    bundle: Bundle, items: Sequence[LabelledImage], *, batch_size: int = 64, device: str = "cpu"
-) -> np.ndarray:
-    """Predicted class per item; an unreadable image counts as wrong (-1), never as skipped."""
-    predictor = Predictor(bundle, device=device)
-    predicted = np.full(len(items), -1, dtype=np.int64)
-    index = {str(item.path): i for i, item in enumerate(items)}
-    for batch in iter_decoded_batches([item.path for item in items], batch_size):
-        if batch.images:
-            probabilities = predictor.predict_images(batch.images)
-            for path, row in zip(batch.paths, probabilities, strict=True):
-                predicted[index[str(path)]] = int(row.argmax())
-    return predicted
+from face_emotions.serving.folder_evaluation import predict_items
 
 
 def evaluate_bundle(

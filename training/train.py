@@ -277,6 +277,7 @@ def _fit_and_publish(
 
     test_fingerprint = split.fingerprint("test")
     hooks.stage("registering", test_accuracy=round(report.accuracy, 4))
+    assert bundle.model is not None  # a checkpoint always has its network
     bundle_dir = save_bundle(
         output_dir / "bundle",
         bundle.model,

@@ -112,3 +112,24 @@ class PromoteOut(Schema):
         allow_none=True, metadata={"description": "The version the alias pointed at before."}
     )
     alias = String(required=True, metadata={"description": "The serving alias that moved."})
+
+
+class ImportOut(Schema):
+    version = Integer(required=True, metadata={"description": "The new version."})
+    source = String(required=True, metadata={"description": "Always `imported`."})
+    label_mapping = Dict(
+        keys=String(),
+        values=String(allow_none=True),
+        required=True,
+        metadata={"description": "The model's labels -> classes; null: dropped (renormalised)."},
+    )
+    onnx_sha256 = String(required=True)
+    evaluation = Dict(
+        allow_none=True,
+        metadata={
+            "description": "Report on eval_folder (accuracy, weighted_f1, per_class, "
+            "confusion_matrix), null without one."
+        },
+    )
+    promoted = Boolean(required=True)
+    promotion = String(required=True, metadata={"description": "Why it was (not) promoted."})

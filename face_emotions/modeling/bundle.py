@@ -4,6 +4,10 @@ A bundle is a directory with ``model.json`` (architecture, image size, normalisa
 metadata), ``model.pt`` (a plain state dict) and optionally ``model.onnx``. It is what training
 registers in MLflow and what workers load, so inference never depends on how training was run
 (no pickled Lightning module, no torch.export with its fixed image size).
+
+An *imported* bundle (a model trained elsewhere, ``kind: onnx-import``) has ``model.onnx`` and
+no weights: its ``model.json`` carries the :class:`~face_emotions.modeling.import_spec.ImportSpec`
+that says how to feed it and read its outputs, and it is served by ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from torch import nn
 
 from face_emotions.faces.crop import CropSpec
 from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.import_spec import ImportSpec
+from face_emotions.modeling.import_spec import map_labels
+from face_emotions.modeling.import_spec import parse_spec
 from face_emotions.modeling.zoo import DEFAULT_DROPOUT
 from face_emotions.modeling.zoo import create_model
 from face_emotions.modeling.zoo import get_architecture
@@ -28,6 +35,8 @@ SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 FORMAT_VERSION = 1
+#: ``model.json``'s ``kind`` (and the ``architecture`` tag) of a version imported as ONNX.
+IMPORTED_KIND = "onnx-import"
 
 
 class BundleError(ValueError):
@@ -114,9 +123,61 @@ class ModelSpec:
 @dataclass
 class Bundle:
     spec: ModelSpec
-    model: nn.Module
+    #: None for an imported version: it exists only as its ONNX file.
+    model: nn.Module | None
     metadata: dict[str, Any] = field(default_factory=dict)
     onnx_path: Path | None = None
+    #: The preprocessing and label contract of an imported version (None: trained here).
+    imported: ImportSpec | None = None
+
+
+def save_imported_bundle(
+    directory: str | Path,
+    onnx_file: Path,
+    spec: ImportSpec,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write an imported model as a bundle: its ONNX file plus the spec that feeds it."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_file, directory / ONNX_FILE)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "kind": IMPORTED_KIND,
+        "architecture": IMPORTED_KIND,
+        "image_size": spec.input_size,
+        "classes": list(EMOTIONS),
+        "crop": spec.face_crop.crop_spec().to_dict(),
+        "import_spec": spec.model_dump(mode="json"),
+        "label_mapping": map_labels(spec.labels).to_dict(),
+        "onnx": ONNX_FILE,
+        "metadata": metadata or {},
+    }
+    (directory / SPEC_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return directory
+
+
+def _load_imported(directory: Path, document: dict[str, Any]) -> Bundle:
+    from face_emotions.modeling.import_spec import ImportRefused
+
+    try:
+        imported = parse_spec(document.get("import_spec"))
+    except ImportRefused as exc:
+        raise BundleError(f"{directory}: {exc}") from exc
+    onnx_path = directory / str(document.get("onnx") or ONNX_FILE)
+    if not onnx_path.is_file():
+        raise BundleError(f"{directory} is an imported model without its {ONNX_FILE}")
+    spec = ModelSpec(
+        architecture=IMPORTED_KIND,
+        image_size=imported.input_size,
+        mean=(0.0, 0.0, 0.0),  # unused: the import spec normalises
+        std=(1.0, 1.0, 1.0),
+        crop=imported.face_crop.crop_spec(),
+    )
+    return Bundle(spec, None, document.get("metadata", {}), onnx_path, imported)
 
 
 def save_bundle(
@@ -172,6 +233,8 @@ def load_bundle(directory: str | Path, *, map_location: str | torch.device = "cp
         document = json.loads(spec_path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{spec_path} is not valid JSON: {exc}") from exc
+    if document.get("kind") == IMPORTED_KIND:
+        return _load_imported(directory, document)
     spec = ModelSpec.from_dict(document)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

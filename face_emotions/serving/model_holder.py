@@ -54,7 +54,12 @@ class ServingModel:
 
 
 def choose_backend(requested: str, device_type: str, bundle: Bundle) -> str:
-    """``auto``: ONNX Runtime on CPU when the version ships an ONNX file, torch otherwise."""
+    """``auto``: ONNX Runtime on CPU when the version ships an ONNX file, torch otherwise.
+
+    An imported version has no torch network: ONNX Runtime whatever was asked for.
+    """
+    if bundle.imported is not None or bundle.model is None:
+        return "onnx"
     if requested == "auto":
         return "onnx" if device_type == "cpu" and bundle.onnx_path is not None else "torch"
     if requested == "onnx" and bundle.onnx_path is None:

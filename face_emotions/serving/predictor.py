@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
+from typing import Any
 from typing import Literal
 from typing import cast
 
@@ -20,6 +21,10 @@ from torch import nn
 
 from face_emotions.data.images import load_batch_array
 from face_emotions.modeling.bundle import Bundle
+from face_emotions.modeling.import_spec import map_labels
+from face_emotions.modeling.import_spec import preprocess
+from face_emotions.modeling.import_spec import to_emotions
+from face_emotions.modeling.onnx_import import run_session
 from face_emotions.serving.device_assignment import assign_device
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,11 @@ class Predictor:
     On CUDA the uint8 batch is copied from pinned memory without blocking and normalised on the
     GPU (4x fewer bytes over PCIe than float32), the model runs channels-last under autocast,
     optionally compiled with ``torch.compile``.
+
+    An imported version (``bundle.imported``) always runs in ONNX Runtime (CUDA provider on a
+    GPU when the installed ONNX Runtime has it), fed as its spec says: size, gray/RGB/BGR,
+    NCHW/NHWC, scale/mean/std; its outputs (logits or probabilities over its own labels) are
+    mapped onto the five classes and renormalised.
     """
 
     def __init__(
@@ -75,6 +85,9 @@ class Predictor:
         self.bundle = bundle
         self.spec = bundle.spec
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.imported = bundle.imported
+        if self.imported is not None or bundle.model is None:
+            backend = "onnx"
         self.backend: Backend = backend
         self.channels_last = channels_last
         self._mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -84,9 +97,16 @@ class Predictor:
         # not GPU 0: a process pinned to cuda:1 must not create a CUDA context on cuda:0.
         with self._on_device():
             self.autocast_dtype = resolve_precision(precision, self.device)
-            if backend == "onnx":
+            if self.imported is not None:
+                self._session = _onnx_session(bundle, self.device)
+                self._input_name = self._session.get_inputs()[0].name
+                shape = self._session.get_inputs()[0].shape
+                self._fixed_batch = 1 if shape and shape[0] == 1 else None
+                self._mapping = map_labels(self.imported.labels)
+            elif backend == "onnx":
                 self._session = _onnx_session(bundle)
             else:
+                assert bundle.model is not None
                 self.model = bundle.model.to(self.device).eval()
                 if channels_last:
                     self.model = self.model.to(memory_format=torch.channels_last)
@@ -139,8 +159,19 @@ class Predictor:
         with self._on_device():
             return self._predict_array(batch)
 
+    def model_input(self, batch: np.ndarray) -> np.ndarray:
+        """The float32 array an imported model's ONNX graph receives for a uint8 NHWC batch."""
+        if self.imported is None:
+            return self.normalise(batch).contiguous().cpu().numpy()
+        return preprocess(self.imported, batch)
+
     @torch.inference_mode()
     def _predict_array(self, batch: np.ndarray) -> np.ndarray:
+        if self.imported is not None:
+            outputs = run_session(
+                self._session, self._input_name, preprocess(self.imported, batch), self._fixed_batch
+            )
+            return to_emotions(self.imported, self._mapping, outputs)
         x = self.normalise(batch)
         if self._session is not None:
             logits = self._session.run(None, {"images": x.contiguous().numpy()})[0]
@@ -159,10 +190,21 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _onnx_session(bundle: Bundle):
+def _onnx_session(bundle: Bundle, device: torch.device | None = None):
+    """A session on CPU; on ``device`` (a GPU) with the CUDA provider when ONNX Runtime has it."""
     if bundle.onnx_path is None:
         raise RuntimeError("backend 'onnx' requested but this model version has no ONNX artefact")
     import onnxruntime as ort
+
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        else:
+            log.warning(
+                "this ONNX Runtime has no CUDA provider (install onnxruntime-gpu); the imported "
+                "version runs on CPU"
+            )
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -171,4 +213,4 @@ def _onnx_session(bundle: Bundle):
     # worker's decode threads, database writes and (with dynamic batching) other tasks need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(bundle.onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(bundle.onnx_path), options, providers=providers)

@@ -931,11 +931,12 @@ def test_openapi_documents_every_route(app, client: FlaskClient) -> None:
             for code in success:
                 content = operation["responses"][code].get("content", {})
                 expected = "image/jpeg" if path.endswith("/thumbnail") else "application/json"
+                expected = "application/zip" if path.endswith("/artifact") else expected
                 assert expected in content, (path, method, code)
             checked += 1
     # jobs: post, list, get, delete, results, summary, image thumbnail; models: list,
-    # evaluation, promote; 2 probes; training runs: post, list, get, delete (cancel)
-    assert checked == 16
+    # evaluation, promote, import, artifact; 2 probes; training runs: post, list, get, delete
+    assert checked == 18
     post = spec["paths"]["/api/v1/jobs"]["post"]
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     error_schema = spec["components"]["schemas"]["ErrorOut"]
