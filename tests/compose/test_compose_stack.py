@@ -12,6 +12,8 @@ their published ports, as a worker host on another machine does.
 from __future__ import annotations
 
 import io
+import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -106,15 +108,20 @@ def engine_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bind_address(engine_env: dict[str, str]) -> str:
     """Where the first project publishes its services: the default bridge's gateway, an
-    address containers of other projects reach as another host's private address."""
-    return docker(
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-        env=engine_env,
+    address containers of other projects reach as another host's private address.
+
+    An engine's first start on a fresh data root records only the bridge's subnet (the gateway
+    shows from its next start): the gateway is then the subnet's first address, as Docker
+    assigns it.
+    """
+    config = json.loads(
+        docker("network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}", env=engine_env)
     )
+    gateway = config[0].get("Gateway") if config else None
+    if not gateway and config and config[0].get("Subnet"):
+        gateway = str(ipaddress.ip_network(config[0]["Subnet"]).network_address + 1)
+    assert gateway, f"the default bridge has no gateway or subnet: {config}"
+    return gateway
 
 
 @pytest.fixture(scope="module")
