@@ -40,6 +40,7 @@ from face_emotions.jobs import worker_heartbeats
 from face_emotions.jobs.broker import TrainingSender
 from face_emotions.jobs.schema import WorkerState
 from face_emotions.labels import EMOTIONS
+from face_emotions.modeling.int8 import TAG_INT8
 from face_emotions.registry.mlflow_registry import TAG_ARCHITECTURE
 from face_emotions.registry.mlflow_registry import TAG_IMAGE_SIZE
 from face_emotions.registry.mlflow_registry import RegistryError
@@ -344,7 +345,26 @@ def _version_dict(version: VersionInfo) -> dict[str, Any]:
         "macro_f1": version.metric("macro_f1"),
         "created_at": created,
         "run_id": version.run_id,
+        "int8": _int8_dict(version),
     }
+
+
+def _int8_dict(version: VersionInfo) -> dict[str, Any]:
+    tags = version.tags
+    return {
+        "gate": tags.get(TAG_INT8, "none"),
+        "accuracy_drop": _float_or_none(tags.get("int8_accuracy_drop")),
+        "agreement": _float_or_none(tags.get("int8_agreement")),
+        "worst_recall_drop": _float_or_none(tags.get("int8_worst_recall_drop")),
+        "failures": tags.get("int8_failures") or None,
+    }
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -23,7 +23,7 @@ from face_emotions.data.images import decode_image
 from face_emotions.data.images import load_batch_array
 from face_emotions.modeling.bundle import load_bundle
 from face_emotions.serving.decode_ahead import iter_decoded_batches
-from face_emotions.serving.model_holder import choose_backend
+from face_emotions.serving.model_holder import serving_predictor
 from face_emotions.serving.predictor import Predictor
 from face_emotions.serving.predictor import resolve_device
 from face_emotions.serving.predictor import resolve_precision
@@ -37,23 +37,18 @@ class Runner(Protocol):
 
 
 def worker_predictor(bundle_dir: Path, settings: Settings) -> Predictor:
-    """The predictor a worker builds for this bundle: same choices as ``ModelHolder._build``."""
-    bundle = load_bundle(bundle_dir)
-    device = resolve_device(settings.device)
-    backend = choose_backend(settings.backend, device.type, bundle)
-    return Predictor(
-        bundle,
-        device=device,
-        backend=backend,  # type: ignore[arg-type]
-        precision=settings.precision,
-        compile_model=settings.torch_compile and backend == "torch",
+    """The predictor a worker builds for this bundle: ``ModelHolder``'s own choice (measured
+    when ``EMOTIONS_BACKEND=auto``), so the limit runs the pipeline's backend."""
+    predictor, _ = serving_predictor(
+        load_bundle(bundle_dir), settings, resolve_device(settings.device)
     )
+    return predictor
 
 
 def describe(predictor: Predictor) -> str:
     """``onnx`` / ``torch bf16`` ...: how a predictor runs, for the printed lines."""
-    if predictor.backend == "onnx":
-        return "onnx"
+    if predictor.backend.startswith("onnx"):
+        return predictor.backend
     dtype = predictor.autocast_dtype
     precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
     layout = ", channels-last" if predictor.channels_last else ""

@@ -104,10 +104,18 @@ class Settings(BaseSettings):
     pinned_model_cache: int = Field(
         default=2, ge=1, le=16, description="Pinned model versions a worker keeps loaded."
     )
-    backend: Literal["torch", "onnx", "auto"] = Field(
+    backend: Literal["auto", "onnx", "onnx-int8", "torch", "torch-bf16"] = Field(
         default="auto",
-        description="Inference backend; auto = ONNX Runtime on CPU when the "
-        "version has an ONNX artefact, torch otherwise.",
+        description="Inference backend: auto measures each backend the version can run here "
+        "(fp32 ONNX, its gated INT8 variant, torch, bf16 torch where the CPU has AVX512-BF16 "
+        "or AMX) at load and serves the fastest that agrees with fp32; any other value forces "
+        "that backend.",
+    )
+    autotune_batches: int = Field(
+        default=3,
+        ge=1,
+        le=50,
+        description="Timed micro-batches per backend when EMOTIONS_BACKEND=auto tunes a load.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",

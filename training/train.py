@@ -50,6 +50,8 @@ class TrainingResult:
     metrics: dict[str, float] = field(default_factory=dict)
     #: ``data.faces=detect``: images cropped, without a face, with several (CropReport.to_dict).
     faces: dict[str, int] | None = None
+    #: The INT8 gate's report (GateReport.to_dict), None when no variant was attempted.
+    int8: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class TrainingResult:
             "passed_targets": self.report.passed,
             **{f"test_{k}": round(v, 4) for k, v in self.metrics.items()},
             **({"faces": self.faces} if self.faces is not None else {}),
+            **({"int8": self.int8} if self.int8 is not None else {}),
         }
 
 
@@ -186,6 +189,9 @@ def _fit_and_publish(
     from face_emotions.registry.mlflow_registry import TAG_TEST_SPLIT
     from face_emotions.registry.promotion import promote
     from training.evaluate import evaluate_bundle
+    from training.int8_variant import add_variants
+    from training.int8_variant import int8_options
+    from training.int8_variant import int8_tags
     from training.mlflow_params import log_params
     from training.progress import ProgressCallback
 
@@ -276,7 +282,6 @@ def _fit_and_publish(
         return result
 
     test_fingerprint = split.fingerprint("test")
-    hooks.stage("registering", test_accuracy=round(report.accuracy, 4))
     assert bundle.model is not None  # a checkpoint always has its network
     bundle_dir = save_bundle(
         output_dir / "bundle",
@@ -291,6 +296,15 @@ def _fit_and_publish(
         },
         export_onnx=cfg.export_onnx,
     )
+    if cfg.export_onnx:
+        hooks.stage("quantising", test_accuracy=round(report.accuracy, 4))
+        gate = add_variants(bundle_dir, split.train, split.test, int8_options(cfg))
+        if gate is not None:
+            result.int8 = gate.to_dict()
+            client.log_dict(run_id, result.int8, "evaluation/int8_gate.json")
+            for key in ("accuracy_drop", "agreement"):
+                client.log_metric(run_id, f"int8_{key}", float(result.int8[key]))
+    hooks.stage("registering", test_accuracy=round(report.accuracy, 4))
     tags = {
         **{k: f"{metrics[k]:.6f}" for k in ("accuracy", "weighted_f1", "macro_f1")},
         "passed_targets": str(report.passed).lower(),
@@ -302,6 +316,7 @@ def _fit_and_publish(
         + (" align" if bundle.spec.crop.align else ""),
         "num_test_images": report.num_images,
         "num_train_images": len(split.train),
+        **int8_tags(result.int8),
     }
     version = registry.publish(
         bundle_dir,

@@ -13,6 +13,25 @@ from apiflask.fields import Nested
 from apiflask.fields import String
 
 
+class Int8GateOut(Schema):
+    gate = String(
+        required=True,
+        metadata={
+            "description": "passed: the version has an INT8 variant workers may serve; failed: "
+            "it lost too much against fp32 on the test split and was not published; none: no "
+            "variant was attempted (older versions, imports, int8.enabled=false)."
+        },
+    )
+    accuracy_drop = Float(
+        allow_none=True, metadata={"description": "fp32 minus INT8 test accuracy (fraction)."}
+    )
+    agreement = Float(
+        allow_none=True, metadata={"description": "Share of test images with fp32's top-1."}
+    )
+    worst_recall_drop = Float(allow_none=True)
+    failures = String(allow_none=True, metadata={"description": "Why the gate failed."})
+
+
 class ModelVersionOut(Schema):
     version = Integer(required=True)
     aliases = List(String(), required=True)
@@ -23,6 +42,7 @@ class ModelVersionOut(Schema):
     macro_f1 = Float(allow_none=True)
     created_at = DateTime(allow_none=True)
     run_id = String(allow_none=True)
+    int8 = Nested(Int8GateOut, required=True)
 
 
 class WorkerOut(Schema):
@@ -45,7 +65,14 @@ class WorkerOut(Schema):
             "device EMOTIONS_DEVICE asks for."
         },
     )
-    backend = String(allow_none=True)
+    backend = String(
+        allow_none=True,
+        metadata={
+            "description": "Backend serving model_version: onnx, onnx-int8, torch or torch-bf16 "
+            "(with EMOTIONS_BACKEND=auto, the fastest that agreed with fp32 when measured at "
+            "load; see the worker's log for the table)."
+        },
+    )
     state = String(
         allow_none=True,
         metadata={

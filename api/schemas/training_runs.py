@@ -96,7 +96,12 @@ class TrainingRunIn(Schema):
 
 
 class TrainingProgressOut(Schema):
-    stage = String(metadata={"description": "preparing data, training, evaluating or registering."})
+    stage = String(
+        metadata={
+            "description": "preparing data, training, evaluating, quantising (the INT8 "
+            "variant and its gate) or registering."
+        }
+    )
     epoch = Integer(metadata={"description": "1-based epoch being trained."})
     max_epochs = Integer(allow_none=True)
     step = Integer(metadata={"description": "Optimizer steps done so far."})

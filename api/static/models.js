@@ -40,9 +40,24 @@
       cell(C.number(version.accuracy, 4)),
       cell(C.number(version.weighted_f1, 4)),
       cell(C.number(version.macro_f1, 4)),
+      int8Cell(version.int8),
       cell(C.when(version.created_at)),
       action,
     );
+  }
+
+  // The INT8 gate's outcome: a failed gate is shown with its reason, never hidden.
+  function int8Cell(int8) {
+    if (!int8 || int8.gate === "none") return cell("–");
+    const d = int8.accuracy_drop;
+    const drop = d === null ? "" : " (" + (d > 0 ? "−" : "+") + C.number(100 * Math.abs(d), 2) + " pt)";
+    if (int8.gate === "failed") {
+      const badge = C.el("span", { class: "badge badge-failed" }, "failed");
+      return C.el("td", {}, badge, drop, " ", C.el("span", { class: "hint" }, int8.failures || ""));
+    }
+    const td = cell(int8.gate + drop);
+    if (int8.agreement !== null) td.title = "top-1 agreement with fp32: " + C.percent(int8.agreement);
+    return td;
   }
 
   function workerRow(worker) {

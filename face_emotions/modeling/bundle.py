@@ -34,6 +34,7 @@ from face_emotions.modeling.zoo import get_architecture
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+PROBE_FILE = "probe.npz"
 FORMAT_VERSION = 1
 #: ``model.json``'s ``kind`` (and the ``architecture`` tag) of a version imported as ONNX.
 IMPORTED_KIND = "onnx-import"
@@ -129,6 +130,22 @@ class Bundle:
     onnx_path: Path | None = None
     #: The preprocessing and label contract of an imported version (None: trained here).
     imported: ImportSpec | None = None
+    #: The static INT8 variant, present only when it passed its accuracy gate.
+    int8_onnx_path: Path | None = None
+    #: The gate's figures (``GateReport.to_dict``), passed or failed; None: never quantised.
+    int8_gate: dict[str, Any] | None = None
+    #: Test images (uint8 NHWC at the model's size) on which a worker checks that a faster
+    #: backend (INT8, BF16) agrees with fp32 before choosing it; None in older versions.
+    probe_path: Path | None = None
+
+    def probe_images(self) -> Any:
+        """The probe images as a uint8 array, or None when the version has none."""
+        if self.probe_path is None:
+            return None
+        import numpy as np
+
+        with np.load(self.probe_path) as data:
+            return data["images"]
 
 
 def save_imported_bundle(
@@ -242,9 +259,42 @@ def load_bundle(directory: str | Path, *, map_location: str | torch.device = "cp
     model = spec.build()
     model.load_state_dict(torch.load(weights, map_location=map_location, weights_only=True))
     model.eval()
-    onnx_name = document.get("onnx")
-    onnx_path = directory / onnx_name if onnx_name and (directory / onnx_name).is_file() else None
-    return Bundle(spec, model, document.get("metadata", {}), onnx_path)
+    int8 = document.get("int8") or {}
+    return Bundle(
+        spec,
+        model,
+        document.get("metadata", {}),
+        _optional_file(directory, document.get("onnx")),
+        int8_onnx_path=_optional_file(directory, int8.get("onnx")),
+        int8_gate=int8.get("gate"),
+        probe_path=_optional_file(directory, document.get("probe")),
+    )
+
+
+def _optional_file(directory: Path, name: str | None) -> Path | None:
+    return directory / name if name and (directory / name).is_file() else None
+
+
+def record_variants(
+    directory: str | Path,
+    *,
+    int8_file: str | None,
+    int8_gate: dict[str, Any] | None,
+    probe_images: Any = None,
+) -> None:
+    """Add the INT8 variant (``int8_file``: its name in the bundle, None when it failed its
+    gate) with the gate's figures, and the probe images, to a saved bundle's ``model.json``."""
+    import numpy as np
+
+    directory = Path(directory)
+    spec_path = directory / SPEC_FILE
+    document = json.loads(spec_path.read_text())
+    if int8_gate is not None:
+        document["int8"] = {"onnx": int8_file, "gate": int8_gate}
+    if probe_images is not None:
+        np.savez_compressed(directory / PROBE_FILE, images=np.asarray(probe_images, np.uint8))
+        document["probe"] = PROBE_FILE
+    spec_path.write_text(json.dumps(document, indent=2, sort_keys=True))
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Bundle:

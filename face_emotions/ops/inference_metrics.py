@@ -20,6 +20,9 @@ What the numbers mean:
   series of a process goes away when the process does (``livemax``).
 - ``emotions_worker_device_info{worker, device}``: 1 for the device (``cpu``, ``cuda:N``) each
   worker process runs its model on, set when the process starts; gone with the process too.
+- ``emotions_worker_backend_info{worker, model_version, backend}``: 1 for the backend a worker
+  process serves its champion with (``EMOTIONS_BACKEND=auto``: the one its load-time
+  measurement chose), 0 for the ones it served before a hot reload.
 
 The helpers never raise: a metrics problem must not fail a chunk.
 """
@@ -131,6 +134,33 @@ def set_model_version(worker: str, version: int | None) -> None:
     nothing: a holder keeps its model once it has one, and a multiprocess gauge can't be unset."""
     if version is not None:
         MODEL_VERSION.labels(worker=worker).set(version)
+
+
+BACKEND_INFO = Gauge(
+    "emotions_worker_backend_info",
+    "Backend a worker process serves its champion with (onnx, onnx-int8, torch, torch-bf16): "
+    "1 for the current one, 0 for earlier ones.",
+    ["worker", "model_version", "backend"],
+    multiprocess_mode="livemax",
+)
+#: The (worker, version, backend) label set at 1 per process, to set back to 0 on a change (a
+#: multiprocess gauge's series can't be removed).
+_SERVING_BACKEND: dict[str, tuple[str, str]] = {}
+
+
+@_never_raises
+def set_serving_backend(worker: str, version: int | None, backend: str | None) -> None:
+    """``worker`` (this process) serves ``version`` with ``backend`` now."""
+    if version is None or backend is None:
+        return
+    labels = (str(version), backend)
+    previous = _SERVING_BACKEND.get(worker)
+    if previous == labels:
+        return
+    if previous is not None:
+        BACKEND_INFO.labels(worker, *previous).set(0)
+    BACKEND_INFO.labels(worker, *labels).set(1)
+    _SERVING_BACKEND[worker] = labels
 
 
 @_never_raises

@@ -384,6 +384,7 @@ def _heartbeat(
 ) -> None:
     described = holder.describe()
     metrics.set_model_version(worker_name, described["version"])
+    metrics.set_serving_backend(worker_name, described["version"], described["backend"])
     try:
         with sessions() as session:
             touch_worker(

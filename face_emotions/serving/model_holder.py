@@ -22,11 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from face_emotions.modeling.bundle import Bundle
 from face_emotions.modeling.bundle import load_bundle
 from face_emotions.registry.mlflow_registry import Registry
 from face_emotions.registry.mlflow_registry import RegistryError
 from face_emotions.registry.mlflow_registry import VersionInfo
+from face_emotions.serving.backend_tuning import Tuning
+from face_emotions.serving.backend_tuning import autotune
+from face_emotions.serving.backend_tuning import candidate_backends
+from face_emotions.serving.backend_tuning import timed_pass
 from face_emotions.serving.predictor import Predictor
 from face_emotions.serving.predictor import resolve_device
 from face_emotions.settings import Settings
@@ -42,6 +49,8 @@ class ModelUnavailable(RuntimeError):
 class ServingModel:
     version: int
     predictor: Predictor
+    #: The measurements behind ``backend`` when it was autotuned (``EMOTIONS_BACKEND=auto``).
+    tuning: Tuning | None = None
 
     @property
     def backend(self) -> str:
@@ -54,18 +63,63 @@ class ServingModel:
 
 
 def choose_backend(requested: str, device_type: str, bundle: Bundle) -> str:
-    """``auto``: ONNX Runtime on CPU when the version ships an ONNX file, torch otherwise.
+    """The backend an explicit ``EMOTIONS_BACKEND`` gives this version (``auto`` is tuned by
+    :func:`~face_emotions.serving.backend_tuning.autotune`; here it means the fp32 default:
+    ONNX Runtime on CPU when the version ships an ONNX file, torch otherwise).
 
-    An imported version has no torch network: ONNX Runtime whatever was asked for.
+    An imported version has no torch network: ONNX Runtime whatever was asked for. A version
+    without the file a backend needs falls back to fp32, with a warning.
     """
     if bundle.imported is not None or bundle.model is None:
         return "onnx"
     if requested == "auto":
         return "onnx" if device_type == "cpu" and bundle.onnx_path is not None else "torch"
+    if requested == "onnx-int8" and bundle.int8_onnx_path is None:
+        log.warning(
+            "backend onnx-int8 requested but this version has no INT8 variant (none made, or "
+            "it failed its accuracy gate: see GET /api/v1/models); serving fp32"
+        )
+        return choose_backend("auto", device_type, bundle)
     if requested == "onnx" and bundle.onnx_path is None:
         log.warning("backend onnx requested but this version has no ONNX artefact; using torch")
         return "torch"
     return requested
+
+
+def serving_predictor(
+    bundle: Bundle,
+    settings: Settings,
+    device: torch.device,
+    measure: Callable[[Predictor, np.ndarray], float] = timed_pass,
+) -> tuple[Predictor, Tuning | None]:
+    """The predictor a worker serves ``bundle`` with, and the measurements behind it.
+
+    ``EMOTIONS_BACKEND=auto`` with more than one candidate: measured
+    (:func:`~face_emotions.serving.backend_tuning.autotune`); otherwise the backend
+    :func:`choose_backend` gives, without measuring. The benchmark's in-process limit calls
+    this too, so it runs what the workers run.
+    """
+
+    def build(backend: str) -> Predictor:
+        return Predictor(
+            bundle,
+            device=device,
+            backend=backend,  # type: ignore[arg-type]
+            precision=settings.precision,
+            compile_model=settings.torch_compile and backend.startswith("torch"),
+        )
+
+    if settings.backend == "auto" and len(candidate_backends(bundle, device)) > 1:
+        tuning = autotune(
+            bundle,
+            device,
+            build,
+            batch_size=settings.batch_size,
+            batches=settings.autotune_batches,
+            measure=measure,
+        )
+        return tuning.predictor, tuning
+    return build(choose_backend(settings.backend, device.type, bundle)), None
 
 
 #: How long a micro-batch waits for the version a promotion asked for (a load takes seconds; a
@@ -83,10 +137,13 @@ class ModelHolder:
         reload_generation: Callable[[], int] | None = None,
         on_swap: Callable[[int], None] | None = None,
         device: str | None = None,
+        measure: Callable[[Predictor, np.ndarray], float] = timed_pass,
     ) -> None:
         """``device``: where this process runs its models (a worker's pool process passes the
         GPU it was assigned, see :mod:`face_emotions.serving.device_assignment`); default
-        ``settings.device`` resolved as process 0."""
+        ``settings.device`` resolved as process 0. ``measure`` times one pass when
+        ``EMOTIONS_BACKEND=auto`` tunes a load (tests inject one: timings are never asserted)."""
+        self._measure = measure
         self.settings = settings
         self._registry_factory = registry_factory or (lambda: Registry(settings))
         self._registry: Registry | None = None
@@ -202,23 +259,25 @@ class ModelHolder:
             raise
         except Exception as exc:
             raise ModelUnavailable(f"cannot load version {info.version}: {exc}") from exc
-        backend = choose_backend(self.settings.backend, self.device.type, bundle)
-        predictor = Predictor(
-            bundle,
-            device=self.device,
-            backend=backend,  # type: ignore[arg-type]
-            precision=self.settings.precision,
-            compile_model=self.settings.torch_compile and backend == "torch",
-        )
+        predictor, tuning = serving_predictor(bundle, self.settings, self.device, self._measure)
+        if tuning is not None:
+            log.info(
+                "version %s: backends measured on %s, %d px, batch %d:\n%s",
+                info.version,
+                self.device,
+                bundle.spec.image_size,
+                self.settings.batch_size,
+                tuning.table(),
+            )
         log.info(
             "loaded %s version %s (%s, %s, %s px)",
             info.name,
             info.version,
             bundle.spec.architecture,
-            backend,
+            predictor.backend,
             bundle.spec.image_size,
         )
-        return ServingModel(info.version, predictor)
+        return ServingModel(info.version, predictor, tuning)
 
     def _load_first(self) -> ServingModel:
         model = self._build(self._alias_version())
@@ -266,6 +325,9 @@ class ModelHolder:
         return {
             "version": current.version if current else None,
             "backend": current.backend if current else None,
+            "tuning": [t.to_dict() for t in current.tuning.trials]
+            if current and current.tuning
+            else None,
             "device": str(self.device),
             "pinned": list(self._pinned),
             "swaps": self.swaps,

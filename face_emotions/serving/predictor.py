@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 from typing import Literal
 from typing import cast
@@ -29,7 +30,10 @@ from face_emotions.serving.device_assignment import assign_device
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnx"]
+#: ``torch`` and ``onnx`` are fp32 (``torch`` under ``EMOTIONS_PRECISION``); ``onnx-int8`` runs
+#: the version's gated INT8 variant; ``torch-bf16`` runs torch under bf16 autocast.
+Backend = Literal["torch", "onnx", "onnx-int8", "torch-bf16"]
+BACKENDS: tuple[Backend, ...] = ("onnx", "onnx-int8", "torch", "torch-bf16")
 
 
 def resolve_device(requested: str = "auto", process_index: int = 0) -> torch.device:
@@ -96,7 +100,11 @@ class Predictor:
         # The model's GPU is the current one while it is set up (bf16 support, compilation),
         # not GPU 0: a process pinned to cuda:1 must not create a CUDA context on cuda:0.
         with self._on_device():
-            self.autocast_dtype = resolve_precision(precision, self.device)
+            self.autocast_dtype = (
+                torch.bfloat16
+                if backend == "torch-bf16"
+                else resolve_precision(precision, self.device)
+            )
             if self.imported is not None:
                 self._session = _onnx_session(bundle, self.device)
                 self._input_name = self._session.get_inputs()[0].name
@@ -104,7 +112,14 @@ class Predictor:
                 self._fixed_batch = 1 if shape and shape[0] == 1 else None
                 self._mapping = map_labels(self.imported.labels)
             elif backend == "onnx":
-                self._session = _onnx_session(bundle)
+                self._session = _onnx_session(bundle, self.device)
+            elif backend == "onnx-int8":
+                if bundle.int8_onnx_path is None:
+                    raise RuntimeError(
+                        "backend 'onnx-int8' requested but this version has no INT8 variant "
+                        "(none was made, or it failed its accuracy gate)"
+                    )
+                self._session = _onnx_session(bundle, self.device, bundle.int8_onnx_path)
             else:
                 assert bundle.model is not None
                 self.model = bundle.model.to(self.device).eval()
@@ -140,7 +155,8 @@ class Predictor:
     def normalise(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> normalised float NCHW on the model's device, for the whole batch."""
         x = torch.from_numpy(batch)
-        if self.device.type == "cuda":
+        # An ONNX session takes a host array (its CUDA provider copies it): normalise on CPU.
+        if self.device.type == "cuda" and self._session is None:
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
@@ -190,9 +206,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _onnx_session(bundle: Bundle, device: torch.device | None = None):
-    """A session on CPU; on ``device`` (a GPU) with the CUDA provider when ONNX Runtime has it."""
-    if bundle.onnx_path is None:
+def _onnx_session(bundle: Bundle, device: torch.device | None = None, path: Path | None = None):
+    """A session on CPU; on ``device`` (a GPU) with the CUDA provider when ONNX Runtime has it.
+
+    ``path``: another ONNX file of the version (its INT8 variant); default its fp32 model.
+    """
+    path = path or bundle.onnx_path
+    if path is None:
         raise RuntimeError("backend 'onnx' requested but this model version has no ONNX artefact")
     import onnxruntime as ort
 
@@ -202,8 +222,8 @@ def _onnx_session(bundle: Bundle, device: torch.device | None = None):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         else:
             log.warning(
-                "this ONNX Runtime has no CUDA provider (install onnxruntime-gpu); the imported "
-                "version runs on CPU"
+                "this ONNX Runtime has no CUDA provider (install onnxruntime-gpu); the ONNX "
+                "model runs on CPU"
             )
 
     options = ort.SessionOptions()
@@ -213,4 +233,4 @@ def _onnx_session(bundle: Bundle, device: torch.device | None = None):
     # worker's decode threads, database writes and (with dynamic batching) other tasks need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(bundle.onnx_path), options, providers=providers)
+    return ort.InferenceSession(str(path), options, providers=providers)

@@ -54,7 +54,14 @@ VALUE_CHOICES: dict[str, tuple[str, ...]] = {
     "data.faces": ("detect", "none"),
     "data.no_face": ("keep", "skip"),
 }
-VALUE_RANGES: dict[str, tuple[float, float]] = {"data.crop_margin": (1.0, 3.0)}
+VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "data.crop_margin": (1.0, 3.0),
+    "int8.calibration_images": (1, 10_000),
+    "int8.max_accuracy_drop": (0.0, 1.0),
+    "int8.max_recall_drop": (0.0, 1.0),
+    "int8.min_agreement": (0.0, 1.0),
+    "probe_images": (0, 1024),
+}
 _ABSOLUTE_PATH = re.compile(r"(?:file://)?(?<![\w.])/[^\s'\"]+")
 
 

@@ -16,7 +16,9 @@ from face_emotions.settings import Settings
 from face_emotions.training_config import compose_config
 from training.train import run_training
 
-pytestmark = [pytest.mark.slow]
+# One process runs the module: its tests share the trained good_cnn (a module fixture), which
+# pytest-xdist would otherwise train once in each process that gets one of them.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained-cnn")]
 
 # The seed's baseline at a narrow width and 64 px: trains in seconds on two CPU cores.
 TINY_CNN = (
@@ -134,3 +136,115 @@ def test_lite0_pretrained_trains_and_registers(
     assert result.promotion is not None and not result.promotion.promote
     assert Registry(Settings(var_dir=tmp_path)).alias_version() is None
     assert any((result.output_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+# -- the INT8 variant and backend autotuning (on good_cnn's registered version) ---------------
+
+
+def _champion_bundle(var_dir: Path):
+    registry = Registry(Settings(var_dir=var_dir))
+    champion = registry.alias_version()
+    return registry, champion, load_bundle(registry.download(champion))
+
+
+def test_int8_variant_passes_its_gate_and_is_registered(good_cnn) -> None:
+    var_dir, result = good_cnn
+    assert result.int8 is not None and result.int8["passed"], result.int8
+    assert result.int8["calibration_images"] == 64
+    assert result.int8["test_images"] == result.report.num_images
+    _, champion, bundle = _champion_bundle(var_dir)
+    assert champion.tags["int8_gate"] == "passed"
+    assert float(champion.tags["int8_agreement"]) >= 0.98
+    assert bundle.int8_onnx_path is not None and bundle.int8_onnx_path.is_file()
+    assert bundle.int8_gate is not None and bundle.int8_gate["passed"]
+    probe = bundle.probe_images()
+    assert probe.shape == (64, 64, 64, 3) and probe.dtype.name == "uint8"
+
+
+def test_int8_gate_refuses_a_blank_calibration_and_publishes_nothing(
+    good_cnn, training_faces: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+
+    from face_emotions.modeling.int8 import INT8_ONNX_FILE
+    from face_emotions.serving.model_holder import ModelHolder
+    from training.datamodule import split_folder
+    from training.int8_variant import Int8Options
+    from training.int8_variant import add_variants
+    from training.int8_variant import int8_tags
+
+    _, result = good_cnn
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(result.output_dir / "bundle", bundle_dir)
+    (bundle_dir / INT8_ONNX_FILE).unlink()
+    split = split_folder(training_faces)
+    blank = np.zeros((64, 64, 64, 3), dtype=np.uint8)
+    report = add_variants(
+        bundle_dir, split.train, split.test, Int8Options(), calibration_override=blank
+    )
+    assert report is not None and not report.passed
+    assert any("agreement" in failure for failure in report.failures), report.failures
+    assert report.accuracy_drop > 0.005
+    assert not (bundle_dir / INT8_ONNX_FILE).exists()
+    bundle = load_bundle(bundle_dir)
+    assert bundle.int8_onnx_path is None
+    assert bundle.int8_gate is not None and bundle.int8_gate["failures"] == report.failures
+
+    # A registry of its own: the module's tests number good_cnn's registry versions.
+    settings = Settings(var_dir=tmp_path / "var", backend="onnx-int8")
+    registry = Registry(settings)
+    run = registry.client.create_run(registry.experiment_id())
+    version = registry.publish(
+        bundle_dir, run_id=run.info.run_id, tags=int8_tags(report.to_dict())
+    ).version
+    info = registry.get_version(version)
+    assert info.tags["int8_gate"] == "failed" and "agreement" in info.tags["int8_failures"]
+    assert load_bundle(registry.download(info)).int8_onnx_path is None
+    # Forcing INT8 on a version without a published variant serves fp32, not a broken model.
+    assert ModelHolder(settings).pinned(version).backend == "onnx"
+
+
+def test_auto_serves_the_int8_variant_when_it_measures_fastest(good_cnn) -> None:
+    import numpy as np
+
+    from face_emotions.serving.model_holder import ModelHolder
+    from face_emotions.serving.predictor import Predictor
+
+    var_dir, _ = good_cnn
+    _, champion, bundle = _champion_bundle(var_dir)
+
+    def int8_fastest(predictor, batch) -> float:
+        return 0.001 if predictor.backend == "onnx-int8" else 0.01
+
+    holder = ModelHolder(Settings(var_dir=var_dir, backend="auto"), measure=int8_fastest)
+    serving = holder.current()
+    assert serving.version == champion.version and serving.backend == "onnx-int8"
+    assert serving.tuning is not None
+    measured = {trial.backend: trial for trial in serving.tuning.trials}
+    assert {"onnx", "onnx-int8", "torch"} <= set(measured)
+    assert measured["onnx-int8"].eligible and measured["onnx-int8"].agreement >= 0.98
+    assert holder.describe()["backend"] == "onnx-int8"
+    probe = bundle.probe_images()
+    by_hand = Predictor(bundle, backend="onnx-int8").predict_array(probe)
+    np.testing.assert_allclose(serving.predictor.predict_array(probe), by_hand, atol=1e-6)
+
+    def torch_fastest(predictor, batch) -> float:
+        return 0.001 if predictor.backend == "torch" else 0.01
+
+    holder = ModelHolder(Settings(var_dir=var_dir, backend="auto"), measure=torch_fastest)
+    assert holder.current().backend == "torch"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8", "torch", "torch-bf16"])
+def test_an_explicit_backend_is_honoured(good_cnn, backend: str) -> None:
+    from face_emotions.serving.model_holder import ModelHolder
+
+    var_dir, _ = good_cnn
+
+    def never(predictor, batch) -> float:
+        raise AssertionError("an explicit backend is not measured")
+
+    serving = ModelHolder(Settings(var_dir=var_dir, backend=backend), measure=never).current()
+    assert serving.backend == backend and serving.tuning is None
