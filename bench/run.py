@@ -31,6 +31,7 @@ from bench.figures.allocator import allocator_figure
 from bench.figures.allocator import start_allocator
 from bench.figures.backends import backends_figure
 from bench.figures.backends import prepare_backends
+from bench.figures.int8 import int8_figure
 from bench.figures.limit import limit_only
 from bench.figures.tiny_jobs import dynamic_batching_supported
 from bench.service_figures import MAIN_WORKER_FIGURES
@@ -245,6 +246,12 @@ def run_all(context: Context, root: Path) -> None:
             except Exception as exc:
                 context.failed("backends", exc)
             del backends
+        if context.wants("int8"):
+            try:
+                with context.phase("int8"):
+                    int8_figure(context, bundle_dir, paths)
+            except Exception as exc:
+                context.failed("int8", exc)
         if cluster is not None:
             try:
                 service_figures(context, cluster, workspace, bundle_dir, paths, photos)
