@@ -10,7 +10,6 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 PYTEST_ARGS ?=
 # Test processes for `make test` (pytest-xdist); TEST_WORKERS=0 runs everything in one process.
-# loadgroup: tests marked xdist_group("name") share one process (and its module fixtures).
 TEST_WORKERS ?= 2
 
 .PHONY: setup system-deps demo stop test test-fast test-compose lint format clean
@@ -37,7 +36,7 @@ system-deps:
 	@bash scripts/system_deps.sh
 
 test: setup system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 # The real compose stack (root, or a running Docker engine): builds the images, starts
 # docker-compose.yml with the CPU override, trains, scales, kills a worker, adds a worker host.

@@ -16,9 +16,7 @@ from face_emotions.settings import Settings
 from face_emotions.training_config import compose_config
 from training.train import run_training
 
-# One process runs the module: its tests share the trained good_cnn (a module fixture), which
-# pytest-xdist would otherwise train once in each process that gets one of them.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained-cnn")]
+pytestmark = [pytest.mark.slow]
 
 # The seed's baseline at a narrow width and 64 px: trains in seconds on two CPU cores.
 TINY_CNN = (
