@@ -109,7 +109,16 @@ def main_worker_figures(
     limit: Limit | None = None
     variants: dict[str, Callable[[], float | None]] = {}
     if context.wants("limit", "pipeline"):
-        limit = prepare_limit(context, bundle_dir, paths, context.batch_size)
+        # The worker autotuned its backend at load: the limit must run the same one, not tune
+        # again (on a noisy machine two tunings can choose differently).
+        from bench.services import serving_backend
+
+        backend = serving_backend(worker, cluster.client().models()["workers"])
+        if backend is None:
+            context.analysis.append(
+                "limit: the pipeline worker reported no backend; the limit tuned its own"
+            )
+        limit = prepare_limit(context, bundle_dir, paths, context.batch_size, backend)
         variants.update(limit.variants)
     if context.wants("pipeline"):
         chunk = chunk_loop(context, workspace, paths)

@@ -167,6 +167,23 @@ class Worker:
         return main, total
 
 
+def serving_backend(worker: Worker, workers: list[dict[str, Any]]) -> str | None:
+    """The backend ``worker``'s processes report serving (``GET /api/v1/models`` rows are
+    ``host:pid``, one per process), or None when none of them has reported one yet."""
+    import psutil
+
+    try:
+        root = psutil.Process(worker.process.pid)
+        pids = {root.pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return None
+    for row in workers:
+        pid = row["name"].rsplit(":", 1)[-1]
+        if pid.isdigit() and int(pid) in pids and row.get("backend"):
+            return str(row["backend"])
+    return None
+
+
 @dataclass
 class JobRun:
     """One job from submit to finished, as the client saw it, plus the API's own timestamps."""

@@ -66,11 +66,17 @@ class Limit:
         )
 
 
-def prepare_limit(context: Context, bundle_dir: Path, paths: list[Path], batch: int) -> Limit:
+def prepare_limit(
+    context: Context, bundle_dir: Path, paths: list[Path], batch: int, backend: str | None = None
+) -> Limit:
+    """``backend``: what the pipeline's worker serves with (autotuned there); None tunes here,
+    as a worker would (runs without services)."""
     from bench import inprocess
     from face_emotions.settings import Settings
 
     settings = Settings(device=context.args.device, torch_threads=context.threads, batch_size=batch)
+    if backend:
+        settings = settings.model_copy(update={"backend": backend})
     predictor = inprocess.worker_predictor(bundle_dir, settings)
     arrays = inprocess.decoded_batches(paths, context.args.image_size, batch)
     inprocess.warm(predictor, arrays)

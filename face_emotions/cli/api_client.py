@@ -121,6 +121,10 @@ class EmotionsClient:
             "POST", "/api/v1/jobs", json=body, headers=_idempotency(idempotency_key)
         ).json()
 
+    def models(self) -> dict[str, Any]:
+        """``GET /api/v1/models``: versions, the champion, and what each live worker serves."""
+        return self._request("GET", "/api/v1/models").json()
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/jobs/{self.resolve(job_id)}").json()
 
