@@ -44,7 +44,7 @@ def int8_figure(context: Context, bundle_dir: Path, paths: list[Path]) -> None:
     if context.args.device != "cpu":
         context.record(unavailable("int8", "INT8 QDQ is a CPU optimisation; GPUs run torch"))
         return
-    flags = sorted(set(FLAGS) & backend_tuning._cpu_flags())
+    flags = sorted(set(FLAGS) & backend_tuning.cpu_flags())
     work = bundle_dir.parent / "int8-bundle"
     if not work.exists():
         shutil.copytree(bundle_dir, work)

@@ -169,8 +169,8 @@ def quantize(fp32_onnx: Path, output: Path, calibration_inputs: np.ndarray) -> P
 
     if not len(calibration_inputs):
         raise ValueError("INT8 calibration needs at least one image")
-    input_name = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
-    name = input_name.get_inputs()[0].name
+    session = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
     with tempfile.TemporaryDirectory(prefix="int8-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)

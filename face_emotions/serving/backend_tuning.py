@@ -48,17 +48,6 @@ class Trial:
     #: Why a backend was not eligible (failed to build, disagreed, could not be checked).
     reason: str = ""
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "backend": self.backend,
-            "images_per_second": None
-            if self.images_per_second is None
-            else round(self.images_per_second, 1),
-            "agreement": None if self.agreement is None else round(self.agreement, 4),
-            "eligible": self.eligible,
-            "reason": self.reason,
-        }
-
 
 @dataclass
 class Tuning:
@@ -79,7 +68,8 @@ class Tuning:
 
 
 @lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``), empty where they can't be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -95,7 +85,7 @@ def bf16_supported(device: torch.device) -> bool:
     oneDNN emulates bf16, slower than fp32)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -134,9 +124,10 @@ def timed_pass(predictor: Predictor, batch: np.ndarray) -> float:
 
 
 def _tuning_batch(bundle: Bundle, batch_size: int, probe: np.ndarray | None) -> np.ndarray:
-    """A micro-batch of the version's input size: probe images repeated, else seeded noise."""
+    """A micro-batch of the version's input size: probe images (already checked to be of that
+    size) repeated, else seeded noise."""
     size = bundle.spec.image_size
-    if probe is not None and len(probe) and probe.shape[1:3] == (size, size):
+    if probe is not None and len(probe):
         reps = -(-batch_size // len(probe))
         return np.ascontiguousarray(np.concatenate([probe] * reps)[:batch_size])
     rng = np.random.default_rng(0)

@@ -325,9 +325,6 @@ class ModelHolder:
         return {
             "version": current.version if current else None,
             "backend": current.backend if current else None,
-            "tuning": [t.to_dict() for t in current.tuning.trials]
-            if current and current.tuning
-            else None,
             "device": str(self.device),
             "pinned": list(self._pinned),
             "swaps": self.swaps,

@@ -147,9 +147,9 @@ def test_real_predictors_are_measured(bundle_dir: Path) -> None:
 
 def test_candidates_follow_the_bundle_and_the_cpu(bundle_dir, tmp_path, monkeypatch) -> None:
     bundle = load_bundle(bundle_dir)
-    monkeypatch.setattr(backend_tuning, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(backend_tuning, "cpu_flags", lambda: frozenset({"avx2"}))
     assert candidate_backends(bundle, CPU) == ["onnx", "torch"]
-    monkeypatch.setattr(backend_tuning, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(backend_tuning, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     bundle.int8_onnx_path = bundle.onnx_path  # any file: the gate passed
     assert candidate_backends(bundle, CPU) == ["onnx", "torch", "onnx-int8", "torch-bf16"]
