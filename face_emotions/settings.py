@@ -115,7 +115,8 @@ class Settings(BaseSettings):
         default=3,
         ge=1,
         le=50,
-        description="Timed micro-batches per backend when EMOTIONS_BACKEND=auto tunes a load.",
+        description="Timing rounds (one micro-batch per backend each) when EMOTIONS_BACKEND=auto "
+        "tunes a load.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",

@@ -155,3 +155,45 @@ def test_candidates_follow_the_bundle_and_the_cpu(bundle_dir, tmp_path, monkeypa
     assert candidate_backends(bundle, CPU) == ["onnx", "torch", "onnx-int8", "torch-bf16"]
     bundle.onnx_path = bundle.int8_onnx_path = None
     assert candidate_backends(bundle, CPU) == ["torch", "torch-bf16"]
+
+
+def test_a_burst_of_load_costs_every_backend_alike(bundle_dir: Path, tmp_path: Path) -> None:
+    """Passes are timed in interleaved rounds: a slow moment (a neighbour starting) that lasts
+    three passes must not land on one backend only and crown the other."""
+    bundle = load_bundle(_with_probe(bundle_dir, tmp_path))
+    stubs = {name: Stub(name) for name in ("onnx", "torch")}
+    base = {"onnx": 0.08, "torch": 0.10}
+    calls: list[str] = []
+
+    def bursty(predictor, batch) -> float:
+        calls.append(predictor.backend)
+        slow = 5.0 if len(calls) <= 3 else 1.0  # the first three passes run under load
+        return base[predictor.backend] * slow
+
+    tuning = autotune(
+        bundle, CPU, stubs.__getitem__, batch_size=8, candidates=["onnx", "torch"], measure=bursty
+    )
+    assert tuning.chosen == "onnx"
+    assert calls == ["onnx", "torch", "torch", "onnx", "onnx", "torch"]
+    by_name = {t.backend: t for t in tuning.trials}
+    assert by_name["onnx"].images_per_second == pytest.approx(8 / 0.08)  # 0.4, 0.08, 0.08
+    assert by_name["torch"].images_per_second == pytest.approx(8 / 0.5)  # 0.5, 0.5, 0.1
+
+
+def test_a_backend_failing_while_timed_is_reported_not_chosen(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    bundle = load_bundle(_with_probe(bundle_dir, tmp_path))
+    stubs = {name: Stub(name) for name in ("onnx", "torch")}
+
+    def measure(predictor, batch) -> float:
+        if predictor.backend == "torch":
+            raise RuntimeError("out of memory")
+        return 0.1
+
+    tuning = autotune(
+        bundle, CPU, stubs.__getitem__, batch_size=8, candidates=["onnx", "torch"], measure=measure
+    )
+    by_name = {t.backend: t for t in tuning.trials}
+    assert tuning.chosen == "onnx"
+    assert not by_name["torch"].eligible and "out of memory" in by_name["torch"].reason
