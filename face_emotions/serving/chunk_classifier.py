@@ -1,7 +1,8 @@
 """Classify one chunk of a job: the work behind a queued task, free of any Celery code.
 
 A chunk is a few micro-batches. Each micro-batch is decoded in a thread pool while the previous
-one runs through the model, then written in one transaction. Images that already have a result
+one runs through the model, then written in one transaction, on a thread of its own while the
+next one runs through the model. Images that already have a result
 are skipped, so a redelivered chunk (worker crash, broker redelivery, sweeper) only finishes
 what is missing. The model is asked for at every micro-batch: that is where a hot reload lands.
 
@@ -33,6 +34,8 @@ import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -199,39 +202,102 @@ def classify_chunk(
     )
     status_checked = time.monotonic()
     first = True
-    for batch in batches:
-        now = time.monotonic()
-        # ``begin`` has just seen the job running: the first micro-batch needs no check.
-        if not first and now - status_checked >= STATUS_INTERVAL_SECONDS:
-            status_checked = now
-            if _cancelled(sessions, job_id):
-                outcome.skipped = "job was cancelled"
-                break
-        if isinstance(model, str):
-            rows = [ResultRow(i, error=model) for i in batch.keys]
-            version = None
-            forward_batch = 0
-        else:
-            rows, version, forward_batch = _predict(
-                holder, batcher, job.model_version, batch, job.face_policy
-            )
-            if batch.images:
-                outcome.forward_batches.append(forward_batch)
-                # None: the pinned version vanished mid-chunk and nothing was predicted.
-                if version is not None:
-                    outcome.model_versions.add(version)
-        rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
-        done, failed = _write(sessions, job_id, rows, version, worker_name, forward_batch)
+
+    def account(written: tuple[int, int], version: int | None, decode_seconds: float) -> None:
+        done, failed = written
         outcome.succeeded += done
         outcome.failed += failed
         metrics.count_images(processed=done, failed=failed, model_version=version)
-        metrics.observe_decode(batch.decode_seconds)
+        metrics.observe_decode(decode_seconds)
         due = _HEARTBEATS.add((id(sessions), worker_name), done + failed, holder.serving_version)
         if due is not None:
             _heartbeat(sessions, holder, worker_name, due)
-        first = False
+
+    with _ResultWriter(sessions, job_id, worker_name, account) as writer:
+        for batch in batches:
+            now = time.monotonic()
+            # ``begin`` has just seen the job running: the first micro-batch needs no check.
+            if not first and now - status_checked >= STATUS_INTERVAL_SECONDS:
+                status_checked = now
+                if _cancelled(sessions, job_id):
+                    outcome.skipped = "job was cancelled"
+                    break
+            if isinstance(model, str):
+                rows = [ResultRow(i, error=model) for i in batch.keys]
+                version = None
+                forward_batch = 0
+            else:
+                rows, version, forward_batch = _predict(
+                    holder, batcher, job.model_version, batch, job.face_policy
+                )
+                if batch.images:
+                    outcome.forward_batches.append(forward_batch)
+                    # None: the pinned version vanished mid-chunk and nothing was predicted.
+                    if version is not None:
+                        outcome.model_versions.add(version)
+            rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
+            writer.write(rows, version, forward_batch, batch.decode_seconds)
+            first = False
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+class _ResultWriter:
+    """Writes each micro-batch's results on a thread of its own while the next micro-batch
+    runs through the model: at most one write in flight, waited for before the next starts.
+
+    Written in the forward pass's shadow, the transaction no longer stops the cores (on a
+    2-core worker the main thread spent about 4.5 % of a chunk writing, with the model idle).
+    Each micro-batch is still its own transaction, in order, so what a crash can lose is
+    unchanged: the micro-batch being written, which has no result and is done again. Leaving
+    the block waits for the last write, also when the chunk fails, so that nothing else (the
+    task's failure handling) writes the same images at the same time.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        job_id: uuid.UUID,
+        worker_name: str,
+        account: Callable[[tuple[int, int], int | None, float], None],
+    ) -> None:
+        self._sessions = sessions
+        self._job_id = job_id
+        self._worker_name = worker_name
+        self._account = account
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
+        self._in_flight: tuple[Future[tuple[int, int]], int | None, float] | None = None
+
+    def __enter__(self) -> _ResultWriter:
+        return self
+
+    def write(
+        self, rows: list[ResultRow], version: int | None, forward_batch: int, decode: float
+    ) -> None:
+        """Wait for the previous write (its counts are accounted), then start this one."""
+        self._finish()
+        future = self._pool.submit(
+            _write, self._sessions, self._job_id, rows, version, self._worker_name, forward_batch
+        )
+        self._in_flight = (future, version, decode)
+
+    def _finish(self) -> None:
+        if self._in_flight is None:
+            return
+        future, version, decode = self._in_flight
+        self._in_flight = None
+        self._account(future.result(), version, decode)
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
+        try:
+            if exc is None:
+                self._finish()
+            elif self._in_flight is not None:
+                failed_write = self._in_flight[0].exception()  # waits for it
+                if failed_write is not None:
+                    log.warning("job %s: the last write failed too: %s", self._job_id, failed_write)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class _HeartbeatThrottle:
