@@ -17,12 +17,15 @@ The views only translate HTTP: request parsing is in :mod:`api.job_requests`, th
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
 from apiflask import APIBlueprint
 from flask import current_app
 from flask import url_for
+from sqlalchemy import Engine
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.auth import SUBMIT
@@ -47,6 +50,7 @@ from api.schemas.jobs import JobCreatedOut
 from api.schemas.jobs import JobListQuery
 from api.schemas.jobs import JobOut
 from api.schemas.jobs import JobPageOut
+from api.schemas.jobs import JobQuery
 from api.schemas.jobs import ResultPageOut
 from api.schemas.jobs import ResultsQuery
 from api.schemas.jobs import SummaryOut
@@ -56,10 +60,14 @@ from api.serialize import result_dict
 from face_emotions.jobs import job_queries
 from face_emotions.jobs import submission
 from face_emotions.jobs.intake import IntakeError
+from face_emotions.jobs.schema import TERMINAL_STATUSES
 from face_emotions.jobs.schema import Job
+from face_emotions.jobs.schema import JobStatus
 from face_emotions.ops.log_format import job_context
 
 log = logging.getLogger(__name__)
+#: How often a waiting status request reads the job's status (GET /jobs/<id>?wait=...).
+WAIT_CHECK_SECONDS = 0.05
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="jobs")
 
@@ -162,12 +170,19 @@ def list_jobs(query_data: dict[str, Any]) -> dict[str, Any]:
 
 @bp.get("/<uuid:job_id>")
 @require_role(SUBMIT)
+@bp.input(JobQuery, location="query")
 @bp.output(JobOut)
 @bp.doc(responses=error_responses(JOB_NOT_FOUND))
-def get_job(job_id: uuid.UUID) -> dict[str, Any]:
-    """Status, counts, progress, model versions used and timings of a job"""
+def get_job(job_id: uuid.UUID, query_data: dict[str, Any]) -> dict[str, Any]:
+    """Status, counts, progress, model versions used and timings of a job
+
+    With `wait`, the answer waits for the job to end, up to that many seconds.
+    """
     session = db_session()
-    return _job_payload(session, _job_or_404(session, job_id))
+    job = _job_or_404(session, job_id)
+    if query_data["wait"] > 0 and JobStatus(job.status) not in TERMINAL_STATUSES:
+        job = _wait_for_end(session, job, query_data["wait"])
+    return _job_payload(session, job)
 
 
 @bp.delete("/<uuid:job_id>")
@@ -257,6 +272,34 @@ def _job_or_404(session: Session, job_id: uuid.UUID) -> Job:
     job = job_queries.get_job(session, job_id, owner=current_principal().owner_filter)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
+    return job
+
+
+def _wait_for_end(session: Session, job: Job, seconds: float) -> Job:
+    """The job once it ended, or as it is after ``seconds``.
+
+    Each check is one read of the status by primary key on a pooled connection of its own,
+    outside the ORM session (about a third of the CPU of a session round trip): its own
+    transaction, because SQLite's WAL shows a reader the database as it was when its
+    transaction began, and the connection goes back to the pool while this request sleeps, so
+    waiting clients do not hold the pool (a gevent worker sleeps cooperatively: a waiting
+    client costs a greenlet, not a thread).
+    """
+    deadline = time.monotonic() + seconds
+    job_id = job.id
+    status_of = select(Job.status).where(Job.id == job_id)
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    session.rollback()  # the request's own read transaction: its connection goes back now
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            status = connection.execute(status_of).scalar()
+        if status is None:  # deleted while we waited
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        if JobStatus(status) in TERMINAL_STATUSES:
+            break
+        time.sleep(min(WAIT_CHECK_SECONDS, max(0.0, deadline - time.monotonic())))
+    session.refresh(job)
     return job
 
 

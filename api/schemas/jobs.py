@@ -131,6 +131,24 @@ class JobPageOut(PageOut):
 # -- results --------------------------------------------------------------------------------
 
 
+#: The longest a status request may wait for its job to end (below the clients' timeouts).
+MAX_JOB_WAIT_SECONDS = 30.0
+
+
+class JobQuery(Schema):
+    wait = Float(
+        load_default=0.0,
+        validate=Range(min=0, max=MAX_JOB_WAIT_SECONDS),
+        metadata={
+            "description": "Seconds to wait for the job to end (succeeded, failed or "
+            f"cancelled) before answering, at most {MAX_JOB_WAIT_SECONDS:.0f}; 0 (default) "
+            "answers at once. The answer comes within 0.05 s of the job's end, and a "
+            "finished job answers at once: one waiting request instead of many polls, which "
+            "leaves the cores to the workers."
+        },
+    )
+
+
 class JobListQuery(PageQuery):
     id_prefix = String(
         validate=Regexp(

@@ -19,6 +19,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 #: Characters of a job id the console and the CLI show, and the least a prefix must give.
 SHORT_ID_CHARS = 8
+#: The longest ``GET /api/v1/jobs/<id>?wait=`` the API accepts.
+MAX_WAIT_SECONDS = 30.0
 #: What a person can do about an authentication refusal, appended to the API's message.
 AUTH_HINTS = {
     401: " (pass --token or set EMOTIONS_API_TOKEN; create one with "
@@ -125,8 +127,16 @@ class EmotionsClient:
         """``GET /api/v1/models``: versions, the champion, and what each live worker serves."""
         return self._request("GET", "/api/v1/models").json()
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/api/v1/jobs/{self.resolve(job_id)}").json()
+    def job(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """The job; with ``wait``, the API answers once it ended or after ``wait`` seconds."""
+        if not wait:
+            return self._request("GET", f"/api/v1/jobs/{self.resolve(job_id)}").json()
+        return self._request(
+            "GET",
+            f"/api/v1/jobs/{self.resolve(job_id)}",
+            params={"wait": wait},
+            timeout=self.timeout + wait,
+        ).json()
 
     def jobs(self, *, limit: int = 20, id_prefix: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
@@ -185,16 +195,25 @@ class EmotionsClient:
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
+        """Follow a job until it ends: each request waits in the API up to ``poll_seconds``
+        for the end (so the end is seen at once, not up to a poll later), and answers with
+        the progress so far when it did not come."""
         deadline = time.monotonic() + timeout if timeout else None
+        job_id = self.resolve(job_id)
         while True:
-            job = self.job(job_id)
+            wait = poll_seconds
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            started = time.monotonic()
+            job = self.job(job_id, wait=min(wait, MAX_WAIT_SECONDS))
             if on_progress:
                 on_progress(job)
             if job["status"] in TERMINAL:
                 return job
             if deadline and time.monotonic() > deadline:
                 raise ApiClientError(f"job {job_id} still {job['status']} after {timeout}s")
-            time.sleep(poll_seconds)
+            # An API that did not wait (an older one) must not be polled in a tight loop.
+            time.sleep(max(0.0, poll_seconds - (time.monotonic() - started)))
 
 
 def _options(

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import threading
 import uuid
 import zipfile
 from pathlib import Path
@@ -591,6 +592,43 @@ def test_job_detail_after_results(client: FlaskClient, finished_job: str) -> Non
     assert body["links"]["results"] == f"/api/v1/jobs/{finished_job}/results"
 
 
+def test_a_waiting_status_request_answers_when_the_job_ends(app, client: FlaskClient) -> None:
+    job_id = upload(client, [f"img{i}.png" for i in range(5)]).get_json()["id"]
+    worker = threading.Timer(0.3, simulate_worker, args=(app, job_id))  # ends it meanwhile
+    worker.start()
+    try:
+        body = client.get(f"/api/v1/jobs/{job_id}?wait=20").get_json()
+    finally:
+        worker.join()
+    assert body["status"] == "completed_with_errors"
+    assert (body["done"], body["failed"], body["model_versions"]) == (4, 1, [3])
+
+
+def test_a_waiting_status_request_gives_the_progress_when_its_wait_is_over(
+    client: FlaskClient,
+) -> None:
+    job_id = upload(client, ["a.png"]).get_json()["id"]
+    body = client.get(f"/api/v1/jobs/{job_id}?wait=0.2").get_json()
+    assert (body["status"], body["done"]) == ("queued", 0)
+
+
+def test_an_ended_job_answers_a_waiting_request_at_once(
+    client: FlaskClient, finished_job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_sleeping(_seconds: float) -> None:
+        raise AssertionError("waited for a job that had ended")
+
+    monkeypatch.setattr("api.jobs.time.sleep", no_sleeping)
+    body = client.get(f"/api/v1/jobs/{finished_job}?wait=30").get_json()
+    assert body["status"] == "completed_with_errors"
+
+
+@pytest.mark.parametrize("wait", ["-1", "30.5", "soon"])
+def test_a_wait_out_of_range_is_refused(client: FlaskClient, finished_job: str, wait: str) -> None:
+    response = client.get(f"/api/v1/jobs/{finished_job}?wait={wait}")
+    assert_error(response, 400)
+
+
 def test_results_pages_and_shape(client: FlaskClient, finished_job: str) -> None:
     url = f"/api/v1/jobs/{finished_job}/results"
     first = client.get(f"{url}?page=1&limit=2").get_json()
@@ -1119,7 +1157,7 @@ def test_documented_submission_bodies_match_the_validating_schemas(client: Flask
 
 def test_path_parameters_document_their_converters(client: FlaskClient) -> None:
     paths = client.get("/openapi.json").get_json()["paths"]
-    [job_id] = paths["/api/v1/jobs/{job_id}"]["get"]["parameters"]
+    [job_id] = [p for p in paths["/api/v1/jobs/{job_id}"]["get"]["parameters"] if p["in"] == "path"]
     assert job_id["schema"] == {"type": "string", "format": "uuid"}
     [version] = paths["/api/v1/models/{version}/promote"]["post"]["parameters"]
     assert version["schema"] == {"type": "integer", "minimum": 0}
