@@ -187,6 +187,8 @@ def markdown(document: dict[str, Any], figures: dict[str, Figure]) -> str:
     ]
     if host.get("gpu"):
         lines.append(f"| GPU | {host['gpu']} (CUDA {host.get('cuda')}) |")
+    else:  # say so: the GPU figures (bench/gpu.sh) are missing from this report for that reason
+        lines.append("| GPU | none on this machine, so `bench/gpu.sh` (CUDA figures) did not run |")
     lines += [
         f"| Python | {host['python']} ({host['platform']}) |",
         f"| torch / onnxruntime | {host.get('torch')} / {host.get('onnxruntime')} |",
@@ -233,6 +235,9 @@ def markdown(document: dict[str, Any], figures: dict[str, Figure]) -> str:
         if table:
             lines += _table(table)
             lines.append("")
+        cpu_table = figure.details.get("cpu_table")
+        if cpu_table:
+            lines += ["CPU during a run (medians):", "", *_table(cpu_table), ""]
     if document.get("analysis"):
         lines += ["## Where the time goes", ""]
         lines += [f"- {item}" for item in document["analysis"]]
@@ -300,9 +305,10 @@ def plot(path: Path, document: dict[str, Any], figures: dict[str, Figure]) -> No
     ax.barh(names, values, color=colours)
     for index, (key, f) in enumerate(speedups):
         target = f.target
-        if target is not None and target.kind == "at_least":
+        floor = target is not None and target.kind in {"at_least", "above"}
+        if target is not None and floor:
             ax.plot([target.value, target.value], [index - 0.4, index + 0.4], "k-", lw=2)
-        right = max(values[index], target.value if target and target.kind == "at_least" else 0)
+        right = max(values[index], target.value if target is not None and floor else 0)
         ax.text(right, index, f"  {values[index]:.2f}", va="center", fontsize=8)
         del key
     ax.set_xlabel("ratio (black tick: target; green met, red missed, grey no target)")

@@ -33,6 +33,8 @@ from bench.figures.backends import backends_figure
 from bench.figures.backends import prepare_backends
 from bench.figures.int8 import int8_figure
 from bench.figures.limit import limit_only
+from bench.figures.peers import peer_list
+from bench.figures.peers import peers_figure
 from bench.figures.tiny_jobs import dynamic_batching_supported
 from bench.service_figures import MAIN_WORKER_FIGURES
 from bench.service_figures import service_figures
@@ -72,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help=f"implied by --images < {SMALL_BELOW}")
     parser.add_argument("--compile", action="store_true", help="also try torch.compile on CPU")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
+    parser.add_argument("--peers", type=peer_list, default=[], help="ray,torchserve (bench extra)")
     args = parser.parse_args(argv)
     args.only = [item.strip() for item in args.only.split(",") if item.strip()]
     unknown = sorted(set(args.only) - set(FIGURES))
@@ -263,6 +266,7 @@ def run_all(context: Context, root: Path) -> None:
                     limit_only(context, bundle_dir, paths)
             except Exception as exc:
                 context.failed("limit", exc)
+    peers_figure(context, workspace, bundle_dir, paths)  # after the services stopped
 
 
 def start_services(

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.context import Context
+from bench.cpu_use import measure_cpu
+from bench.cpu_use import process_tree
+from bench.cpu_use import this_process
 from bench.figures.detection import detection_figure
 from bench.figures.limit import Limit
 from bench.figures.limit import prepare_limit
@@ -28,6 +31,7 @@ from bench.stats import interleave
 
 if TYPE_CHECKING:
     from bench.assets import Workspace
+    from bench.cpu_use import CpuUse
     from bench.services import Cluster
     from bench.services import JobRun
 
@@ -96,10 +100,20 @@ def main_worker_figures(
     trace = MemoryTrace(worker)
     trace.sample()
     runs: dict[str, list[JobRun]] = {"pipeline": [], "batch1": []}
+    chunk_cpu: list[CpuUse] = []
+
+    cpu_parts = {
+        "worker pool": lambda: process_tree(worker.process.pid, children_only=True),
+        "worker main": lambda: [worker.process.pid],
+        "API": lambda: process_tree(cluster.api.pid) if cluster.api else [],
+        "benchmark": this_process,
+    }
 
     def job(name: str, batch_size: int | None) -> Callable[[], float]:
         def run() -> float:
-            result = cluster.run_job(assets.FACES, batch_size=batch_size)
+            with measure_cpu(cpu_parts) as use:
+                result = cluster.run_job(assets.FACES, batch_size=batch_size)
+            result.cpu = use
             runs[name].append(result)
             trace.sample(result.images)
             return result.seconds
@@ -123,7 +137,14 @@ def main_worker_figures(
     if context.wants("pipeline"):
         chunk = chunk_loop(context, workspace, paths)
         if chunk is not None:
-            variants["chunk"] = chunk
+
+            def chunk_with_cpu() -> float | None:
+                with measure_cpu({"benchmark": this_process}) as use:
+                    chunk()
+                chunk_cpu.append(use)
+                return use.wall
+
+            variants["chunk"] = chunk_with_cpu
     if context.wants("pipeline", "micro_batching", "memory"):
         variants["pipeline"] = job("pipeline", None)
     if context.wants("micro_batching"):
@@ -135,7 +156,7 @@ def main_worker_figures(
         context.record(limit.figure(samples, context.threads, context.args.device))
     if "pipeline" in samples and limit is not None and context.wants("pipeline"):
         poll = cluster.poll_seconds(runs["pipeline"][-1].job_id)
-        pipeline_figure(context, samples, runs["pipeline"], poll)
+        pipeline_figure(context, samples, runs["pipeline"], poll, chunk_cpu)
     if "batch1" in samples:
         micro_batching_figure(context, samples)
     if context.wants("tiny_jobs"):

@@ -27,6 +27,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from bench.cpu_use import CpuUse
 from scripts.launcher import Launcher
 from scripts.launcher import ServiceError
 from scripts.launcher import ServiceProcess
@@ -40,7 +41,9 @@ CLAIM_KEY = "face-emotions-bench-claim"
 QUEUE = "inference"
 TERMINAL = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 #: How often a job's status is polled: the issue's 0.1 s (the cost is reported).
-POLL_INTERVAL = 0.1
+#: A job is followed as the CLI follows it: status requests that wait in the API for its end
+#: (``GET /api/v1/jobs/<id>?wait=``, answered within 0.05 s of the end), not a polling loop.
+WAIT_SECONDS = 30.0
 #: EMOTIONS_* knobs of the benchmark's own environment that are handed on to the services,
 #: so ``EMOTIONS_BACKEND=torch python -m bench.run`` benchmarks that configuration. Anything
 #: else (database, broker, storage, tokens) is the benchmark's own and never inherited.
@@ -192,6 +195,8 @@ class JobRun:
     images: int
     seconds: float
     job: dict[str, Any]
+    #: Who used the CPU while it ran (filled by the figures that ask, see bench.cpu_use).
+    cpu: CpuUse | None = None
 
     def breakdown(self) -> dict[str, Any]:
         """Where the wall time went: waiting in the queue vs classifying (API timestamps)."""
@@ -321,7 +326,7 @@ class Cluster:
         faces: str = "none",
         timeout: float = 1800,
     ) -> JobRun:
-        """Submit a folder job and poll until it is finished: the user's wall time.
+        """Submit a folder job and wait until it is finished: the user's wall time.
 
         ``faces`` is the job's face policy: ``none`` by default, because the figures that
         compare a job with the in-process loops measure classification; the ``detection``
@@ -334,8 +339,7 @@ class Cluster:
         while job["status"] not in TERMINAL:
             if time.monotonic() > deadline:
                 raise ServiceError(f"job {job['id']} still {job['status']} after {timeout}s")
-            time.sleep(POLL_INTERVAL)
-            job = client.job(job["id"])
+            job = client.job(job["id"], wait=WAIT_SECONDS)
         seconds = time.perf_counter() - started
         if job["status"] != "succeeded" or job["done"] != job["total"]:
             raise ServiceError(f"job {job['id']} ended {job['status']}: {job}\n{self.logs()}")

@@ -21,7 +21,10 @@ Figures (each a ratio of two things measured side by side, interleaved, medians)
 - ``int8`` (:mod:`.int8`): the INT8 variant vs fp32 ONNX Runtime (bf16 vs fp32 torch where
   the CPU has it), with top-1 agreement and the CPU's VNNI/BF16 flags;
 - ``memory`` (:mod:`.memory`): the worker's resident memory growth in steady state (after the
-  first full job), with the first job's growth beside it.
+  first full job), with the first job's growth beside it;
+- ``peers`` (:mod:`.peers`, with ``--peers ray,torchserve`` and the ``bench`` extra): the same
+  model served by Ray Serve and TorchServe at their best batching settings, each over its own
+  in-process limit, against the pipeline's ratio and images/s.
 
 Which figures run together (the pipeline job interleaved with the limit loops, memory sampled
 after every job of the others) is :mod:`bench.run`'s business; the modules only measure and
@@ -53,20 +56,24 @@ FIGURES: tuple[str, ...] = (
     "allocator",
     "tiny_jobs",
     "memory",
+    "peers",
 )
 
 
 @dataclass(frozen=True)
 class Target:
-    """``ratio >= value`` (``at_least``) or ``measure < value`` (``below``)."""
+    """``ratio >= value`` (``at_least``), ``ratio > value`` (``above``) or ``measure < value``
+    (``below``)."""
 
     value: float
-    kind: Literal["at_least", "below"] = "at_least"
+    kind: Literal["at_least", "above", "below"] = "at_least"
     text: str = ""
 
     def met(self, measured: float) -> bool:
         if self.kind == "at_least":
             return measured >= self.value
+        if self.kind == "above":
+            return measured > self.value
         return measured < self.value
 
 
@@ -83,6 +90,13 @@ TARGETS: dict[str, Target | None] = {
     # configurations; memory after the first full job, whose one-off growth is reported beside.
     "tiny_jobs": Target(0.5, text=">= 0.5 of the limit (images/s of one-image jobs)"),
     "memory": Target(2.0, "below", "< 2% steady-state growth over 5,000 images"),
+    # Issue 17: the pipeline against other servers of the same model. The number is the
+    # pipeline's smaller margin over the best peer (ratio, images/s): above 1 beats them all.
+    "peers": Target(
+        1.0,
+        "above",
+        "pipeline above every peer's HTTP ratio and img/s (margin > 1)",
+    ),
 }
 
 LABELS: dict[str, str] = {
@@ -96,6 +110,7 @@ LABELS: dict[str, str] = {
     "int8": "INT8 vs fp32 ONNX",
     "tiny_jobs": "many tiny jobs vs the limit",
     "memory": "worker memory growth (steady state)",
+    "peers": "pipeline vs peers (Ray Serve, TorchServe)",
 }
 
 
@@ -162,6 +177,6 @@ def verdict_text(key: str, value: float) -> str:
     """Ratios are judged as printed (2 decimals), so "1.80x: no" cannot happen; differences
     and growths (``below`` targets) are judged unrounded."""
     target = TARGETS.get(key)
-    if target is not None and target.kind == "at_least":
+    if target is not None and target.kind in {"at_least", "above"}:
         value = round(value, 2)
     return verdict(Figure(key, value, "", "", check=value))

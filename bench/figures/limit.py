@@ -26,6 +26,8 @@ class Limit:
     description: str
     batch_size: int
     images: int
+    #: The predictor's ``backend`` (a ``Settings.backend`` value): what peers must serve with.
+    backend: str = ""
 
     def figure(self, samples: dict[str, Samples], threads: int, device: str) -> Figure:
         best = max(("overlapped", "sequential"), key=lambda name: samples[name].rate)
@@ -46,6 +48,7 @@ class Limit:
                 "batch_size": self.batch_size,
                 "threads": threads,
                 "backend": self.description,
+                "backend_name": self.backend,
                 "samples": {k: v.as_dict() for k, v in samples.items() if k in self.variants},
                 "notes": [
                     f"decode -> resize -> normalise -> forward over the same {self.images} "
@@ -84,7 +87,7 @@ def prepare_limit(
         predictor, paths, arrays, batch_size=batch, decode_threads=settings.decode_threads
     )
     variants["overlapped"]()  # page cache, decode pool, every batch shape once
-    return Limit(variants, inprocess.describe(predictor), batch, len(paths))
+    return Limit(variants, inprocess.describe(predictor), batch, len(paths), predictor.backend)
 
 
 def limit_only(context: Context, bundle_dir: Path, paths: list[Path]) -> None:

@@ -6,6 +6,8 @@ be put on the chunk code or on the processes around it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from bench.context import Context
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from bench.assets import Workspace
+    from bench.cpu_use import CpuUse
     from bench.inprocess import ChunkLoop
     from bench.services import JobRun
 
@@ -48,7 +51,11 @@ def chunk_loop(context: Context, workspace: Workspace, paths: list[Path]) -> Chu
 
 
 def pipeline_figure(
-    context: Context, samples: dict[str, Samples], runs: list[JobRun], poll_seconds: float
+    context: Context,
+    samples: dict[str, Samples],
+    runs: list[JobRun],
+    poll_seconds: float,
+    chunk_cpu: list[CpuUse] | None = None,
 ) -> None:
     """pipeline / limit, and a decomposition of what the pipeline loses.
 
@@ -96,24 +103,25 @@ def pipeline_figure(
             "of limit": f"{ratio:.2f}",
         }
     )
-    from bench.services import POLL_INTERVAL
-
-    poll_share = poll_seconds / POLL_INTERVAL
     tail = pipeline.median - median_queued - median_running
     context.analysis += [
         f"pipeline job ({pipeline.items} images), medians: {pipeline.median:.2f} s from POST to "
         f"seen finished = {median_queued:.2f} s queued + {median_running:.2f} s running + "
-        f"{tail:.2f} s for the POST itself and the last poll; the limit loop took "
-        f"{limit.median:.2f} s for the same files",
-        f"one status poll (GET /api/v1/jobs/<id>) costs {poll_seconds * 1000:.1f} ms in the "
-        f"API (median of 30): polling every {POLL_INTERVAL} s keeps about {poll_share:.0%} of "
-        f"one core busy, on a machine with {os.cpu_count()} cores that the worker's "
-        f"{context.threads} threads also need",
+        f"{tail:.2f} s for the POST itself and the answer of the waiting status request; the "
+        f"limit loop took {limit.median:.2f} s for the same files",
+        f"one status request (GET /api/v1/jobs/<id>) costs {poll_seconds * 1000:.1f} ms in "
+        "the API (median of 30): a client polling every 0.1 s would keep about "
+        f"{poll_seconds / 0.1:.0%} of one core busy (plus its HTTP handling), on a machine with "
+        f"{os.cpu_count()} cores that the worker's {context.threads} threads also need; the "
+        "job is followed with ?wait= instead, one request that the API answers at its end",
     ]
     if chunk is not None and median_running:
         context.analysis.append(
             _loss_story(speedup(chunk, limit), pipeline.items / median_running / limit.rate)
         )
+    cpu_table = _cpu_table(pipeline.items, chunk_cpu or [], [r.cpu for r in runs if r.cpu])
+    if cpu_table:
+        context.analysis.append(_cpu_story(cpu_table))
     context.record(
         Figure(
             "pipeline",
@@ -131,12 +139,14 @@ def pipeline_figure(
                 "notes": [
                     f"one REST folder job of {pipeline.items} images at the default batch size "
                     "on one worker (prefork, concurrency 1, "
-                    f"{context.threads} torch threads), timed from POST to the first poll "
-                    f"(every {POLL_INTERVAL} s) that sees it succeeded",
+                    f"{context.threads} torch threads), timed from POST to the answer of a "
+                    "status request waiting for its end (GET /api/v1/jobs/<id>?wait=30, "
+                    "answered within 0.05 s of the end, as the CLI follows a job)",
                     "limit, in-process chunk and pipeline repetitions alternate, so all saw the "
                     "same load",
                 ],
                 "table": decomposition,
+                "cpu_table": cpu_table,
             },
         )
     )
@@ -161,3 +171,59 @@ def _loss_story(chunk: float, worker: float) -> str:
     if len(parts) == 1:
         parts.append("neither costs more than this machine's noise")
     return "; ".join(parts)
+
+
+def _cpu_table(images: int, chunk: list[CpuUse], jobs: list[CpuUse]) -> list[dict[str, str]]:
+    """Median CPU per image and cores kept busy, by part: the chunk code in this process and
+    the REST job (worker pool and main process, API, this benchmark, everything else)."""
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
+    def row(run: str, part: str, uses: list[CpuUse], seconds: Callable[[CpuUse], float]) -> dict:
+        return {
+            "run": run,
+            "part": part,
+            "CPU ms/image": f"{1000 * median([seconds(u) for u in uses]) / images:.1f}",
+            "cores busy": f"{median([seconds(u) / u.wall for u in uses if u.wall]):.2f}",
+        }
+
+    rows = []
+    if chunk:
+        rows.append(
+            row("chunk code in-process", "this process", chunk, lambda u: u.parts["benchmark"])
+        )
+        rows.append(row("chunk code in-process", "rest of the machine", chunk, lambda u: u.other))
+    if jobs:
+        for part in jobs[0].parts:
+            rows.append(row("REST job", part, jobs, partial(_part_seconds, part)))
+        rows.append(row("REST job", "rest of the machine", jobs, lambda u: u.other))
+    return rows
+
+
+def _part_seconds(part: str, use: CpuUse) -> float:
+    return use.parts[part]
+
+
+def _cpu_story(table: list[dict[str, str]]) -> str:
+    """One line: does the worker spend more CPU per image than the chunk code in this process,
+    or get fewer cores?"""
+    cells = {(r["run"], r["part"]): r for r in table}
+    inproc = cells.get(("chunk code in-process", "this process"))
+    pool = cells.get(("REST job", "worker pool"))
+    if inproc is None or pool is None:
+        return "CPU use: " + "; ".join(
+            f"{r['run']}, {r['part']}: {r['CPU ms/image']} ms/image" for r in table
+        )
+    around = [
+        f"{part} {cells[('REST job', part)]['cores busy']}"
+        for part in ("worker main", "API", "benchmark", "rest of the machine")
+        if ("REST job", part) in cells
+    ]
+    return (
+        f"CPU per image: the chunk code used {inproc['CPU ms/image']} ms in this process "
+        f"({inproc['cores busy']} cores busy) and {pool['CPU ms/image']} ms in the worker's pool "
+        f"process ({pool['cores busy']} cores busy); cores kept busy beside the worker during "
+        f"the job: {', '.join(around)}"
+    )

@@ -16,6 +16,8 @@ from bench.figures import FIGURES
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Figures a plain run reports as not asked for (``--peers``).
+OPTIONAL = {"peers"}
 
 
 def test_small_benchmark_reports_every_figure(tmp_path: Path) -> None:
@@ -36,7 +38,14 @@ def test_small_benchmark_reports_every_figure(tmp_path: Path) -> None:
     document = json.loads((out / "latest.json").read_text())
     figures = document["figures"]
     assert list(figures) == list(FIGURES)
+    # Peers (Ray Serve, TorchServe) need --peers and the bench extra, which CI does not install:
+    # the figure is still reported, with how to ask for it.
+    peers = figures["peers"]
+    assert not peers["available"] and "--peers" in peers["reason"], peers
+    assert peers["line"] in completed.stdout
     for key, figure in figures.items():
+        if key in OPTIONAL:
+            continue
         assert figure["available"], f"{key}: {figure['reason']}"
         assert figure["ratio"] is not None and figure["ratio"] > 0, figure
         assert figure["line"] in completed.stdout, f"{key} printed no line"

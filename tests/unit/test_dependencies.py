@@ -64,12 +64,14 @@ NO_DEPS = _declared(
 )
 RUNTIME = _declared(PYPROJECT["project"]["dependencies"]) | NO_DEPS
 DEV = _declared(PYPROJECT["project"]["optional-dependencies"]["dev"])
+#: The benchmark's peers (bench/peers/: Ray Serve, TorchServe), an extra of their own.
+BENCH = _declared(PYPROJECT["project"]["optional-dependencies"]["bench"])
 DISTRIBUTIONS = importlib.metadata.packages_distributions()
 
 
 @pytest.mark.parametrize(
     ("folders", "allowed"),
-    [(RUNTIME_CODE, RUNTIME), (DEV_CODE, RUNTIME | DEV)],
+    [(RUNTIME_CODE, RUNTIME), (DEV_CODE, RUNTIME | DEV | BENCH)],
     ids=["runtime", "dev"],
 )
 def test_every_imported_package_is_declared(folders: tuple[str, ...], allowed: set[str]) -> None:
