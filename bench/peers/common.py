@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -218,3 +221,14 @@ def max_abs_diff(answers: Sequence[Sequence[float]], expected: Sequence[Sequence
         ),
         default=0.0,
     )
+
+
+def driver_main(measure: Callable[[PeerSpec], PeerResult], argv: list[str]) -> int:
+    """A peer driver's entry point (``python -m bench.peers.<peer> SPEC RESULT``).
+
+    The parent's timeout sends SIGTERM: exiting through ``sys.exit`` runs the driver's
+    ``finally`` blocks, which stop its server (Ray, TorchServe) instead of orphaning it.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    measure(PeerSpec.read(Path(argv[0]))).write(Path(argv[1]))
+    return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -177,13 +176,5 @@ def measure(spec: common.PeerSpec) -> common.PeerResult:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def main(argv: list[str]) -> int:
-    # The parent's timeout sends SIGTERM: exit through ``finally`` so Ray is shut down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    spec = common.PeerSpec.read(Path(argv[0]))
-    measure(spec).write(Path(argv[1]))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(common.driver_main(measure, sys.argv[1:]))

@@ -229,13 +229,5 @@ def torchserve_version() -> str:
         return "?"
 
 
-def main(argv: list[str]) -> int:
-    # The parent's timeout sends SIGTERM: exit through ``finally`` so TorchServe is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    spec = common.PeerSpec.read(Path(argv[0]))
-    measure(spec).write(Path(argv[1]))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(common.driver_main(measure, sys.argv[1:]))
