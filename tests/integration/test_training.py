@@ -51,26 +51,55 @@ def training_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def good_cnn(training_faces: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A cnn trained a few epochs: the model the learning and promotion tests share."""
-    import os
+def good_cnn(training_faces: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """A cnn trained a few epochs: the model the learning, promotion, INT8 and backend tests
+    share, as (a registry of this process's own, the training result).
 
-    sample_faces = training_faces
-    var_dir = tmp_path_factory.mktemp("train-var")
-    os.environ["EMOTIONS_VAR_DIR"] = str(var_dir)
-    try:
-        result = _train(
-            sample_faces,
-            var_dir,
-            *TINY_CNN,
-            "training.max_epochs=15",
-            "training.patience=15",
-            "training.lr=0.005",
-            "training.augment=false",
-        )
-    finally:
-        del os.environ["EMOTIONS_VAR_DIR"]
-    return var_dir, result
+    Trained once per test run. ``make test``'s processes (pytest-xdist) split this module's
+    tests between them, and each used to train the model again (half a minute alone, two
+    minutes beside the other process): now the first process to get here trains it into a
+    directory they all share, under a file lock, and the others wait for it and read its
+    result. Each process then works on a copy of the registry, because one test registers a
+    version of its own; the copies' artifacts stay where the training wrote them (the registry
+    stores absolute locations), which the tests only read.
+    """
+    import os
+    import pickle
+    import shutil
+
+    from filelock import FileLock
+
+    if worker_id == "master":  # one process: nothing to share
+        shared = tmp_path_factory.mktemp("good-cnn")
+    else:  # this run's base directory, one level above each process's own
+        shared = tmp_path_factory.getbasetemp().parent / "good-cnn"
+    trained = shared / "result.pickle"
+    with FileLock(f"{shared}.lock"):
+        if not trained.is_file():
+            var_dir = shared / "var"
+            var_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["EMOTIONS_VAR_DIR"] = str(var_dir)
+            try:
+                result = _train(
+                    training_faces,
+                    var_dir,
+                    *TINY_CNN,
+                    "training.max_epochs=15",
+                    "training.patience=15",
+                    "training.lr=0.005",
+                    "training.augment=false",
+                )
+            finally:
+                del os.environ["EMOTIONS_VAR_DIR"]
+            trained.write_bytes(pickle.dumps(result))
+    own = tmp_path_factory.mktemp("train-var")
+    shutil.copytree(shared / "var" / "mlflow", own / "mlflow", ignore=_artifacts)
+    return own, pickle.loads(trained.read_bytes())
+
+
+def _artifacts(directory: str, names: list[str]) -> list[str]:
+    """The registry's database is copied; the artifacts it points at are not."""
+    return ["artifacts"] if Path(directory).name == "mlflow" else []
 
 
 def test_cnn_learns_and_becomes_champion(good_cnn) -> None:
