@@ -279,7 +279,7 @@ def _wait_for_end(session: Session, job: Job, seconds: float) -> Job:
     """The job once it ended, or as it is after ``seconds``.
 
     Each check is one read of the status by primary key on a pooled connection of its own,
-    outside the ORM session (about a third of the CPU of a session round trip): its own
+    outside the ORM session (about half the CPU of a session round trip): its own
     transaction, because SQLite's WAL shows a reader the database as it was when its
     transaction began, and the connection goes back to the pool while this request sleeps, so
     waiting clients do not hold the pool (a gevent worker sleeps cooperatively: a waiting

@@ -68,9 +68,8 @@ def pipeline_figure(
     pipeline, limit = samples["pipeline"], samples[best]
     ratio = speedup(pipeline, limit)
     breakdowns = [run.breakdown() for run in runs]
-    queued = sorted(b.get("queued_seconds", 0.0) for b in breakdowns)
-    running = sorted(b.get("running_seconds", 0.0) for b in breakdowns)
-    median_queued, median_running = queued[len(queued) // 2], running[len(running) // 2]
+    median_queued = _upper_median([b.get("queued_seconds", 0.0) for b in breakdowns])
+    median_running = _upper_median([b.get("running_seconds", 0.0) for b in breakdowns])
     line = (
         f"pipeline/limit: {ratio:.2f} ({pipeline.rate:.1f} vs {limit.rate:.1f} img/s) "
         f"({verdict_text('pipeline', ratio)})"
@@ -173,20 +172,22 @@ def _loss_story(chunk: float, worker: float) -> str:
     return "; ".join(parts)
 
 
+def _upper_median(values: list[float]) -> float:
+    """The middle value, the upper one of an even count: always one that was measured."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def _cpu_table(images: int, chunk: list[CpuUse], jobs: list[CpuUse]) -> list[dict[str, str]]:
     """Median CPU per image and cores kept busy, by part: the chunk code in this process and
     the REST job (worker pool and main process, API, this benchmark, everything else)."""
-
-    def median(values: list[float]) -> float:
-        ordered = sorted(values)
-        return ordered[len(ordered) // 2]
 
     def row(run: str, part: str, uses: list[CpuUse], seconds: Callable[[CpuUse], float]) -> dict:
         return {
             "run": run,
             "part": part,
-            "CPU ms/image": f"{1000 * median([seconds(u) for u in uses]) / images:.1f}",
-            "cores busy": f"{median([seconds(u) / u.wall for u in uses if u.wall]):.2f}",
+            "CPU ms/image": f"{1000 * _upper_median([seconds(u) for u in uses]) / images:.1f}",
+            "cores busy": f"{_upper_median([seconds(u) / u.wall for u in uses if u.wall]):.2f}",
         }
 
     rows = []

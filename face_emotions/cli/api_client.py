@@ -129,12 +129,10 @@ class EmotionsClient:
 
     def job(self, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
         """The job; with ``wait``, the API answers once it ended or after ``wait`` seconds."""
-        if not wait:
-            return self._request("GET", f"/api/v1/jobs/{self.resolve(job_id)}").json()
         return self._request(
             "GET",
             f"/api/v1/jobs/{self.resolve(job_id)}",
-            params={"wait": wait},
+            params={"wait": wait} if wait else None,
             timeout=self.timeout + wait,
         ).json()
 
