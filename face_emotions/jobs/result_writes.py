@@ -88,6 +88,39 @@ def pending_images(session: Session, job_id: uuid.UUID, image_ids: Iterable[int]
     )
 
 
+def next_undelivered_images(
+    session: Session, job_id: uuid.UUID, after_chunk: int, limit: int
+) -> list[Image]:
+    """The first ``limit`` images of the job's first chunk after ``after_chunk`` that no
+    delivery has started and that have no result, in position order (empty: none left).
+
+    A worker's guess at its next task: with one worker on the job it is the next chunk; with
+    several, the chunks other workers already started (their images counted a delivery) are
+    passed over.
+    """
+    first = session.scalar(
+        select(func.min(Image.chunk))
+        .outerjoin(Result, Result.image_id == Image.id)
+        .where(
+            Image.job_id == job_id,
+            Image.chunk > after_chunk,
+            Image.attempts == 0,
+            Result.image_id.is_(None),
+        )
+    )
+    if first is None:
+        return []
+    return list(
+        session.scalars(
+            select(Image)
+            .outerjoin(Result, Result.image_id == Image.id)
+            .where(Image.job_id == job_id, Image.chunk == first, Result.image_id.is_(None))
+            .order_by(Image.position)
+            .limit(limit)
+        )
+    )
+
+
 def record_results(
     session: Session,
     job_id: uuid.UUID,
@@ -142,12 +175,20 @@ def record_results(
             )
         values.append(value)
     insert = _insert_for(session)
-    inserted = session.execute(
-        insert(Result)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["image_id"])
-        .returning(Result.image_id, Result.status)
-    ).all()
+    # One statement with the rows as parameters, not a VALUES clause built from them: it is
+    # compiled once per process and sent as a multi-row INSERT all the same
+    # ("insertmanyvalues"). Rebuilding the clause each time cost 28 ms of CPU per 32 rows,
+    # taken from the forward pass beside it.
+    inserted = (
+        session.connection()
+        .execute(
+            insert(Result)
+            .on_conflict_do_nothing(index_elements=["image_id"])
+            .returning(Result.image_id, Result.status),
+            values,
+        )
+        .all()
+    )
     statuses = Counter(status for _, status in inserted)
     new_done, new_failed = statuses.get("succeeded", 0), statuses.get("failed", 0)
     if new_done or new_failed:

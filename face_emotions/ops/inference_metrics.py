@@ -16,6 +16,9 @@ What the numbers mean:
   With dynamic batching, observe the shared pass once (where it runs), not once per chunk.
 - ``emotions_decode_seconds``: time to decode one micro-batch (or waiting for it to be
   decoded, as the caller documents).
+- ``emotions_lookahead_total{outcome}``: the next chunk's first micro-batch decoded ahead
+  (:mod:`face_emotions.serving.chunk_lookahead`): ``hit`` when the next chunk used it,
+  ``miss`` when it was dropped.
 - ``emotions_model_version{worker}``: the version a worker process serves (champion); the
   series of a process goes away when the process does (``livemax``).
 - ``emotions_worker_device_info{worker, device}``: 1 for the device (``cpu``, ``cuda:N``) each
@@ -72,6 +75,12 @@ DECODE_SECONDS = Histogram(
     "Seconds to decode one micro-batch of images.",
     buckets=SECONDS_BUCKETS,
 )
+LOOKAHEAD = Counter(
+    "emotions_lookahead",
+    "Guesses at the next chunk's first micro-batch, decoded ahead: hit (the next chunk used "
+    "it) or miss (dropped; the worker then guesses less often).",
+    ["outcome"],
+)
 MODEL_VERSION = Gauge(
     "emotions_model_version",
     "Model version a worker process serves (its champion).",
@@ -117,6 +126,12 @@ def observe_forward(seconds: float, images: int) -> None:
         return
     FORWARD_SECONDS.observe(max(seconds, 0.0))
     MICROBATCH_SIZE.observe(images)
+
+
+@_never_raises
+def count_lookahead(outcome: str) -> None:
+    """A guess at the next chunk was used (``hit``) or dropped (``miss``)."""
+    LOOKAHEAD.labels(outcome=outcome).inc()
 
 
 @_never_raises

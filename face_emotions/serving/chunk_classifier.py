@@ -1,8 +1,10 @@
 """Classify one chunk of a job: the work behind a queued task, free of any Celery code.
 
-A chunk is a few micro-batches. Each micro-batch is decoded in a thread pool while the previous
-one runs through the model, then written in one transaction, on a thread of its own while the
-next one runs through the model. Images that already have a result
+A chunk is a few micro-batches. Each micro-batch is decoded in the process's thread pool while
+the previous one runs through the model, then written in one transaction, on a thread of its own
+while the next one runs through the model; the first one was usually decoded during the
+previous chunk's last forward pass (:mod:`~face_emotions.serving.chunk_lookahead`). Images that
+already have a result
 are skipped, so a redelivered chunk (worker crash, broker redelivery, sweeper) only finishes
 what is missing. The model is asked for at every micro-batch: that is where a hot reload lands.
 
@@ -18,9 +20,10 @@ jobs' included); everything else (skipping, counting, writing) stays per chunk, 
 pass changes neither idempotency nor what a crash can lose.
 
 Per micro-batch the chunk makes one database round trip, the write: cancellation is checked
-and the worker heartbeat written at most every ``STATUS_INTERVAL_SECONDS``, and a worker that
-already serves a model counts the delivery in the transaction that starts the chunk. That
-matters for small jobs, where each round trip costs about as much as the forward pass.
+in a write's transaction (off the model's thread) and the worker heartbeat written at most every
+``STATUS_INTERVAL_SECONDS``, and a worker that already serves a model counts the delivery in
+the transaction that starts the chunk. That matters for small jobs, where each round trip costs
+about as much as the forward pass.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from face_emotions.jobs.recovery import fail_chunk
 from face_emotions.jobs.recovery import gave_up_reason
 from face_emotions.jobs.result_writes import ResultRow
 from face_emotions.jobs.result_writes import count_delivery
+from face_emotions.jobs.result_writes import next_undelivered_images
 from face_emotions.jobs.result_writes import pending_attempts
 from face_emotions.jobs.result_writes import pending_images
 from face_emotions.jobs.result_writes import record_results
@@ -63,7 +67,10 @@ from face_emotions.jobs.worker_heartbeats import BUSY
 from face_emotions.jobs.worker_heartbeats import touch_worker
 from face_emotions.ops import inference_metrics as metrics
 from face_emotions.registry.mlflow_registry import RegistryError
+from face_emotions.serving.chunk_lookahead import LOOKAHEAD
 from face_emotions.serving.decode_ahead import DecodedBatch
+from face_emotions.serving.decode_ahead import DecodePool
+from face_emotions.serving.decode_ahead import PendingBatch
 from face_emotions.serving.decode_ahead import iter_decoded_batches
 from face_emotions.serving.dynamic_batcher import DynamicBatcher
 from face_emotions.serving.face_regions import classify_regions
@@ -133,20 +140,49 @@ def classify_chunk(
     Raises :class:`ModelUnavailable` when no model can be served at all (the task retries
     later and no image is marked failed for it, and the delivery is not counted).
     """
+    with LOOKAHEAD.chunk() as alone:
+        return _classify_chunk(
+            sessions,
+            holder,
+            job_id,
+            image_ids,
+            settings=settings,
+            worker_name=worker_name or default_worker_name(),
+            load_image=load_image,
+            batcher=batcher,
+            detector=detector,
+            # Chunks sharing the process (--pool threads) decode on threads of their own, as
+            # many as one chunk alone gets.
+            pool=_decode_pool(settings.decode_threads) if alone else None,
+        )
+
+
+def _classify_chunk(
+    sessions: sessionmaker[Session],
+    holder: ModelHolder,
+    job_id: uuid.UUID,
+    image_ids: Sequence[int],
+    *,
+    settings: Settings,
+    worker_name: str,
+    load_image: ImageLoader | None,
+    batcher: DynamicBatcher | None,
+    detector: FaceDetector | Callable[[], FaceDetector] | None,
+    pool: DecodePool | None,
+) -> ChunkOutcome:
     started = time.perf_counter()
-    worker_name = worker_name or default_worker_name()
     outcome = ChunkOutcome(str(job_id))
 
     # A worker already serving its champion counts the delivery in the same transaction
     # that starts the chunk: one round trip less per task, which small jobs feel.
     count_at_once = holder.serving_version is not None
 
-    def begin() -> tuple[Job | None, list[tuple[int, str, int]], bool]:
+    def begin() -> tuple[Job | None, list[tuple[int, str, int]], bool, int | None]:
         with sessions() as session:
             job = start_chunk(session, job_id)
             if job is None:
                 session.commit()
-                return None, [], False
+                return None, [], False, None
             images = pending_images(session, job_id, image_ids)
             pending = [(image.id, image.location, image.attempts or 0) for image in images]
             counted = (
@@ -158,9 +194,9 @@ def classify_chunk(
             if counted:
                 count_delivery(session, job_id, [image_id for image_id, _, _ in pending])
             session.commit()
-            return job, pending, counted
+            return job, pending, counted, images[0].chunk if images else None
 
-    job, pending, counted = with_db_retry(begin)
+    job, pending, counted, chunk_number = with_db_retry(begin)
     if job is None:
         outcome.skipped = "job is cancelled, finished or gone"
         return outcome
@@ -191,17 +227,40 @@ def classify_chunk(
     if not counted:
         with_db_retry(count)
     outcome.attempt = delivered + 1
+    loader = load_image or storage_image_loader(settings)
+    detect_many = _detector(detector, job.face_policy)
+    size = job.batch_size
+    database = id(sessions)
     batches = iter_decoded_batches(
         locations,
-        job.batch_size,
+        size,
         workers=settings.decode_threads,
         max_pixels=settings.max_image_pixels,
-        loader=load_image or storage_image_loader(settings),
+        loader=loader,
         keys=ids,
-        detect_many=_detector(detector, job.face_policy),
+        detect_many=detect_many,
+        pool=pool,
+        first=LOOKAHEAD.take(database, job_id, job.face_policy, ids[:size], locations[:size]),
     )
-    status_checked = time.monotonic()
-    first = True
+    last = math.ceil(len(ids) / size) - 1
+
+    def guess_next_chunk() -> PendingBatch | None:
+        """The job's likely next chunk's first micro-batch, submitted for decoding."""
+        with sessions() as session:
+            found = [
+                (image.id, image.location)
+                for image in next_undelivered_images(session, job_id, chunk_number or 0, size)
+            ]
+        if not found:
+            return None
+        # The process's pool, which outlives this chunk (its own may not).
+        return _decode_pool(settings.decode_threads).submit(
+            [location for _, location in found],
+            [image_id for image_id, _ in found],
+            max_pixels=settings.max_image_pixels,
+            loader=loader,
+            detect_many=detect_many,
+        )
 
     def account(written: tuple[int, int], version: int | None, decode_seconds: float) -> None:
         done, failed = written
@@ -213,15 +272,18 @@ def classify_chunk(
         if due is not None:
             _heartbeat(sessions, holder, worker_name, due)
 
+    # ``begin`` has just seen the job running: the first micro-batch needs no check.
+    status_checked = time.monotonic()
     with _ResultWriter(sessions, job_id, worker_name, account) as writer:
-        for batch in batches:
-            now = time.monotonic()
-            # ``begin`` has just seen the job running: the first micro-batch needs no check.
-            if not first and now - status_checked >= STATUS_INTERVAL_SECONDS:
-                status_checked = now
-                if _cancelled(sessions, job_id):
-                    outcome.skipped = "job was cancelled"
-                    break
+        for index, batch in enumerate(batches):
+            # Checked by an earlier write, in its transaction (on the writer thread).
+            if writer.job_ended():
+                outcome.skipped = "job was cancelled"
+                break
+            if index == last and chunk_number is not None and chunk_number < job.chunks - 1:
+                # Its decoding and face detection run beside this last forward pass (the
+                # job's last chunk, and a one-chunk job's only one, have nothing to guess).
+                LOOKAHEAD.start(database, job_id, job.face_policy, guess_next_chunk)
             if isinstance(model, str):
                 rows = [ResultRow(i, error=model) for i in batch.keys]
                 version = None
@@ -236,8 +298,11 @@ def classify_chunk(
                     if version is not None:
                         outcome.model_versions.add(version)
             rows += [ResultRow(i, error=reason) for i, reason in batch.errors]
-            writer.write(rows, version, forward_batch, batch.decode_seconds)
-            first = False
+            now = time.monotonic()
+            check = index > 0 and now - status_checked >= STATUS_INTERVAL_SECONDS
+            if check:
+                status_checked = now
+            writer.write(rows, version, forward_batch, batch.decode_seconds, check_status=check)
     outcome.seconds = time.perf_counter() - started
     return outcome
 
@@ -266,27 +331,51 @@ class _ResultWriter:
         self._worker_name = worker_name
         self._account = account
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
-        self._in_flight: tuple[Future[tuple[int, int]], int | None, float] | None = None
+        self._in_flight: tuple[Future[tuple[int, int, bool]], int | None, float] | None = None
+        self._job_ended = False
 
     def __enter__(self) -> _ResultWriter:
         return self
 
     def write(
-        self, rows: list[ResultRow], version: int | None, forward_batch: int, decode: float
+        self,
+        rows: list[ResultRow],
+        version: int | None,
+        forward_batch: int,
+        decode: float,
+        *,
+        check_status: bool = False,
     ) -> None:
-        """Wait for the previous write (its counts are accounted), then start this one."""
+        """Wait for the previous write (its counts are accounted), then start this one;
+        ``check_status`` also reads, in its transaction, whether the job has ended."""
         self._finish()
         future = self._pool.submit(
-            _write, self._sessions, self._job_id, rows, version, self._worker_name, forward_batch
+            _write,
+            self._sessions,
+            self._job_id,
+            rows,
+            version,
+            self._worker_name,
+            forward_batch,
+            check_status,
         )
         self._in_flight = (future, version, decode)
+
+    def job_ended(self) -> bool:
+        """Whether a write that checked saw the job cancelled, finished or gone. Does not
+        wait: a write still in flight answers at a later micro-batch."""
+        if self._in_flight is not None and self._in_flight[0].done():
+            self._finish()
+        return self._job_ended
 
     def _finish(self) -> None:
         if self._in_flight is None:
             return
         future, version, decode = self._in_flight
         self._in_flight = None
-        self._account(future.result(), version, decode)
+        done, failed, ended = future.result()
+        self._job_ended = self._job_ended or ended
+        self._account((done, failed), version, decode)
 
     def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
         try:
@@ -379,6 +468,21 @@ def _predict(
     return rows, served["version"], served["forward_batch"]
 
 
+_POOLS: dict[tuple[int, int], DecodePool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _decode_pool(workers: int) -> DecodePool:
+    """This process's decode threads, kept from chunk to chunk (keyed by the process id too:
+    threads do not survive a fork)."""
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = DecodePool(workers)
+        return pool
+
+
 def _detector(
     detector: FaceDetector | Callable[[], FaceDetector] | None, policy: str
 ) -> Callable[[list[PILImage.Image]], list[list[Face]]] | None:
@@ -411,13 +515,10 @@ def _model_for(holder: ModelHolder, pinned: int | None) -> ServingModel | str:
         return f"model version {pinned} is not available: {exc}"
 
 
-def _cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> bool:
-    def read() -> bool:
-        with sessions() as session:
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-            return status is None or JobStatus(status) in TERMINAL_STATUSES
-
-    return with_db_retry(read)
+def _job_ended(session: Session, job_id: uuid.UUID) -> bool:
+    """Cancelled, finished or gone: the chunk stops at its next micro-batch."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status is None or JobStatus(status) in TERMINAL_STATUSES
 
 
 def _write(
@@ -427,10 +528,13 @@ def _write(
     version: int | None,
     worker_name: str,
     forward_batch: int,
-) -> tuple[int, int]:
-    def write() -> tuple[int, int]:
+    check_status: bool = False,
+) -> tuple[int, int, bool]:
+    """One micro-batch's transaction: (newly succeeded, newly failed, job ended)."""
+
+    def write() -> tuple[int, int, bool]:
         with sessions() as session:
-            counts = record_results(
+            done, failed = record_results(
                 session,
                 job_id,
                 rows,
@@ -438,8 +542,9 @@ def _write(
                 worker=worker_name,
                 forward_batch=forward_batch or None,
             )
+            ended = check_status and _job_ended(session, job_id)
             session.commit()
-            return counts
+            return done, failed, ended
 
     # Retrying the whole transaction is safe: results already written are not written twice.
     return with_db_retry(write)

@@ -23,7 +23,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[int], float,
     :data:`GO_ON`, which the test sets once ``write()`` returned)."""
     log: list[tuple[str, list[int], float, float, bool]] = []
 
-    def slow_write(_sessions, _job, rows, _version, _worker, _forward_batch):
+    def slow_write(_sessions, _job, rows, _version, _worker, _forward_batch, check_status):
         if any(row.image_id < 0 for row in rows):
             raise RuntimeError("database gone")
         start = time.monotonic()
@@ -31,7 +31,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[int], float,
         GO_ON.clear()
         name = threading.current_thread().name
         log.append((name, [r.image_id for r in rows], start, time.monotonic(), released))
-        return len(rows), 0
+        return len(rows), 0, check_status
 
     GO_ON.clear()
     monkeypatch.setattr(chunk_classifier, "_write", slow_write)

@@ -406,16 +406,16 @@ def test_status_checks_and_heartbeats_are_throttled(
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
     calls = {"cancelled": 0, "heartbeat": []}
-    real_cancelled = chunk_classifier._cancelled
+    real_job_ended = chunk_classifier._job_ended
 
     def counting_cancelled(*args):
         calls["cancelled"] += 1
-        return real_cancelled(*args)
+        return real_job_ended(*args)
 
     def counting_heartbeat(sessions, holder, worker_name, processed):
         calls["heartbeat"].append(processed)
 
-    monkeypatch.setattr(chunk_classifier, "_cancelled", counting_cancelled)
+    monkeypatch.setattr(chunk_classifier, "_job_ended", counting_cancelled)
     monkeypatch.setattr(chunk_classifier, "_heartbeat", counting_heartbeat)
     holder = FakeHolder()
     job_id, chunks = make_job(sessions, 8, 8)  # batch_size 2: four micro-batches
@@ -430,7 +430,7 @@ def test_status_checks_and_heartbeats_are_throttled(
     job_id, chunks = make_job(sessions, 4, 4)
     classify_chunk(sessions, holder, job_id, chunks[0], settings=settings, load_image=a_face)
     assert calls["heartbeat"] == [2, 6 + 2, 2]  # the six skipped ones are not lost
-    assert calls["cancelled"] == 1  # before the second micro-batch
+    assert calls["cancelled"] == 1  # in the second micro-batch's write
 
     # A new version is reported at once, however recent the last heartbeat.
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 3600.0)
