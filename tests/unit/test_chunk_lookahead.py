@@ -200,48 +200,6 @@ def test_a_failing_guess_is_no_guess() -> None:
         assert lookahead.start(0, JOB, "all", broken)
 
 
-def test_a_cancel_is_seen_through_the_writes(sessions, settings, lookahead, monkeypatch) -> None:
-    """The cancel check runs in a write's transaction, on the writer thread: the chunk stops
-    at a later micro-batch, and no check ever runs on the model's thread."""
-    from sqlalchemy import update
-
-    from face_emotions.jobs.schema import Job
-    from face_emotions.jobs.schema import JobStatus
-
-    monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
-    job_id, chunks = make_job(sessions, 12, 12)  # six micro-batches in one chunk
-    checked_on: list[str] = []
-    real = chunk_classifier._job_ended
-
-    def job_ended(session, job):
-        checked_on.append(threading.current_thread().name)
-        return real(session, job)
-
-    monkeypatch.setattr(chunk_classifier, "_job_ended", job_ended)
-    loads = Decodes(monkeypatch)
-
-    def cancel_at_first_load(location: str, max_pixels: int) -> PILImage.Image:
-        if not loads.loaded:  # the chunk has begun: the user cancels now
-            with sessions() as session:
-                session.execute(
-                    update(Job).where(Job.id == job_id).values(status=JobStatus.CANCELLED)
-                )
-                session.commit()
-        return loads(location, max_pixels)
-
-    outcome = classify_chunk(
-        sessions,
-        FakeHolder(),
-        job_id,
-        chunks[0],
-        settings=settings,
-        load_image=cancel_at_first_load,
-    )
-    assert outcome.skipped == "job was cancelled"
-    assert 2 <= outcome.succeeded <= 6  # the first write does not check; a later batch stops
-    assert checked_on and all(name.startswith("result-writer") for name in checked_on)
-
-
 def test_a_submitted_first_batch_is_used_as_is(tmp_path: Path) -> None:
     paths = [str(tmp_path / f"{i}.png") for i in range(5)]
     for path in paths:

@@ -373,9 +373,21 @@ def test_a_delivery_past_the_limit_gives_up_without_working(sessions, settings) 
 def test_a_cancel_lands_between_micro_batches(
     sessions, settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The check runs in a write's transaction, on the writer thread, never on the model's:
+    the chunk stops at a later micro-batch."""
+    import threading
+
     from face_emotions.serving import chunk_classifier
 
     monkeypatch.setattr(chunk_classifier, "STATUS_INTERVAL_SECONDS", 0.0)
+    checked_on: list[str] = []
+    real_job_ended = chunk_classifier._job_ended
+
+    def job_ended(session, job):
+        checked_on.append(threading.current_thread().name)
+        return real_job_ended(session, job)
+
+    monkeypatch.setattr(chunk_classifier, "_job_ended", job_ended)
     job_id, chunks = make_job(sessions, 8, 8)
     loaded: list[str] = []
 
@@ -394,6 +406,7 @@ def test_a_cancel_lands_between_micro_batches(
     )
     assert outcome.skipped == "job was cancelled"
     assert 0 < outcome.succeeded < 8
+    assert checked_on and all(name.startswith("result-writer") for name in checked_on)
 
 
 def test_status_checks_and_heartbeats_are_throttled(
