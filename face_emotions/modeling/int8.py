@@ -185,7 +185,7 @@ def quantize(fp32_onnx: Path, output: Path, calibration_inputs: np.ndarray) -> P
             # 7-bit weights: on x86 CPUs without VNNI (AVX2, AVX512F) ONNX Runtime's u8*s8
             # kernels sum pairs of products in 16 bits, which saturate with 8-bit weights (the
             # gate measured 4.5 points lost on such a CPU). The variant is made once and served
-            # wherever workers run, so it is made to be exact on both kinds of CPU.
+            # wherever workers run, so it is made to hold on both kinds of CPU.
             reduce_range=True,
             calibrate_method=CalibrationMethod.MinMax,
         )
