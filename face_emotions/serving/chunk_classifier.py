@@ -41,6 +41,7 @@ from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
+from functools import partial
 
 import numpy as np
 from PIL import Image as PILImage
@@ -243,13 +244,17 @@ def _classify_chunk(
         first=LOOKAHEAD.take(database, job_id, job.face_policy, ids[:size], locations[:size]),
     )
     last = math.ceil(len(ids) / size) - 1
+    # The job's last chunk, and a one-chunk job's only one, have nothing to guess.
+    guess_after = (
+        chunk_number if chunk_number is not None and chunk_number < job.chunks - 1 else None
+    )
 
-    def guess_next_chunk() -> PendingBatch | None:
+    def guess_next_chunk(after: int) -> PendingBatch | None:
         """The job's likely next chunk's first micro-batch, submitted for decoding."""
         with sessions() as session:
             found = [
                 (image.id, image.location)
-                for image in next_undelivered_images(session, job_id, chunk_number or 0, size)
+                for image in next_undelivered_images(session, job_id, after, size)
             ]
         if not found:
             return None
@@ -280,10 +285,11 @@ def _classify_chunk(
             if writer.job_ended():
                 outcome.skipped = "job was cancelled"
                 break
-            if index == last and chunk_number is not None and chunk_number < job.chunks - 1:
-                # Its decoding and face detection run beside this last forward pass (the
-                # job's last chunk, and a one-chunk job's only one, have nothing to guess).
-                LOOKAHEAD.start(database, job_id, job.face_policy, guess_next_chunk)
+            if index == last and guess_after is not None:
+                # Its decoding and face detection run beside this last forward pass.
+                LOOKAHEAD.start(
+                    database, job_id, job.face_policy, partial(guess_next_chunk, guess_after)
+                )
             if isinstance(model, str):
                 rows = [ResultRow(i, error=model) for i in batch.keys]
                 version = None
